@@ -1,0 +1,1 @@
+"""Library code of the preference fine-tuning pipeline (data, models, losses, engine, metrics)."""

@@ -1,0 +1,233 @@
+"""Typed configuration: YAML + dotted ``key=value`` overrides -> nested dataclasses.
+
+Rules (stricter than torchtune/nanoGPT on purpose):
+- an unknown key anywhere is an error that names the dotted key and suggests the closest valid one;
+- a value of the wrong type is an error naming the key, the expected and the given type;
+- every error is collected and reported at once, before any model is loaded;
+- a dataclass may define ``check(self) -> list[str]`` for cross-field rules (messages name keys
+  relative to that dataclass; they are prefixed with its dotted path).
+
+Supported field types: bool, int, float, str, ``Literal[...]``, ``X | None``, ``A | B``,
+``list[X]``, ``dict[str, X]`` and nested dataclasses. An int is accepted for a float; a string that
+parses as a number is accepted for a float (YAML 1.1 reads ``1e-8`` as a string).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+
+import yaml
+
+from pipeline.errors import ConfigError
+
+T = TypeVar("T")
+_MISSING = object()
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in get_args(tp))
+    if origin is list:
+        return f"list[{_type_name(get_args(tp)[0])}]"
+    if origin is dict:
+        return f"dict[str, {_type_name(get_args(tp)[1])}]"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _suggest(key: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    return f" (did you mean '{close[0]}'?)" if close else f" (valid keys: {', '.join(sorted(valid))})"
+
+
+def _convert(value: Any, tp: Any, path: str, errors: list[str]) -> Any:
+    """Return ``value`` converted to ``tp`` or _MISSING after appending an error."""
+    origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            errors.append(f"{path}: expected a mapping (section {tp.__name__}), got {type(value).__name__} {value!r}")
+            return _MISSING
+        return _build(tp, value, path, errors)
+    if origin is Literal:
+        choices = get_args(tp)
+        if value in choices and not (isinstance(value, bool) and not any(isinstance(c, bool) for c in choices)):
+            return value
+        errors.append(f"{path}: expected one of {', '.join(repr(c) for c in choices)}, got {value!r}")
+        return _MISSING
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        # try each member without recording its errors; bool before numbers so True is not 1
+        for arg in args:
+            if arg is type(None):
+                continue
+            trial: list[str] = []
+            out = _convert(value, arg, path, trial)
+            if not trial:
+                return out
+        errors.append(f"{path}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+        return _MISSING
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            errors.append(f"{path}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+            return _MISSING
+        (item_tp,) = get_args(tp)
+        out = [_convert(v, item_tp, f"{path}[{i}]", errors) for i, v in enumerate(value)]
+        return _MISSING if any(v is _MISSING for v in out) else out
+    if origin is dict:
+        if not isinstance(value, dict):
+            errors.append(f"{path}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+            return _MISSING
+        _, val_tp = get_args(tp)
+        out = {str(k): _convert(v, val_tp, f"{path}.{k}", errors) for k, v in value.items()}
+        return _MISSING if any(v is _MISSING for v in out.values()) else out
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif tp is Any:
+        return value
+    else:  # pragma: no cover - a schema bug, not a user error
+        raise TypeError(f"unsupported config type {tp!r} at {path}")
+    errors.append(f"{path}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    return _MISSING
+
+
+def _build(cls: type[T], data: dict, prefix: str, errors: list[str]) -> T:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            errors.append(f"{prefix + '.' if prefix else ''}{key}: unknown key{_suggest(str(key), list(fields))}")
+    kwargs = {}
+    for name, f in fields.items():
+        path = f"{prefix}.{name}" if prefix else name
+        if name in data:
+            value = _convert(data[name], hints[name], path, errors)
+            if value is not _MISSING:
+                kwargs[name] = value
+        elif dataclasses.is_dataclass(hints[name]) and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            kwargs[name] = _build(hints[name], {}, path, errors)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            errors.append(f"{path}: missing required key ({_type_name(hints[name])})")
+    try:
+        obj = cls(**kwargs)
+    except TypeError:
+        return None  # type: ignore[return-value]  # missing fields: already reported
+    check = getattr(obj, "check", None)
+    if check is not None and len(errors) == 0:
+        errors.extend(f"{prefix + '.' if prefix else ''}{msg}" for msg in check())
+    return obj
+
+
+def _set_dotted(data: dict, dotted: str, value: Any, errors: list[str]) -> None:
+    parts = dotted.split(".")
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = node[part] = {}
+        elif not isinstance(nxt, dict):
+            errors.append(f"{'.'.join(parts[: i + 1])}: is a value, cannot set '{dotted}'")
+            return
+        node = nxt
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> tuple[list[tuple[str, Any]], list[str]]:
+    """``["a.b=1", "c=x"]`` -> ``[("a.b", 1), ("c", "x")]``; values are parsed as YAML scalars."""
+    out, errors = [], []
+    for item in overrides:
+        if item.startswith("-"):
+            errors.append(f"{item}: unknown option; overrides are written key=value (e.g. model.path=/models/sd15)")
+            continue
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            errors.append(f"{item!r}: not a key=value override")
+            continue
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        out.append((key.strip(), value))
+    return out, errors
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
+    """Load ``path`` (YAML) into ``cls`` and apply dotted overrides; raise ConfigError listing every problem."""
+    errors: list[str] = []
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError([f"--config {path}: no such file"])
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError([f"{path}: not valid YAML: {e}"]) from e
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError([f"{path}: the top level must be a mapping, got {type(loaded).__name__}"])
+        data = loaded or {}
+    pairs, errs = parse_overrides(overrides or [])
+    errors.extend(errs)
+    for key, value in pairs:
+        _set_dotted(data, key, value, errors)
+    cfg = _build(cls, data, "", errors)
+    if errors:
+        raise ConfigError(errors)
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def write_resolved(cfg: Any, path: str | Path) -> Path:
+    """Write the resolved config atomically (tmp + rename) and return its path."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(dump_yaml(cfg))
+    tmp.replace(p)
+    return p
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (for diffs between configs)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key))
+        else:
+            out[key] = v
+    return out

@@ -1,0 +1,71 @@
+"""The encode plan (which kept rows go to which shard) and the merged manifest.
+
+The plan is a pure function of the input files, the model and the encode config; every job of an
+encode array computes the same plan and writes the same ``plan.json``. A job that finds a
+``plan.json`` that differs (another model, resolution or input in the same output dir) refuses.
+When every shard's sidecar exists, the sidecars and the plan merge into ``manifest.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+from pipeline.config import flatten
+from pipeline.data.shards import FORMAT, VERSION, finished_record, shard_name, write_json_atomic
+from pipeline.errors import UserError
+
+
+def shard_ranges(n_kept: int, shard_size: int) -> list[tuple[int, int]]:
+    """Kept-row index ranges [start, end) of each shard."""
+    return [(s, min(s + shard_size, n_kept)) for s in range(0, n_kept, shard_size)]
+
+
+def check_or_write_plan(out_dir: Path, plan: dict) -> None:
+    path = out_dir / "plan.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if old != plan:
+            a, b = flatten(old), flatten(plan)
+            diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+            raise UserError(
+                f"{out_dir} holds shards of another encode run (differs in: {', '.join(diff[:8])}); "
+                "use a new output.dir or delete the old shards"
+            )
+        return
+    write_json_atomic(path, plan)
+
+
+def merge_manifest(out_dir: Path, verify: bool = False) -> dict | None:
+    """Write ``manifest.json`` from ``plan.json`` and the shard sidecars; None while shards are missing."""
+    out_dir = Path(out_dir)
+    plan = json.loads((out_dir / "plan.json").read_text())
+    records = []
+    for i in range(plan["n_shards"]):
+        rec = finished_record(out_dir / shard_name(i), verify=verify)
+        if rec is None:
+            return None
+        records.append(rec)
+    skipped = Counter(plan["scan"]["skipped"])
+    skipped_ids = {k: list(v) for k, v in plan["scan"]["skipped_ids"].items()}
+    for rec in records:
+        skipped.update(rec["skipped"])
+        for reason, ids in rec["skipped_ids"].items():
+            skipped_ids.setdefault(reason, []).extend(ids)
+    kept = sum(r["count"] for r in records)
+    manifest = {
+        "format": FORMAT,
+        "version": VERSION,
+        **{k: v for k, v in plan.items() if k not in ("scan", "format", "version")},
+        "counts": {
+            "rows_read": plan["scan"]["rows_read"],
+            "pairs": kept,
+            "skipped": dict(sorted(skipped.items())),
+        },
+        "skipped_ranking_ids": {k: sorted(v) for k, v in sorted(skipped_ids.items())},
+        "shards": [{k: r[k] for k in ("name", "count", "bytes", "sha256")} for r in records],
+        "total_bytes": sum(r["bytes"] for r in records),
+    }
+    write_json_atomic(out_dir / "manifest.json", manifest)
+    return manifest

@@ -1,0 +1,131 @@
+"""Read Pick-a-Pic v2 parquet files: list sources, check columns, filter rows, order winner/loser.
+
+A first pass reads only the small metadata columns (no image bytes) of every file and decides which
+rows are usable; the kept rows, in source order, are what the encode stage cuts into shards. That
+list is a pure function of the input, so every job of an encode array computes the same one.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from pipeline.errors import UserError
+
+log = logging.getLogger(__name__)
+
+REQUIRED_COLUMNS = (
+    "caption", "jpg_0", "jpg_1", "label_0", "label_1", "has_label", "are_different",
+    "user_id", "ranking_id", "image_0_uid", "image_1_uid",
+)  # fmt: skip
+OPTIONAL_COLUMNS = ("model_0", "model_1", "best_image_uid")
+SCAN_COLUMNS = ("caption", "label_0", "label_1", "has_label", "are_different", "ranking_id")
+
+
+def list_sources(source: str) -> list[Path]:
+    """A parquet file, a directory of them (recursively) or a glob; sorted so every job agrees."""
+    p = Path(source)
+    if p.is_file():
+        files = [p]
+    elif p.is_dir():
+        files = sorted(p.rglob("*.parquet"))
+    else:
+        files = sorted(Path(f) for f in glob.glob(source, recursive=True) if f.endswith(".parquet"))
+    if not files:
+        raise UserError(f"data.source={source}: no parquet files found (give a .parquet file, a directory or a glob)")
+    return files
+
+
+def check_columns(files: list[Path], extra: list[str] = ()) -> None:
+    problems = []
+    for f in files:
+        try:
+            names = set(pq.read_schema(f).names)
+        except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a bad file
+            problems.append(f"{f}: not a readable parquet file ({e})")
+            continue
+        missing = [c for c in (*REQUIRED_COLUMNS, *extra) if c not in names]
+        if missing:
+            problems.append(f"{f}: missing column(s) {', '.join(missing)}")
+    if problems:
+        raise UserError("bad Pick-a-Pic input:\n  " + "\n  ".join(problems))
+
+
+@dataclass
+class ScanResult:
+    files: list[Path]
+    rows_per_file: list[int]
+    kept: list[tuple[int, int]]  # (file index, row in file) of usable rows, source order
+    skipped: Counter = field(default_factory=Counter)
+    skipped_ids: dict[str, list[int]] = field(default_factory=dict)  # reason -> ranking ids (bad rows only)
+
+    @property
+    def rows_read(self) -> int:
+        return sum(self.rows_per_file)
+
+
+def scan(files: list[Path]) -> ScanResult:
+    """Drop unlabelled rows, ties, identical images, malformed labels and null captions."""
+    res = ScanResult(files=files, rows_per_file=[], kept=[])
+    for fi, f in enumerate(files):
+        t = pq.read_table(f, columns=list(SCAN_COLUMNS))
+        n = t.num_rows
+        res.rows_per_file.append(n)
+        cap_null = np.asarray(t["caption"].is_null().to_numpy(zero_copy_only=False))
+        has_label = np.asarray(t["has_label"].fill_null(False).to_numpy(zero_copy_only=False), dtype=bool)
+        different = np.asarray(t["are_different"].fill_null(True).to_numpy(zero_copy_only=False), dtype=bool)
+        l0 = np.asarray(t["label_0"].fill_null(np.nan).to_numpy(zero_copy_only=False), dtype=float)
+        l1 = np.asarray(t["label_1"].fill_null(np.nan).to_numpy(zero_copy_only=False), dtype=float)
+        rid = np.asarray(t["ranking_id"].to_numpy(zero_copy_only=False))
+        reason = np.full(n, "", dtype=object)
+        decisive = ((l0 == 1) & (l1 == 0)) | ((l0 == 0) & (l1 == 1))
+        reason[~decisive] = "bad_label"
+        reason[(l0 == 0.5) & (l1 == 0.5)] = "tie"
+        reason[~different] = "identical_images"
+        reason[cap_null] = "null_caption"
+        reason[~has_label] = "unlabelled"
+        for r in range(n):
+            why = reason[r]
+            if why:
+                res.skipped[why] += 1
+                if why in ("null_caption", "bad_label"):
+                    res.skipped_ids.setdefault(why, []).append(int(rid[r]))
+                    log.warning("skipping %s row %d (ranking_id %s): %s", f.name, r, rid[r], why)
+            else:
+                res.kept.append((fi, r))
+    return res
+
+
+def read_rows(files: list[Path], refs: list[tuple[int, int]], columns: list[str]) -> list[dict]:
+    """The given (file, row) rows with ``columns``, in the order of ``refs``; reads only the row
+    groups that hold them."""
+    out: dict[tuple[int, int], dict] = {}
+    by_file: dict[int, list[int]] = {}
+    for fi, r in refs:
+        by_file.setdefault(fi, []).append(r)
+    for fi, rows in by_file.items():
+        pf = pq.ParquetFile(files[fi])
+        starts = np.cumsum([0] + [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)])
+        groups = sorted({int(np.searchsorted(starts, r, side="right") - 1) for r in rows})
+        available = set(pf.schema_arrow.names)
+        table = pf.read_row_groups(groups, columns=[c for c in columns if c in available])
+        offset, base = 0, {}
+        for g in groups:
+            base[g] = offset
+            offset += pf.metadata.row_group(g).num_rows
+        for r in rows:
+            g = int(np.searchsorted(starts, r, side="right") - 1)
+            idx = base[g] + (r - int(starts[g]))
+            out[(fi, r)] = {c: table[c][idx].as_py() for c in table.column_names}
+    return [out[ref] for ref in refs]
+
+
+def winner_index(row: dict) -> int:
+    """0 when image 0 is preferred (label_0 == 1), else 1."""
+    return 0 if row["label_0"] == 1 else 1

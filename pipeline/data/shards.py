@@ -1,0 +1,163 @@
+"""The shard format: webdataset tar shards of preference pairs, their sidecar records and the manifest.
+
+Per pair ``KEY`` (stable: a hash of ranking_id and the two image uids) a shard holds:
+
+    KEY.lat_w.npy   float16 [C, R/f, R/f]  VAE latent mean of the preferred image, times the scaling factor
+    KEY.lat_l.npy   float16 [C, R/f, R/f]  the same for the rejected image
+    KEY.txt.npy     float16 [77, D]        text encoder hidden states (SDXL: both encoders concatenated)
+    KEY.pooled.npy  float16 [P]            SDXL only: pooled text embedding
+    KEY.std_w.npy / KEY.std_l.npy          optional (output.store_std): latent std, for sampling
+    KEY.json        caption, ranking_id, user_id, image uids, winner (index in the source row),
+                    original sizes and crop offsets per image, extra columns
+
+Each ``shard-NNNNNN.tar`` is written under a temporary name and renamed when complete; its sidecar
+``shard-NNNNNN.json`` (count, sha256, skipped rows) is written the same way afterwards, so a shard
+with a sidecar whose sha256 matches is finished. ``manifest.json`` merges the sidecars.
+Tar members carry fixed metadata (mtime 0, fixed owner), so the same pairs give the same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import socket
+import tarfile
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import UserError
+
+FORMAT = "pickapic-dpo-shards"
+VERSION = 1
+ARRAY_FIELDS = ("lat_w", "lat_l", "txt", "pooled", "std_w", "std_l")
+
+
+def pair_key(ranking_id: int, uid_0: str, uid_1: str) -> str:
+    """Stable sample key of a pair: the same Pick-a-Pic row always gives the same key."""
+    return hashlib.sha1(f"{ranking_id}:{uid_0}:{uid_1}".encode()).hexdigest()[:20]
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:06d}.tar"
+
+
+def sidecar_path(tar_path: Path) -> Path:
+    return tar_path.with_suffix(".json")
+
+
+def _npy_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
+    return buf.getvalue()
+
+
+def encode_sample(key: str, arrays: dict[str, np.ndarray], meta: dict) -> dict[str, bytes]:
+    members = {f"{name}.npy": _npy_bytes(a) for name, a in arrays.items() if a is not None}
+    members["json"] = json.dumps(meta, sort_keys=True).encode()
+    return {"__key__": key, **members}
+
+
+def decode_sample(raw: dict) -> dict:
+    """webdataset raw sample (bytes per member) -> numpy arrays + meta; never unpickles."""
+    out = {"__key__": raw["__key__"]}
+    for name in ARRAY_FIELDS:
+        data = raw.get(f"{name}.npy")
+        if data is not None:
+            out[name] = np.load(io.BytesIO(data), allow_pickle=False)
+    if "json" not in raw:
+        raise ValueError(f"sample {raw['__key__']}: no json member")
+    out["meta"] = json.loads(raw["json"])
+    return out
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+def write_json_atomic(path: Path, obj: dict) -> None:
+    _atomic_write_bytes(Path(path), (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+
+
+def write_shard(tar_path: Path, samples: list[dict[str, bytes]], record: dict) -> dict:
+    """Write the tar (tmp + rename), then its sidecar record with count, bytes and sha256."""
+    import webdataset as wds
+
+    buf = io.BytesIO()
+    with wds.TarWriter(buf, user="pickapic", group="pickapic", mtime=0, encoder=False) as sink:
+        for s in samples:
+            sink.write(s)
+    data = buf.getvalue()
+    _atomic_write_bytes(tar_path, data)
+    record = dict(record, name=tar_path.name, count=len(samples), bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    write_json_atomic(sidecar_path(tar_path), record)
+    return record
+
+
+def finished_record(tar_path: Path, verify: bool = True) -> dict | None:
+    """The sidecar record if the shard is complete (and, with ``verify``, its sha256 matches)."""
+    side = sidecar_path(tar_path)
+    if not (tar_path.is_file() and side.is_file()):
+        return None
+    try:
+        record = json.loads(side.read_text())
+    except json.JSONDecodeError:
+        return None
+    if verify and sha256_file(tar_path) != record.get("sha256"):
+        return None
+    return record
+
+
+def remove_stale_tmp(out_dir: Path, names: list[str]) -> int:
+    """Delete temporaries left by a killed writer of these shards; returns how many."""
+    n = 0
+    for name in names:
+        stem = Path(name).stem
+        for p in out_dir.glob(f".{stem}.*.tmp-*"):
+            p.unlink(missing_ok=True)
+            n += 1
+    return n
+
+
+def iter_tar_samples(path: Path):
+    """Yield raw samples (member suffix -> bytes, ``__key__``) of one tar in file order, using
+    webdataset's own tar expansion and key grouping. Raises on a truncated or corrupt tar."""
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    with open(path, "rb") as stream:
+        yield from group_by_keys(tar_file_expander([{"stream": stream, "url": str(path)}]))
+
+
+def load_manifest(shard_dir: str | Path) -> dict:
+    p = Path(shard_dir) / "manifest.json"
+    if not p.is_file():
+        parts = sorted(Path(shard_dir).glob("shard-*.json")) if Path(shard_dir).is_dir() else []
+        hint = f" ({len(parts)} shard records present: the encode array has not finished, or run tools.merge_manifest)" if parts else ""
+        raise UserError(f"{p}: no manifest{hint}")
+    try:
+        m = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{p}: not valid JSON ({e})") from e
+    if m.get("format") != FORMAT or m.get("version") != VERSION:
+        raise UserError(f"{p}: not a {FORMAT} v{VERSION} manifest (format={m.get('format')!r}, version={m.get('version')!r})")
+    return m
+
+
+def tar_member_names(path: Path) -> list[str]:
+    with tarfile.open(path) as tf:
+        return tf.getnames()

@@ -1,0 +1,1 @@
+"""Typed config schemas of the stages (dataclasses validated by pipeline.config)."""

@@ -1,0 +1,190 @@
+"""Write a tiny, randomly initialised Stable Diffusion folder (diffusers layout) for tests and the demo.
+
+    python -m tools.make_tiny_model --family sd15|sdxl --out DIR [--seed N]
+
+The folder loads offline with ``StableDiffusionPipeline.from_pretrained(DIR)`` (sd15) or
+``StableDiffusionXLPipeline.from_pretrained(DIR)`` (sdxl). Shapes are real-model shapes scaled
+down: the VAE downsamples by 8 like SD's (64 px images -> 4x8x8 latents), text states are
+[77, D]. The tokenizer is a real CLIP BPE tokenizer over a vocabulary built here.
+Deterministic for a seed: the same seed writes byte-identical weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from tools.vocabulary import WORDS
+
+TEXT_DIM = 32  # hidden size of each tiny text encoder
+RESOLUTION = 64  # default image size the tiny model is built for
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2 / CLIP byte -> printable unicode map (the base alphabet of the BPE)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs)))
+
+
+def build_clip_bpe(words: list[str]) -> tuple[dict[str, int], list[str]]:
+    """A CLIP-style BPE vocabulary: every byte symbol (plain and word-final ``</w>``), then left-to-right
+    merges that assemble each word of ``words``, then the two special tokens. Unknown words still
+    tokenize (down to single symbols), as with the real CLIP vocabulary."""
+    alphabet = list(_bytes_to_unicode().values())
+    vocab_list = alphabet + [a + "</w>" for a in alphabet]
+    merges: list[str] = []
+    seen = set(vocab_list)
+    for word in words:
+        symbols = list(word[:-1]) + [word[-1] + "</w>"]
+        cur = symbols[0]
+        for sym in symbols[1:]:
+            merge = f"{cur} {sym}"
+            cur = cur + sym
+            if cur not in seen:
+                merges.append(merge)
+                vocab_list.append(cur)
+                seen.add(cur)
+    vocab_list += ["<|startoftext|>", "<|endoftext|>"]
+    return {tok: i for i, tok in enumerate(vocab_list)}, merges
+
+
+def write_tokenizer(out: Path) -> None:
+    from transformers import CLIPTokenizer
+
+    out.mkdir(parents=True, exist_ok=True)
+    vocab, merges = build_clip_bpe(WORDS)
+    (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    tok = CLIPTokenizer(str(out / "vocab.json"), str(out / "merges.txt"), model_max_length=77)
+    tok.save_pretrained(out)
+
+
+def _text_config(vocab_size: int, projection: bool):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=TEXT_DIM,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_hidden_layers=3,
+        max_position_embeddings=77,
+        projection_dim=TEXT_DIM if projection else 512,
+        bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1,
+    )
+
+
+def _vae():
+    from diffusers import AutoencoderKL
+
+    # four levels like SD's VAE: downsampling by 8
+    return AutoencoderKL(
+        block_out_channels=(8, 16, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=RESOLUTION,
+        scaling_factor=0.18215,
+    )
+
+
+def make_tiny_model(family: str, out: str | Path, seed: int = 0) -> Path:
+    from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    out = Path(out)
+    if family not in ("sd15", "sdxl"):
+        raise ValueError(f"family must be sd15 or sdxl, got {family!r}")
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    tok_dir = out / "_tokenizer_build"
+    write_tokenizer(tok_dir)
+    tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+    vocab_size = len(tokenizer)
+    latent = RESOLUTION // 8
+    scheduler = DDPMScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False
+    )
+    vae = _vae()
+    common = dict(
+        sample_size=latent,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=(2, 4),
+        norm_num_groups=16,
+    )
+    if family == "sd15":
+        unet = UNet2DConditionModel(cross_attention_dim=TEXT_DIM, **common)
+        text_encoder = CLIPTextModel(_text_config(vocab_size, projection=False))
+        pipe = StableDiffusionPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    else:
+        time_dim = 8
+        unet = UNet2DConditionModel(
+            cross_attention_dim=2 * TEXT_DIM,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=time_dim,
+            projection_class_embeddings_input_dim=6 * time_dim + TEXT_DIM,
+            use_linear_projection=True,
+            transformer_layers_per_block=(1, 1),
+            **common,
+        )
+        text_encoder = CLIPTextModel(_text_config(vocab_size, projection=False))
+        text_encoder_2 = CLIPTextModelWithProjection(_text_config(vocab_size, projection=True))
+        pipe = StableDiffusionXLPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            text_encoder_2=text_encoder_2,
+            tokenizer=tokenizer,
+            tokenizer_2=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            force_zeros_for_empty_prompt=True,
+        )
+    pipe.save_pretrained(out, safe_serialization=True)
+    for f in tok_dir.iterdir():
+        f.unlink()
+    tok_dir.rmdir()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tools.make_tiny_model", description=__doc__.split("\n\n")[0])
+    p.add_argument("--family", choices=["sd15", "sdxl"], required=True)
+    p.add_argument("--out", required=True, help="output folder (diffusers layout)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    out = make_tiny_model(args.family, args.out, args.seed)
+    print(f"wrote tiny {args.family} model to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
