@@ -18,14 +18,18 @@ log = logging.getLogger("pipeline")
 def parse_args(prog: str, argv: list[str] | None, description: str) -> tuple[str | None, list[str]]:
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--config", help="YAML config file")
-    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. model.path=/models/sd15")
+    parser.add_argument(
+        "overrides", nargs="*", help="dotted key=value overrides, e.g. model.path=/models/sd15"
+    )
     # the deepspeed launcher appends --local_rank=N; LOCAL_RANK is in the environment too
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args, unknown = parser.parse_known_args(argv)
     return args.config, list(unknown) + list(args.overrides)
 
 
-def run(prog: str, cfg_cls: type[T], main: Callable[[T], int | None], argv: list[str] | None, description: str) -> int:
+def run(
+    prog: str, cfg_cls: type[T], main: Callable[[T], int | None], argv: list[str] | None, description: str
+) -> int:
     """Parse, validate (all errors at once, before any model loads), run ``main``; user errors exit 2."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -56,12 +56,16 @@ def _convert(value: Any, tp: Any, path: str, errors: list[str]) -> Any:
         if value is None:
             value = {}
         if not isinstance(value, dict):
-            errors.append(f"{path}: expected a mapping (section {tp.__name__}), got {type(value).__name__} {value!r}")
+            errors.append(
+                f"{path}: expected a mapping (section {tp.__name__}), got {type(value).__name__} {value!r}"
+            )
             return _MISSING
         return _build(tp, value, path, errors)
     if origin is Literal:
         choices = get_args(tp)
-        if value in choices and not (isinstance(value, bool) and not any(isinstance(c, bool) for c in choices)):
+        if value in choices and not (
+            isinstance(value, bool) and not any(isinstance(c, bool) for c in choices)
+        ):
             return value
         errors.append(f"{path}: expected one of {', '.join(repr(c) for c in choices)}, got {value!r}")
         return _MISSING
@@ -123,7 +127,9 @@ def _build(cls: type[T], data: dict, prefix: str, errors: list[str]) -> T:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in data:
         if key not in fields:
-            errors.append(f"{prefix + '.' if prefix else ''}{key}: unknown key{_suggest(str(key), list(fields))}")
+            errors.append(
+                f"{prefix + '.' if prefix else ''}{key}: unknown key{_suggest(str(key), list(fields))}"
+            )
     kwargs = {}
     for name, f in fields.items():
         path = f"{prefix}.{name}" if prefix else name
@@ -131,7 +137,11 @@ def _build(cls: type[T], data: dict, prefix: str, errors: list[str]) -> T:
             value = _convert(data[name], hints[name], path, errors)
             if value is not _MISSING:
                 kwargs[name] = value
-        elif dataclasses.is_dataclass(hints[name]) and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+        elif (
+            dataclasses.is_dataclass(hints[name])
+            and f.default is dataclasses.MISSING
+            and f.default_factory is dataclasses.MISSING
+        ):
             kwargs[name] = _build(hints[name], {}, path, errors)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             errors.append(f"{path}: missing required key ({_type_name(hints[name])})")
@@ -164,7 +174,9 @@ def parse_overrides(overrides: list[str]) -> tuple[list[tuple[str, Any]], list[s
     out, errors = [], []
     for item in overrides:
         if item.startswith("-"):
-            errors.append(f"{item}: unknown option; overrides are written key=value (e.g. model.path=/models/sd15)")
+            errors.append(
+                f"{item}: unknown option; overrides are written key=value (e.g. model.path=/models/sd15)"
+            )
             continue
         key, sep, raw = item.partition("=")
         if not sep or not key:

@@ -14,7 +14,9 @@ class JobInfo:
     source: str  # where the numbers came from, for the log
 
 
-def job_info(rank: int | None = None, world_size: int | None = None, env: dict[str, str] | None = None) -> JobInfo:
+def job_info(
+    rank: int | None = None, world_size: int | None = None, env: dict[str, str] | None = None
+) -> JobInfo:
     """Explicit values win; then torchrun/deepspeed (RANK, WORLD_SIZE, LOCAL_RANK); then SLURM; else 0 of 1."""
     env = dict(os.environ) if env is None else env
     if rank is not None or world_size is not None:

@@ -16,7 +16,9 @@ class Encoder:
     concatenated) and the pooled embedding [N, P] (SDXL) or None.
     """
 
-    def __init__(self, info: ModelInfo, device: torch.device, vae_dtype: torch.dtype, text_dtype: torch.dtype):
+    def __init__(
+        self, info: ModelInfo, device: torch.device, vae_dtype: torch.dtype, text_dtype: torch.dtype
+    ):
         self.info = info
         self.device = device
         self.vae_dtype = vae_dtype
@@ -24,7 +26,9 @@ class Encoder:
         self.tokenizers, self.text_encoders = load_text_encoders(info, text_dtype, device)
 
     @torch.no_grad()
-    def encode_images(self, pixels: torch.Tensor, with_std: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def encode_images(
+        self, pixels: torch.Tensor, with_std: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         dist = self.vae.encode(pixels.to(self.device, self.vae_dtype)).latent_dist
         sf = self.info.scaling_factor
         mean = dist.mean.float() * sf
@@ -36,7 +40,11 @@ class Encoder:
         states, pooled = [], None
         for name, tok, enc in zip(self.info.family.text_encoders, self.tokenizers, self.text_encoders):
             ids = tok(
-                captions, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
+                captions,
+                padding="max_length",
+                max_length=tok.model_max_length,
+                truncation=True,
+                return_tensors="pt",
             ).input_ids.to(self.device)
             out = enc(ids, output_hidden_states=True)
             idx = self.info.family.hidden_state_index

@@ -22,7 +22,9 @@ class Family:
     pipeline_class: str
     text_encoders: tuple[str, ...]  # component folders, in concatenation order
     tokenizers: tuple[str, ...]
-    hidden_state_index: int  # which hidden state of each text encoder is the conditioning (-1 last, -2 penultimate)
+    hidden_state_index: (
+        int  # which hidden state of each text encoder is the conditioning (-1 last, -2 penultimate)
+    )
     pooled_from: str | None  # the encoder whose projected output is the pooled embedding (SDXL)
     uses_time_ids: bool  # SDXL's micro-conditioning: original size, crop offsets, target size
 

@@ -26,7 +26,14 @@ from pipeline.config import to_dict, write_resolved
 from pipeline.data import pickapic
 from pipeline.data.images import ImageDecodeError, prepare
 from pipeline.data.manifest import check_or_write_plan, merge_manifest, shard_ranges
-from pipeline.data.shards import encode_sample, finished_record, pair_key, remove_stale_tmp, shard_name, write_shard
+from pipeline.data.shards import (
+    encode_sample,
+    finished_record,
+    pair_key,
+    remove_stale_tmp,
+    shard_name,
+    write_shard,
+)
 from pipeline.dist_env import job_info
 from pipeline.encode import Encoder
 from pipeline.errors import UserError
@@ -42,6 +49,7 @@ def make_plan(cfg: EncodeConfig, info: ModelInfo, scan: pickapic.ScanResult) -> 
     enc_cfg = to_dict(cfg)
     enc_cfg.pop("dist")
     enc_cfg.pop("run")  # batch size and threads do not change the output
+    enc_cfg["output"].pop("dir")  # the manifest lives there; keeps manifests comparable across copies
     return {
         "format": "pickapic-dpo-shards",
         "version": 1,
@@ -57,7 +65,12 @@ def make_plan(cfg: EncodeConfig, info: ModelInfo, scan: pickapic.ScanResult) -> 
         "source": {"files": [str(f.resolve()) for f in scan.files], "rows_per_file": scan.rows_per_file},
         "shard_size": cfg.output.shard_size,
         "n_shards": len(shard_ranges(len(scan.kept), cfg.output.shard_size)),
-        "scan": {"rows_read": scan.rows_read, "kept": len(scan.kept), "skipped": dict(scan.skipped), "skipped_ids": scan.skipped_ids},
+        "scan": {
+            "rows_read": scan.rows_read,
+            "kept": len(scan.kept),
+            "skipped": dict(scan.skipped),
+            "skipped_ids": scan.skipped_ids,
+        },
     }
 
 
@@ -131,14 +144,18 @@ def main(cfg: EncodeConfig) -> int:
     files = pickapic.list_sources(cfg.data.source)
     pickapic.check_columns(files, cfg.data.extra_columns)
     if cfg.data.resolution % info.vae_scale_factor:
-        raise UserError(f"data.resolution={cfg.data.resolution} is not a multiple of the VAE factor {info.vae_scale_factor}")
+        raise UserError(
+            f"data.resolution={cfg.data.resolution} is not a multiple of the VAE factor {info.vae_scale_factor}"
+        )
     out = Path(cfg.output.dir)
     out.mkdir(parents=True, exist_ok=True)
 
     t0 = time.time()
     scan = pickapic.scan(files)
     if not scan.kept:
-        raise UserError(f"data.source={cfg.data.source}: no usable pairs in {scan.rows_read} rows (skipped: {dict(scan.skipped)})")
+        raise UserError(
+            f"data.source={cfg.data.source}: no usable pairs in {scan.rows_read} rows (skipped: {dict(scan.skipped)})"
+        )
     plan = make_plan(cfg, info, scan)
     check_or_write_plan(out, plan)
     write_resolved(cfg, out / "jobs" / f"job-{job.rank:05d}-of-{job.world_size:05d}.yaml")
@@ -158,12 +175,19 @@ def main(cfg: EncodeConfig) -> int:
         device = pick_device(cfg.model.device, job.local_rank)
         encoder = Encoder(info, device, DTYPES[cfg.model.vae_dtype], DTYPES[cfg.model.text_dtype])
         total = sum(ranges[i][1] - ranges[i][0] for i in todo)
-        with ThreadPoolExecutor(cfg.run.decode_threads) as pool, tqdm(total=total, unit="pair", desc=f"encode job {job.rank}") as pbar:
+        with (
+            ThreadPoolExecutor(cfg.run.decode_threads) as pool,
+            tqdm(total=total, unit="pair", desc=f"encode job {job.rank}") as pbar,
+        ):
             for i in todo:
                 start, end = ranges[i]
                 rows = pickapic.read_rows(files, scan.kept[start:end], ROW_COLUMNS + cfg.data.extra_columns)
                 samples, sk, sk_ids = encode_shard(i, rows, encoder, cfg, pool, pbar)
-                rec = write_shard(out / shard_name(i), samples, {"index": i, "rows": [start, end], "skipped": dict(sk), "skipped_ids": sk_ids})
+                rec = write_shard(
+                    out / shard_name(i),
+                    samples,
+                    {"index": i, "rows": [start, end], "skipped": dict(sk), "skipped_ids": sk_ids},
+                )
                 written += 1
                 pairs_done += rec["count"]
                 bytes_done += rec["bytes"]
@@ -177,16 +201,24 @@ def main(cfg: EncodeConfig) -> int:
         f"  shards     {written} written, {len(mine) - len(todo)} already finished (of {len(mine)} for this job, {len(ranges)} in all)",
     ]
     if written:
-        lines.append(f"  this job   {pairs_done} pairs, {pairs_done / max(dt, 1e-9):.2f} pairs/s, {bytes_done / max(pairs_done, 1) / 1024:.1f} KiB/pair")
+        lines.append(
+            f"  this job   {pairs_done} pairs, {pairs_done / max(dt, 1e-9):.2f} pairs/s, {bytes_done / max(pairs_done, 1) / 1024:.1f} KiB/pair"
+        )
     if skipped:
         lines.append(f"  bad rows   {dict(skipped)}")
     if manifest is not None:
         c = manifest["counts"]
-        lines.append(f"  manifest   {out / 'manifest.json'}: {len(manifest['shards'])} shards, {c['pairs']} pairs of {c['rows_read']} rows")
+        lines.append(
+            f"  manifest   {out / 'manifest.json'}: {len(manifest['shards'])} shards, {c['pairs']} pairs of {c['rows_read']} rows"
+        )
         lines.append(f"  skipped    {c['skipped']}")
-        lines.append(f"  size       {manifest['total_bytes'] / 2**20:.2f} MiB, {manifest['total_bytes'] / max(c['pairs'], 1) / 1024:.1f} KiB/pair")
+        lines.append(
+            f"  size       {manifest['total_bytes'] / 2**20:.2f} MiB, {manifest['total_bytes'] / max(c['pairs'], 1) / 1024:.1f} KiB/pair"
+        )
     else:
-        lines.append("  manifest   not yet: other jobs' shards are missing (the last job to finish writes it)")
+        lines.append(
+            "  manifest   not yet: other jobs' shards are missing (the last job to finish writes it)"
+        )
     print("\n".join(lines))
     return 0
 

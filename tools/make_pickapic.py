@@ -142,7 +142,12 @@ def make_rows(
     # bad rows at seeded, distinct positions
     bad = rng.permutation(pairs)
     pos = 0
-    for kind, count in (("corrupt", corrupt), ("truncated", truncated), ("empty", empty), ("null", null_caption)):
+    for kind, count in (
+        ("corrupt", corrupt),
+        ("truncated", truncated),
+        ("empty", empty),
+        ("null", null_caption),
+    ):
         for _ in range(count):
             if pos >= pairs:
                 raise ValueError("more bad rows requested than pairs")
@@ -151,7 +156,9 @@ def make_rows(
             row["has_label"], row["are_different"], row["label_0"], row["label_1"] = True, True, 1.0, 0.0
             if kind == "corrupt":
                 b = bytearray(row["jpg_1"])
-                b[2:] = bytes(rng.integers(0, 256, len(b) - 2, dtype=np.uint8))  # JPEG marker kept, body garbage
+                b[2:] = bytes(
+                    rng.integers(0, 256, len(b) - 2, dtype=np.uint8)
+                )  # JPEG marker kept, body garbage
                 row["jpg_1"] = bytes(b)
             elif kind == "truncated":
                 row["jpg_0"] = row["jpg_0"][: len(row["jpg_0"]) // 3]
@@ -180,7 +187,9 @@ def write_parquet(rows: list[dict], out: Path, rows_per_file: int) -> list[Path]
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.make_pickapic", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True)
-    p.add_argument("--pairs", type=int, required=True, help="rows to write (before ties/unlabelled are dropped)")
+    p.add_argument(
+        "--pairs", type=int, required=True, help="rows to write (before ties/unlabelled are dropped)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rows-per-file", type=int, default=500)
     p.add_argument("--min-size", type=int, default=64, help="shorter image side, lower bound (px)")
@@ -188,7 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tie-rate", type=float, default=0.05)
     p.add_argument("--unlabelled-rate", type=float, default=0.03)
     p.add_argument("--identical-rate", type=float, default=0.02)
-    p.add_argument("--annotator-noise", type=float, default=0.0, help="share of labels against the true preference")
+    p.add_argument(
+        "--annotator-noise", type=float, default=0.0, help="share of labels against the true preference"
+    )
     p.add_argument("--corrupt", type=int, default=0, help="rows with corrupt JPEG bytes")
     p.add_argument("--truncated", type=int, default=0, help="rows with truncated JPEG bytes")
     p.add_argument("--empty", type=int, default=0, help="rows with empty image bytes")

@@ -25,7 +25,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     m = merge_manifest(Path(a.dir), verify=a.verify)
     if m is None:
-        print(f"{a.dir}: some shards are missing or fail verification; rerun the encode jobs", file=sys.stderr)
+        print(
+            f"{a.dir}: some shards are missing or fail verification; rerun the encode jobs", file=sys.stderr
+        )
         return 1
     print(f"{a.dir}/manifest.json: {len(m['shards'])} shards, {m['counts']['pairs']} pairs")
     return 0

@@ -12,9 +12,49 @@ COLOUR_RGB = {
     "white": (240, 240, 240),
     "black": (20, 20, 20),
 }
-SUBJECTS = ["cat", "dog", "house", "tree", "car", "robot", "castle", "flower", "bird", "ship", "mountain", "city"]
+SUBJECTS = [
+    "cat",
+    "dog",
+    "house",
+    "tree",
+    "car",
+    "robot",
+    "castle",
+    "flower",
+    "bird",
+    "ship",
+    "mountain",
+    "city",
+]
 STYLES = ["painting", "photo", "sketch", "render", "watercolor", "pixel", "art", "poster"]
-ADJECTIVES = ["beautiful", "tiny", "giant", "ancient", "futuristic", "cozy", "dark", "bright", "detailed", "cinematic"]
-GLUE = ["a", "an", "the", "of", "in", "on", "with", "and", "at", "night", "day", "style", "high", "quality", "8k"]
+ADJECTIVES = [
+    "beautiful",
+    "tiny",
+    "giant",
+    "ancient",
+    "futuristic",
+    "cozy",
+    "dark",
+    "bright",
+    "detailed",
+    "cinematic",
+]
+GLUE = [
+    "a",
+    "an",
+    "the",
+    "of",
+    "in",
+    "on",
+    "with",
+    "and",
+    "at",
+    "night",
+    "day",
+    "style",
+    "high",
+    "quality",
+    "8k",
+]
 
 WORDS = sorted(set(COLOURS + SUBJECTS + STYLES + ADJECTIVES + GLUE))

@@ -38,7 +38,9 @@ def list_sources(source: str) -> list[Path]:
     else:
         files = sorted(Path(f) for f in glob.glob(source, recursive=True) if f.endswith(".parquet"))
     if not files:
-        raise UserError(f"data.source={source}: no parquet files found (give a .parquet file, a directory or a glob)")
+        raise UserError(
+            f"data.source={source}: no parquet files found (give a .parquet file, a directory or a glob)"
+        )
     return files
 
 

@@ -104,7 +104,13 @@ def write_shard(tar_path: Path, samples: list[dict[str, bytes]], record: dict) -
             sink.write(s)
     data = buf.getvalue()
     _atomic_write_bytes(tar_path, data)
-    record = dict(record, name=tar_path.name, count=len(samples), bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    record = dict(
+        record,
+        name=tar_path.name,
+        count=len(samples),
+        bytes=len(data),
+        sha256=hashlib.sha256(data).hexdigest(),
+    )
     write_json_atomic(sidecar_path(tar_path), record)
     return record
 
@@ -147,14 +153,20 @@ def load_manifest(shard_dir: str | Path) -> dict:
     p = Path(shard_dir) / "manifest.json"
     if not p.is_file():
         parts = sorted(Path(shard_dir).glob("shard-*.json")) if Path(shard_dir).is_dir() else []
-        hint = f" ({len(parts)} shard records present: the encode array has not finished, or run tools.merge_manifest)" if parts else ""
+        hint = (
+            f" ({len(parts)} shard records present: the encode array has not finished, or run tools.merge_manifest)"
+            if parts
+            else ""
+        )
         raise UserError(f"{p}: no manifest{hint}")
     try:
         m = json.loads(p.read_text())
     except json.JSONDecodeError as e:
         raise UserError(f"{p}: not valid JSON ({e})") from e
     if m.get("format") != FORMAT or m.get("version") != VERSION:
-        raise UserError(f"{p}: not a {FORMAT} v{VERSION} manifest (format={m.get('format')!r}, version={m.get('version')!r})")
+        raise UserError(
+            f"{p}: not a {FORMAT} v{VERSION} manifest (format={m.get('format')!r}, version={m.get('version')!r})"
+        )
     return m
 
 

@@ -1,0 +1,14 @@
+"""Which schema a file under configs/ is written for: configs/<stage>/*.yaml."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def schema_for(path: str | Path) -> type:
+    stage = Path(path).parent.name
+    if stage == "encode":
+        from pipeline.schema.encode import EncodeConfig
+
+        return EncodeConfig
+    raise KeyError(f"{path}: no schema for configs/{stage}/")
