@@ -1,0 +1,101 @@
+"""Adaptive-DPO (Zhang et al., 2025, "When Preferences Diverge"), SPEC section 3.
+
+M models: the policy theta and M-1 EMA copies of it. For each pair and model, h_m = d_ref - d_m and
+g_m = rho * h_m (no gradient). Then
+
+    c(x) = 1 - (1/M) sum_m sigmoid(g_m)     intra-annotator confidence (large: models disagree with the label)
+    s(x) = spread of g_m over the M models  inter-annotator stability
+           "variance":    sample variance (the paper)
+           "std_clamped": sample std, capped at 1 (the authors' code; we read "clamped at 1" as min(std, 1))
+    u(x) = s(x) * c(x)                      minority score; optionally / batch mean of s ("normalize")
+    W(x) = stopgrad(weight(u))              linear 1/(1+k1 u) | square 1/(1+k1 u^2) | sqrt 1/(1+k1 sqrt u)
+                                            | sigmoid 1/(1+exp(k1 u))
+    G(x) = stopgrad(margin(u))              none 0 | linear k2 u + c2 | quadratic k2 u^2 + c2
+    L    = -W log sigmoid(beta h_theta - G)
+
+k2 defaults to -1/beta and c2 to the detached batch mean of h_theta (the authors' code), so majority
+pairs (small u) get the larger margin; c2 may be a float, or the batch mean of the logit instead.
+Adaptive-IPO: W (h_theta - G/beta - 1/(2 beta))^2, the margin moved to the h scale.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.losses.dpo import neg_log_sigmoid
+
+
+@dataclass
+class MinorityScore:
+    u: torch.Tensor  # [B] minority score
+    c: torch.Tensor  # [B] intra-annotator confidence term
+    s: torch.Tensor  # [B] inter-annotator stability (spread) term
+
+
+def minority_score(
+    h_models: torch.Tensor, rho: float, spread: str = "variance", normalize: bool = False
+) -> MinorityScore:
+    """h_models: [M, B] (policy first, then the EMA models), M >= 2. No gradient flows through the result."""
+    if h_models.dim() != 2 or h_models.shape[0] < 2:
+        raise ValueError(
+            f"h_models: expected [M, B] with M >= 2 models (policy + EMA), got {tuple(h_models.shape)}"
+        )
+    g = rho * h_models.detach().float()
+    c = 1.0 - torch.sigmoid(g).mean(dim=0)
+    if spread == "variance":
+        s = g.var(dim=0, unbiased=True)
+    elif spread == "std_clamped":
+        s = g.std(dim=0, unbiased=True).clamp(max=1.0)
+    else:
+        raise ValueError(f"spread {spread!r}: expected variance or std_clamped")
+    u = s * c
+    if normalize:
+        u = u / s.mean().clamp_min(torch.finfo(torch.float32).tiny)
+    return MinorityScore(u=u, c=c, s=s)
+
+
+def weight(u: torch.Tensor, kind: str, k1: float) -> torch.Tensor:
+    if kind == "linear":
+        w = 1.0 / (1.0 + k1 * u)
+    elif kind == "square":
+        w = 1.0 / (1.0 + k1 * u.pow(2))
+    elif kind == "sqrt":
+        w = 1.0 / (1.0 + k1 * u.clamp_min(0).sqrt())
+    elif kind == "sigmoid":
+        w = 1.0 / (1.0 + torch.exp(k1 * u))
+    else:
+        raise ValueError(f"weight {kind!r}: expected linear, square, sqrt or sigmoid")
+    return w.detach()
+
+
+def margin(u: torch.Tensor, kind: str, k2: float, c2: float | torch.Tensor) -> torch.Tensor:
+    if kind == "none":
+        g = torch.zeros_like(u)
+    elif kind == "linear":
+        g = k2 * u + c2
+    elif kind == "quadratic":
+        g = k2 * u.pow(2) + c2
+    else:
+        raise ValueError(f"margin {kind!r}: expected none, linear or quadratic")
+    return g.detach()
+
+
+def resolve_c2(c2: float | str, h_theta: torch.Tensor, beta: float) -> float | torch.Tensor:
+    """c2 as configured: a float, "batch_mean" (mean h_theta, detached) or "batch_mean_logit" (mean beta h)."""
+    if c2 == "batch_mean":
+        return h_theta.detach().float().mean()
+    if c2 == "batch_mean_logit":
+        return beta * h_theta.detach().float().mean()
+    return float(c2)
+
+
+def adaptive_dpo_loss(h_theta: torch.Tensor, beta: float, W: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+    """Per-pair -W log sigmoid(beta h_theta - G); W and G must already be detached."""
+    return W * neg_log_sigmoid(beta * h_theta.float() - G)
+
+
+def adaptive_ipo_loss(h_theta: torch.Tensor, beta: float, W: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+    """Per-pair W (h_theta - G/beta - 1/(2 beta))^2."""
+    return W * (h_theta.float() - G / beta - 1.0 / (2.0 * beta)).pow(2)

@@ -1,0 +1,151 @@
+"""Every training objective as a small object the trainer picks by config (``objective.name``).
+
+An objective takes the per-pair errors of the models the step ran (policy, reference, EMA models)
+and returns per-pair losses plus per-pair statistics to log; the trainer takes the mean. It also
+says what it needs, so the trainer runs only those forwards: ``needs_reference``, ``needs_losers``,
+``uses_ema``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from pipeline.losses import adaptive as A
+from pipeline.losses import baselines as BL
+from pipeline.losses.diffusion import PairErrors
+from pipeline.losses.dpo import dpo_loss, implicit_accuracy, preference_h, rewards
+from pipeline.schema.objective import ObjectiveConfig
+
+
+@dataclass
+class ModelErrors:
+    policy: PairErrors
+    ref: PairErrors | None = None
+    ema: list[PairErrors] = field(default_factory=list)
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor  # [B] per-pair loss (the only tensor with a gradient)
+    stats: dict[str, torch.Tensor]  # name -> [B], detached
+
+
+class Objective:
+    needs_reference = True
+    needs_losers = True
+    uses_ema = False
+
+    def __init__(self, cfg: ObjectiveConfig):
+        self.cfg = cfg
+        self.beta = cfg.beta
+
+    def _pairwise(self, errors: ModelErrors) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if errors.ref is None:
+            raise ValueError(f"objective {self.cfg.name} needs the reference model's errors")
+        h = preference_h(errors.policy, errors.ref)
+        rw, rl = rewards(errors.policy, errors.ref)
+        stats = {
+            "h": h.detach(),
+            "logit": self.beta * h.detach(),
+            "accuracy": implicit_accuracy(h.detach()),
+            "reward_w": rw,
+            "reward_l": rl,
+            "reward_margin": rw - rl,
+        }
+        return h, stats
+
+    def __call__(self, errors: ModelErrors, metric_active: bool = True) -> LossOutput:
+        raise NotImplementedError
+
+
+class DPO(Objective):
+    def __call__(self, errors, metric_active=True):
+        h, stats = self._pairwise(errors)
+        return LossOutput(dpo_loss(h, self.beta), stats)
+
+
+class RobustDPO(Objective):
+    def __call__(self, errors, metric_active=True):
+        h, stats = self._pairwise(errors)
+        return LossOutput(BL.robust_dpo_loss(h, self.beta, self.cfg.eps), stats)
+
+
+class ConservativeDPO(Objective):
+    def __call__(self, errors, metric_active=True):
+        h, stats = self._pairwise(errors)
+        return LossOutput(BL.conservative_dpo_loss(h, self.beta, self.cfg.eps), stats)
+
+
+class IPO(Objective):
+    def __call__(self, errors, metric_active=True):
+        h, stats = self._pairwise(errors)
+        return LossOutput(BL.ipo_loss(h, self.beta), stats)
+
+
+class Hinge(Objective):
+    def __call__(self, errors, metric_active=True):
+        h, stats = self._pairwise(errors)
+        return LossOutput(BL.hinge_loss(h, self.beta), stats)
+
+
+class SFT(Objective):
+    needs_reference = False
+    needs_losers = False
+
+    def __call__(self, errors, metric_active=True):
+        return LossOutput(BL.sft_loss(errors.policy.w), {"e_w": errors.policy.w.detach().float()})
+
+
+class AdaptiveDPO(Objective):
+    """Adaptive-DPO; before ``metric_active`` (the EMA warm-up) it is plain DPO with W = 1, G = 0."""
+
+    uses_ema = True
+
+    def weights(
+        self, h: torch.Tensor, errors: ModelErrors, metric_active: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        a = self.cfg.adaptive
+        if not metric_active or not errors.ema:
+            nan = torch.full_like(h, float("nan")).detach()
+            return torch.ones_like(h).detach(), torch.zeros_like(h).detach(), {"u": nan, "c": nan, "s": nan}
+        h_ema = [preference_h(e, errors.ref) for e in errors.ema]
+        h_models = torch.stack([h.detach()] + [x.detach() for x in h_ema])
+        ms = A.minority_score(h_models, a.rho, a.spread, a.normalize)
+        k2 = -1.0 / self.beta if a.k2 is None else a.k2
+        W = A.weight(ms.u, a.weight, a.k1)
+        G = A.margin(ms.u, a.margin, k2, A.resolve_c2(a.c2, h, self.beta))
+        extra = {"u": ms.u, "c": ms.c, "s": ms.s}
+        extra.update({f"h_ema{i}": x.detach() for i, x in enumerate(h_ema)})
+        return W, G, extra
+
+    def _final(self, h, W, G):
+        return A.adaptive_dpo_loss(h, self.beta, W, G)
+
+    def __call__(self, errors, metric_active=True):
+        h, stats = self._pairwise(errors)
+        W, G, extra = self.weights(h, errors, metric_active)
+        stats.update(extra, W=W, G=G)
+        return LossOutput(self._final(h, W, G), stats)
+
+
+class AdaptiveIPO(AdaptiveDPO):
+    def _final(self, h, W, G):
+        return A.adaptive_ipo_loss(h, self.beta, W, G)
+
+
+OBJECTIVES: dict[str, type[Objective]] = {
+    "dpo": DPO,
+    "adaptive_dpo": AdaptiveDPO,
+    "robust_dpo": RobustDPO,
+    "cdpo": ConservativeDPO,
+    "ipo": IPO,
+    "adaptive_ipo": AdaptiveIPO,
+    "hinge": Hinge,
+    "sft": SFT,
+}
+
+
+def build_objective(cfg: ObjectiveConfig) -> Objective:
+    return OBJECTIVES[cfg.name](cfg)
