@@ -11,4 +11,8 @@ def schema_for(path: str | Path) -> type:
         from pipeline.schema.encode import EncodeConfig
 
         return EncodeConfig
+    if stage == "train":
+        from pipeline.schema.train import TrainConfig
+
+        return TrainConfig
     raise KeyError(f"{path}: no schema for configs/{stage}/")

@@ -1,0 +1,141 @@
+"""Atomic, resumable checkpoints: a checkpoint is complete or absent, ``latest`` moves only after it is.
+
+Layout under ``<output.dir>/checkpoints/``:
+
+    step_00001000/                 one complete checkpoint
+        <DeepSpeed engine files>   module, ZeRO-2 optimizer partitions, lr scheduler, loss scaler
+        ema/rank_00000.safetensors EMA shards of each rank (pipeline.engine.ema)
+        rng/rank_00000.safetensors torch CPU/CUDA RNG states of each rank
+        trainer_state.json         step, micro-step (the data position), layout, counters
+        config.yaml                the resolved config of the run
+    latest                         name of the newest complete checkpoint
+    universal/step_00001000/       made on demand when the world size changed (ds_to_universal)
+
+Everything is written under ``.tmp-step_N`` and renamed by rank 0 after every rank finished.
+Our own files are safetensors/JSON/YAML; DeepSpeed's engine files are torch pickles that DeepSpeed
+itself loads: resume only from checkpoints your own runs wrote.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from pipeline.config import flatten
+from pipeline.engine.dist import barrier
+from pipeline.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def latest_tag(root: Path) -> str | None:
+    f = root / "latest"
+    if not f.is_file():
+        return None
+    tag = f.read_text().strip()
+    if not (root / tag / "trainer_state.json").is_file():
+        raise UserError(f"{f} names {tag}, which is not a complete checkpoint; remove {f} to start over")
+    return tag
+
+
+def read_state(root: Path, tag: str) -> dict:
+    return json.loads((root / tag / "trainer_state.json").read_text())
+
+
+def config_differences(saved: dict, current: dict, allowed: tuple[str, ...]) -> list[str]:
+    a, b = flatten(saved), flatten(current)
+    diff = []
+    for k in sorted(set(a) | set(b)):
+        if a.get(k) != b.get(k) and not any(k == p or (p.endswith(".") and k.startswith(p)) for p in allowed):
+            diff.append(f"{k}: {a.get(k)!r} in the checkpoint, {b.get(k)!r} now")
+    return diff
+
+
+def save_rng(folder: Path, rank: int) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    t = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        t.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    save_file(t, str(folder / f"rank_{rank:05d}.safetensors"))
+
+
+def load_rng(folder: Path, rank: int) -> None:
+    f = folder / f"rank_{rank:05d}.safetensors"
+    if not f.is_file():  # another world size: ranks without a saved state keep their seeded state
+        return
+    t = load_file(str(f))
+    torch.set_rng_state(t["cpu"])
+    if torch.cuda.is_available():
+        states = [t[k] for k in sorted(t) if k.startswith("cuda")]
+        if len(states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(states)
+
+
+def save_checkpoint(
+    engine, ema, root: Path, step: int, state: dict, config_yaml: str, keep: int, rank: int
+) -> Path:
+    """Collective: every rank calls it. Returns the final checkpoint folder."""
+    tag = tag_for(step)
+    tmp_tag = f".tmp-{tag}"
+    if rank == 0 and (root / tmp_tag).exists():
+        shutil.rmtree(root / tmp_tag)
+    barrier()
+    engine.save_checkpoint(str(root), tag=tmp_tag, save_latest=False)
+    if ema is not None:
+        ema.save(root / tmp_tag / "ema")
+    save_rng(root / tmp_tag / "rng", rank)
+    barrier()
+    final = root / tag
+    if rank == 0:
+        (root / tmp_tag / "config.yaml").write_text(config_yaml)
+        (root / tmp_tag / "trainer_state.json").write_text(json.dumps(state, indent=1, sort_keys=True))
+        if final.exists():  # a checkpoint of this step from a run that was killed right after it
+            shutil.rmtree(final)
+        os.replace(root / tmp_tag, final)
+        tmp_latest = root / ".latest.tmp"
+        tmp_latest.write_text(tag + "\n")
+        os.replace(tmp_latest, root / "latest")
+        prune(root, keep)
+    barrier()
+    return final
+
+
+def prune(root: Path, keep: int) -> None:
+    tags = sorted(p.name for p in root.glob("step_*") if p.is_dir())
+    for old in tags[:-keep] if keep > 0 else []:
+        shutil.rmtree(root / old, ignore_errors=True)
+        shutil.rmtree(root / "universal" / old, ignore_errors=True)
+    for stale in root.glob(".tmp-step_*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def ensure_universal(root: Path, tag: str, rank: int) -> Path:
+    """Convert ``tag`` to DeepSpeed's universal format (rank 0, once); returns the folder to load from."""
+    out_root = root / "universal"
+    if rank == 0 and not (out_root / tag / "done").is_file():
+        shutil.rmtree(out_root / tag, ignore_errors=True)
+        out_root.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(root / tag),
+               "--output_folder", str(out_root / tag), "--inject_missing_state", "--num_extract_workers", "1",
+               "--num_merge_workers", "1"]  # fmt: skip
+        log.info("world size changed: converting %s to a universal checkpoint", tag)
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        if p.returncode:
+            raise RuntimeError(
+                f"ds_to_universal failed on {root / tag}:\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}"
+            )
+        (out_root / tag / "done").write_text("ok\n")
+    barrier()
+    return out_root

@@ -1,0 +1,63 @@
+"""The DeepSpeed config, built by one tested function from the typed train config."""
+
+from __future__ import annotations
+
+from pipeline.schema.train import TrainConfig
+
+
+def build_ds_config(cfg: TrainConfig, world_size: int, on_cuda: bool, load_universal: bool = False) -> dict:
+    """ZeRO stage 2; total batch = micro_batch x grad_accum x world_size (in pairs).
+
+    Precision: fp16 with dynamic loss scaling (V100), bf16, or fp32. Optimizer: AdamW (DeepSpeed's
+    FusedAdam on CUDA unless ``optim.impl=torch``; torch's AdamW on the CPU, which avoids a JIT build).
+    Schedule: linear warm-up to ``optim.lr`` over ``optim.warmup_steps``, then constant.
+    """
+    o = cfg.optim
+    fused = o.impl == "fused" or (o.impl == "auto" and on_cuda)
+    ds: dict = {
+        "train_micro_batch_size_per_gpu": cfg.data.micro_batch,
+        "gradient_accumulation_steps": cfg.train.grad_accum,
+        "train_batch_size": cfg.data.micro_batch * cfg.train.grad_accum * world_size,
+        "gradient_clipping": o.grad_clip,
+        "zero_optimization": {
+            "stage": 2,
+            "overlap_comm": on_cuda,
+            "contiguous_gradients": True,
+            "reduce_scatter": True,
+            "allgather_bucket_size": 5e8,
+            "reduce_bucket_size": 5e8,
+        },
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": o.lr,
+                "betas": list(o.betas),
+                "eps": o.eps,
+                "weight_decay": o.weight_decay,
+                "torch_adam": not fused,
+            },
+        },
+        "scheduler": {
+            "type": "WarmupLR",
+            "params": {
+                "warmup_min_lr": 0.0 if o.warmup_steps > 0 else o.lr,  # WarmupLR starts at min_lr
+                "warmup_max_lr": o.lr,
+                "warmup_num_steps": max(o.warmup_steps, 1),
+                "warmup_type": "linear",
+            },
+        },
+        "fp16": {
+            "enabled": cfg.train.precision == "fp16",
+            "loss_scale": 0,
+            "initial_scale_power": 16,
+            "loss_scale_window": 1000,
+            "hysteresis": 2,
+            "min_loss_scale": 1,
+        },
+        "bf16": {"enabled": cfg.train.precision == "bf16"},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if load_universal:
+        ds["checkpoint"] = {"load_universal": True}
+    return ds

@@ -1,0 +1,95 @@
+"""Where each trainable parameter lives in ZeRO-2's flat, rank-partitioned fp32 master weights.
+
+Under ZeRO stage 1/2, DeepSpeed flattens each parameter group into one buffer (``bit16_groups_flat``,
+padded at the end only) and gives rank r the slice ``[r * P, (r + 1) * P)`` of it as fp32 master
+weights (``single_partition_of_fp32_groups``). Parameter offsets inside the flat buffer do not depend
+on the world size (measured; see CPU-NOTES), which is what lets EMA shards saved at one world size be
+re-cut for another. This module reads that layout once and offers:
+
+- ``local_partitions()``: this rank's fp32 master slices (views, no copy);
+- ``gather_into(parts, flats)``: all-gather per-rank slices into full flat buffers;
+- ``bind(module, flats)``: make a module's parameters views into such flat buffers (zero-copy loads);
+- ``state_dict(flats)``: name -> tensor, for export.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class GroupLayout:
+    names: list[str]  # parameter names, in flat order
+    offsets: list[int]  # element offset of each parameter in the flat buffer
+    shapes: list[torch.Size]
+    numel: int  # unpadded elements (sum of parameter sizes)
+    partition: int  # elements per rank (P)
+
+
+class FlatLayout:
+    def __init__(self, engine):
+        opt = engine.optimizer
+        if not hasattr(opt, "single_partition_of_fp32_groups"):
+            raise RuntimeError(f"expected a ZeRO stage 1/2 optimizer, got {type(opt).__name__}")
+        self.opt = opt
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        names = {id(p): n for n, p in engine.module.named_parameters()}
+        self.groups: list[GroupLayout] = []
+        for g, params in enumerate(opt.bit16_groups):
+            flat = opt.bit16_groups_flat[g]
+            offs = [(p.data_ptr() - flat.data_ptr()) // p.element_size() for p in params]
+            part = opt.single_partition_of_fp32_groups[g].numel()
+            self.groups.append(
+                GroupLayout(
+                    names=[names[id(p)] for p in params],
+                    offsets=offs,
+                    shapes=[p.shape for p in params],
+                    numel=sum(p.numel() for p in params),
+                    partition=part,
+                )
+            )
+
+    @property
+    def padded(self) -> list[int]:
+        return [g.partition * self.world for g in self.groups]
+
+    def local_partitions(self) -> list[torch.Tensor]:
+        """This rank's fp32 master weights, one flat slice per group (live views)."""
+        return list(self.opt.single_partition_of_fp32_groups)
+
+    def gather_into(self, parts: list[torch.Tensor], flats: list[torch.Tensor]) -> None:
+        """All-gather ``parts`` (this rank's slice of each group, any dtype/device the backend takes)
+        into ``flats`` (full padded buffers of size P * world, same dtype/device)."""
+        for part, flat in zip(parts, flats):
+            if self.world == 1:
+                flat.copy_(part)
+            else:
+                dist.all_gather(list(flat.chunk(self.world)), part.to(flat.dtype))
+
+    def new_flats(self, dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
+        return [torch.zeros(n, dtype=dtype, device=device) for n in self.padded]
+
+    def bind(self, module: torch.nn.Module, flats: list[torch.Tensor]) -> None:
+        """Point ``module``'s trainable parameters (same names as the engine's) into ``flats``."""
+        params = dict(module.named_parameters())
+        for g, lay in zip(flats, self.groups):
+            for name, off, shape in zip(lay.names, lay.offsets, lay.shapes):
+                p = params[name]
+                n = shape.numel()
+                g[off : off + n].copy_(p.data.reshape(-1))
+                p.data = g[off : off + n].view(shape)
+
+    def state_dict(self, flats: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = {}
+        for g, lay in zip(flats, self.groups):
+            for name, off, shape in zip(lay.names, lay.offsets, lay.shapes):
+                out[name] = g[off : off + shape.numel()].view(shape)
+        return out
+
+    def signature(self) -> list[dict]:
+        """What must match for saved shards to be re-cut: names, offsets and sizes per group."""
+        return [{"names": g.names, "offsets": g.offsets, "numel": g.numel} for g in self.groups]

@@ -1,0 +1,48 @@
+"""Precision and attention choices, refused early when the machine cannot honour them."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from pipeline.errors import UserError
+
+COMPUTE_DTYPE = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def check_precision(precision: str, device: torch.device) -> torch.dtype:
+    if precision == "fp16" and device.type == "cpu":
+        raise UserError(
+            "train.precision=fp16 on the CPU: use fp32 or bf16 there (fp16 is for GPUs such as the V100)"
+        )
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError(
+            f"train.precision=bf16 but {torch.cuda.get_device_name(device)} has no bf16: use fp16"
+        )
+    return COMPUTE_DTYPE[precision]
+
+
+def resolve_attention(choice: str, device: torch.device) -> str:
+    """auto -> xformers when installed and on CUDA, else PyTorch SDPA; asking for xformers without it fails."""
+    have = importlib.util.find_spec("xformers") is not None
+    if choice == "xformers":
+        if not have:
+            raise UserError(
+                "model.attention=xformers but xformers is not installed (pip install '.[gpu]'), or use sdpa"
+            )
+        if device.type != "cuda":
+            raise UserError("model.attention=xformers needs a CUDA device; use sdpa on the CPU")
+        return "xformers"
+    if choice == "auto":
+        return "xformers" if have and device.type == "cuda" else "sdpa"
+    return "sdpa"
+
+
+def apply_attention(unet, backend: str) -> None:
+    if backend == "xformers":
+        unet.enable_xformers_memory_efficient_attention()
+    else:
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        unet.set_attn_processor(AttnProcessor2_0())

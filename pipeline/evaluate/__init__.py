@@ -1,0 +1,1 @@
+"""Evaluation: implicit preference accuracy, generation, reward scorers, reports."""
