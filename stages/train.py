@@ -368,7 +368,9 @@ class Trainer:
                     acc.setdefault(k, []).append(v)
                 u = st.get("u", np.full_like(st["loss"], np.nan))
                 self.window.extend(zip(u, st.get("h", np.zeros_like(u)), st["flipped"]))
-            self.recorder.add(e.global_steps + 1, batch, out.stats | {"loss": out.loss.detach()})
+            self.recorder.add(
+                before + 1, batch, out.stats | {"loss": out.loss.detach()}
+            )  # the step it counts for
             if e.global_steps == before:
                 continue
             # ---- an optimizer step happened

@@ -42,3 +42,34 @@ def pickapic_dir(tmp_path_factory):
 def encode_args(model, source, out, *extra):
     return ["--config", "configs/encode/tiny.yaml", f"model.path={model}", f"data.source={source}", f"output.dir={out}",
             "output.shard_size=16", *extra]  # fmt: skip
+
+
+def _encode_clean(model, tmp_path_factory, name: str, pairs: int, seed: int, shard_size: int):
+    """Pairs without ties or unlabelled rows, so the shard counts are exact."""
+    from stages.encode import cli_main
+    from tools.make_pickapic import make_rows, write_parquet
+
+    src = tmp_path_factory.mktemp(f"{name}_src")
+    write_parquet(
+        make_rows(pairs, seed=seed, tie_rate=0, unlabelled_rate=0, identical_rate=0), src, rows_per_file=64
+    )
+    out = tmp_path_factory.mktemp(name)
+    assert cli_main(encode_args(model, src, out, f"output.shard_size={shard_size}")) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def shards16(tiny_sd15, tmp_path_factory):
+    """16 pairs in one shard: a pair set the tiny model can learn in a few steps."""
+    return _encode_clean(tiny_sd15, tmp_path_factory, "shards16", 16, 6, 16)
+
+
+@pytest.fixture(scope="session")
+def shards64(tiny_sd15, tmp_path_factory):
+    """64 pairs in 4 shards of 16."""
+    return _encode_clean(tiny_sd15, tmp_path_factory, "shards64", 64, 5, 16)
+
+
+@pytest.fixture(scope="session")
+def shards_xl(tiny_sdxl, tmp_path_factory):
+    return _encode_clean(tiny_sdxl, tmp_path_factory, "shards_xl", 16, 7, 16)

@@ -1,0 +1,372 @@
+"""The trainer, run as users run it (python -m, torchrun, the deepspeed launcher) on the tiny models,
+with real DeepSpeed ZeRO-2 on gloo: learning, exact resume after SIGKILL, world-size changes, two
+"nodes", sharded EMA against a full-parameter reference, export, and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pipeline.engine.dist import free_port
+from pipeline.engine.ds_config import build_ds_config
+from pipeline.metrics_log import read_metrics, read_pair_records
+from pipeline.schema.train import TrainConfig, TrainData, TrainOutput
+from tests.helpers.run import ROOT, TRAIN_CFG, check, env, train
+
+pytestmark = pytest.mark.slow
+
+
+def _unet_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "diffusion_pytorch_model.safetensors"))
+
+
+def _assert_same_weights(a: Path, b: Path, atol: float = 1e-6) -> None:
+    ta, tb = _unet_tensors(a), _unet_tensors(b)
+    assert set(ta) == set(tb)
+    worst = max((ta[k] - tb[k]).abs().max().item() for k in ta)
+    assert worst <= atol, f"{a} vs {b}: max |diff| {worst}"
+
+
+def _eval_pairs(model: Path, shards: Path, unet_dir: Path, draws: int = 16) -> tuple[float, float]:
+    """(implicit accuracy, DPO loss at beta 1000) of an exported UNet on the shards' pairs."""
+    from pipeline.data.shards import load_manifest
+    from pipeline.evaluate.preference import accuracy, implicit_margins, iter_pairs
+    from pipeline.models import inspect_model, load_scheduler, load_unet
+
+    info = inspect_model(model)
+    ref = load_unet(info.path).eval()
+    pol = load_unet(str(unet_dir), subfolder=None).eval()
+    samples = list(iter_pairs(shards))
+    r = implicit_margins(
+        {"p": pol},
+        ref,
+        samples,
+        load_manifest(shards),
+        load_scheduler(info),
+        info.prediction_type,
+        torch.device("cpu"),
+        draws=draws,
+    )
+    h = r["p"]
+    return accuracy(h), float(np.mean(np.logaddexp(0.0, -1000.0 * h)))
+
+
+def test_ds_config_is_built_from_the_typed_config():
+    cfg = TrainConfig(data=TrainData(shards="s", micro_batch=3), output=TrainOutput(dir="o"))
+    cfg.train.grad_accum, cfg.train.precision, cfg.optim.warmup_steps = 2, "fp16", 10
+    ds = build_ds_config(cfg, world_size=4, on_cuda=True)
+    assert ds["train_batch_size"] == 3 * 2 * 4 and ds["train_micro_batch_size_per_gpu"] == 3
+    assert ds["zero_optimization"]["stage"] == 2
+    assert ds["fp16"]["enabled"] and ds["fp16"]["loss_scale"] == 0 and not ds["bf16"]["enabled"]
+    assert ds["optimizer"]["params"]["torch_adam"] is False  # FusedAdam on CUDA
+    assert (
+        ds["scheduler"]["params"]["warmup_num_steps"] == 10
+        and ds["scheduler"]["params"]["warmup_min_lr"] == 0.0
+    )
+    cfg.train.precision, cfg.optim.warmup_steps = "bf16", 0
+    ds = build_ds_config(cfg, world_size=1, on_cuda=False, load_universal=True)
+    assert ds["bf16"]["enabled"] and ds["optimizer"]["params"]["torch_adam"] is True
+    assert ds["scheduler"]["params"]["warmup_min_lr"] == cfg.optim.lr  # no warm-up: constant from step 1
+    assert ds["checkpoint"] == {"load_universal": True}
+
+
+@pytest.mark.parametrize(
+    "objective,nproc,launcher",
+    [("dpo", 1, None), ("adaptive_dpo", 1, None), ("dpo", 2, "deepspeed"), ("adaptive_dpo", 2, "torchrun")],
+)
+def test_training_lowers_the_loss_of_a_pair_set(objective, nproc, launcher, tiny_sd15, shards16, tmp_path):
+    """16 pairs, total batch 16, 30 steps: the implicit classifier moves from chance (loss log 2 = 0.693)."""
+    out = tmp_path / "run"
+    p = train(shards16, out, f"objective.name={objective}", "ema.decays=[0.9,0.5]", f"data.micro_batch={16 // nproc}",
+              "train.max_steps=30", "checkpoint.every=100", nproc=nproc, launcher=launcher)  # fmt: skip
+    check(p)
+    m = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in m] == list(range(1, 31))
+    assert m[0]["loss"] == pytest.approx(np.log(2), abs=1e-5)  # policy == reference at step 1
+    if objective == "adaptive_dpo":
+        assert all(0 < r["W"] <= 1 for r in m) and "u" in m[-1]
+        assert (out / "export" / "unet_ema_0.5").is_dir()
+    acc, loss = _eval_pairs(tiny_sd15, shards16, out / "export" / "unet")
+    assert loss < 0.66 and acc > 0.55, (acc, loss)
+
+
+@pytest.mark.parametrize("where", ["between_checkpoints", "inside_checkpoint"])
+def test_sigkill_and_restart_matches_an_uninterrupted_run(where, shards64, tmp_path):
+    """Adaptive-DPO with two EMA models and 2 data workers, checkpoints every 3 steps, 7 steps.
+    Killed after step 5 (latest = 3), or inside the checkpoint of step 6 (latest must stay 3)."""
+    common = ["objective.name=adaptive_dpo", "ema.decays=[0.9,0.5]", "data.num_workers=2",
+              "checkpoint.every=3", "train.max_steps=7"]  # fmt: skip
+    ref = tmp_path / "uninterrupted"
+    check(train(shards64, ref, *common))
+    run = tmp_path / "killed"
+    kill_env = (
+        {"KILL_AT_STEP": 5}
+        if where == "between_checkpoints"
+        else {"KILL_AT_STEP": 6, "KILL_IN_CHECKPOINT": 1}
+    )
+    p = train(shards64, run, *common, module="tests.helpers.train_killed", extra_env=kill_env)
+    assert p.returncode == -signal.SIGKILL, p.stderr[-3000:]
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000003"
+    if where == "inside_checkpoint":
+        assert (run / "checkpoints" / ".tmp-step_00000006").is_dir()  # the partial one, never named latest
+    check(train(shards64, run, *common))
+    a, b = read_metrics(ref / "metrics.jsonl"), read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in b] == list(range(1, 8))
+    for ra, rb in zip(a, b):
+        for k in ("loss", "accuracy", "u", "W", "G", "lr"):
+            assert ra[k] == pytest.approx(rb[k], rel=1e-6, abs=1e-9), (ra["step"], k)
+    for name in ("unet", "unet_ema_0.9", "unet_ema_0.5"):
+        _assert_same_weights(ref / "export" / name, run / "export" / name)
+    assert not list((run / "checkpoints").glob(".tmp-*"))
+    pa, pb = read_pair_records(ref), read_pair_records(run)
+    assert sorted(zip(pa["step"].to_pylist(), pa["key"].to_pylist())) == sorted(
+        zip(pb["step"].to_pylist(), pb["key"].to_pylist())
+    )
+
+
+@pytest.mark.parametrize("first,second", [(2, 1), (1, 2)])
+def test_resume_on_another_world_size_keeps_the_weights(first, second, shards64, tmp_path):
+    out = tmp_path / "run"
+    common = ["ema.decays=[0.9]", "data.micro_batch=4", "checkpoint.every=2"]
+    check(train(shards64, out, *common, "train.max_steps=2", nproc=first))
+    saved = tmp_path / "export_first"
+    shutil.copytree(out / "export", saved)
+    # same step, other world size: universal conversion, no training, the same weights come out
+    check(train(shards64, out, *common, "train.max_steps=2", nproc=second))
+    assert (out / "checkpoints" / "universal" / "step_00000002" / "done").is_file()
+    for name in ("unet", "unet_ema_0.9"):
+        _assert_same_weights(saved / name, out / "export" / name)
+    # and it continues
+    check(train(shards64, out, *common, "train.max_steps=3", nproc=second))
+    m = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in m] == [1, 2, 3] and np.isfinite(m[-1]["loss"])
+
+
+def test_two_nodes_see_every_pair_exactly_once_per_epoch(shards64, tmp_path):
+    """2 "nodes" x 1 process x 2 data workers x 4 pairs: 64 pairs = 8 steps per epoch; 16 steps."""
+    out, port = tmp_path / "run", free_port()
+    procs = []
+    for node in (0, 1):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node),
+               "--master-addr", "127.0.0.1", "--master-port", str(port), "--nproc-per-node", "1", "-m", "stages.train",
+               "--config", TRAIN_CFG, f"data.shards={shards64}", f"output.dir={out}", "data.micro_batch=4",
+               "data.num_workers=2", "train.max_steps=16", "checkpoint.every=8"]  # fmt: skip
+        procs.append(
+            subprocess.Popen(
+                cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+        )
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (_so, se) in zip(procs, outs):
+        assert p.returncode == 0, se[-4000:]
+    rec = read_pair_records(out)
+    keys = json.loads((shards64 / "manifest.json").read_text())
+    from pipeline.evaluate.preference import iter_pairs
+
+    all_keys = sorted(s["__key__"] for s in iter_pairs(shards64))
+    assert len(all_keys) == keys["counts"]["pairs"] == 64
+    steps, ks = np.array(rec["step"].to_pylist()), np.array(rec["key"].to_pylist())
+    assert sorted(set(Path(f).parent.name for f in map(str, (out / "pairs").glob("rank_*/*")))) == [
+        "rank_00000",
+        "rank_00001",
+    ]
+    for epoch in (0, 1):
+        seen = ks[(steps > epoch * 8) & (steps <= (epoch + 1) * 8)]
+        assert sorted(seen.tolist()) == all_keys, f"epoch {epoch}"
+
+
+def test_sharded_ema_equals_a_full_parameter_reference(shards64, tmp_path):
+    p = train(shards64, tmp_path / "run", "ema.decays=[0.9,0.5]", "data.micro_batch=4", "train.max_steps=3",
+              "checkpoint.export=false", nproc=2, module="tests.helpers.ema_check")  # fmt: skip
+    check(p)
+    line = next(x for x in p.stdout.splitlines() if x.startswith("EMACHECK "))
+    r = json.loads(line.split(" ", 1)[1])
+    assert r == {**r, "shards": True, "module": True, "coverage": True, "world": 2, "steps": 3}, r
+
+
+def test_reference_stays_bit_identical_to_the_starting_unet(shards16, tmp_path):
+    p = check(
+        train(
+            shards16,
+            tmp_path / "run",
+            "train.max_steps=3",
+            "checkpoint.export=false",
+            module="tests.helpers.train_probe",
+        )
+    )
+    r = json.loads(next(x for x in p.stdout.splitlines() if x.startswith("PROBE ")).split(" ", 1)[1])
+    assert r["steps"] == 3 and r["reference_identical"] is True
+
+
+def test_lora_reference_is_the_base_and_exports_load(tiny_sd15, shards16, tmp_path):
+    out = tmp_path / "lora"
+    p = check(train(shards16, out, "model.lora_rank=4", "objective.name=adaptive_dpo", "ema.decays=[0.9]",
+                    "train.max_steps=3", "optim.lr=1e-3", module="tests.helpers.train_probe"))  # fmt: skip
+    r = json.loads(next(x for x in p.stdout.splitlines() if x.startswith("PROBE ")).split(" ", 1)[1])
+    assert r["lora_reference_equals_base"] is True and r["lora_policy_differs"] is True
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd15)
+    base = pipe(
+        "a red cat",
+        num_inference_steps=2,
+        height=64,
+        width=64,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    ).images
+    pipe.load_lora_weights(out / "export" / "lora")
+    tuned = pipe(
+        "a red cat",
+        num_inference_steps=2,
+        height=64,
+        width=64,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    ).images
+    assert base.shape == tuned.shape == (1, 64, 64, 3) and not np.array_equal(base, tuned)
+    assert (out / "export" / "lora_ema_0.9" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_exported_unets_load_in_the_pipeline_and_generate(tiny_sd15, shards16, tmp_path):
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    out = tmp_path / "run"
+    check(train(shards16, out, "ema.decays=[0.5]", "train.max_steps=2"))
+    for name in ("unet", "unet_ema_0.5"):
+        unet = UNet2DConditionModel.from_pretrained(out / "export" / name)
+        pipe = StableDiffusionPipeline.from_pretrained(tiny_sd15, unet=unet)
+        img = pipe(
+            "a blue house",
+            num_inference_steps=2,
+            height=64,
+            width=64,
+            generator=torch.Generator().manual_seed(1),
+        ).images[0]
+        assert img.size == (64, 64)
+
+
+def test_sdxl_trains_from_the_same_code_path(shards_xl, tmp_path):
+    out = tmp_path / "xl"
+    check(train(shards_xl, out, "objective.name=adaptive_dpo", "ema.decays=[0.5]", "train.max_steps=3"))
+    m = read_metrics(out / "metrics.jsonl")
+    assert len(m) == 3 and all(np.isfinite(r["loss"]) for r in m)
+    assert (
+        json.loads((out / "export" / "unet" / "config.json").read_text())["addition_embed_type"]
+        == "text_time"
+    )
+
+
+def test_bad_configs_fail_fast_with_the_key_named(tiny_sdxl, shards16, tmp_path):
+    cases = [
+        (["model.attention=xformers"], "xformers is not installed"),
+        (["train.precision=fp16"], "fp16 on the CPU"),
+        (["objective.name=adaptive_dpo"], "ema.decays: the adaptive objectives need at least one EMA model"),
+        (["data.resolution=128"], "data.resolution=128 but the shards are 64 px"),
+        ([f"model.path={tiny_sdxl}"], "were encoded with"),
+        (["optim.lrr=1"], "optim.lrr: unknown key (did you mean 'lr'?)"),
+    ]
+    for overrides, msg in cases:
+        p = train(shards16, tmp_path / "never", *overrides)
+        assert p.returncode == 2 and msg in p.stderr, (overrides, p.stderr[-2000:])
+    p = train(tmp_path / "no_shards", tmp_path / "never")
+    assert p.returncode == 2 and "no manifest" in p.stderr
+
+
+def test_a_checkpoint_of_another_config_is_refused(shards16, tmp_path):
+    out = tmp_path / "run"
+    check(train(shards16, out, "train.max_steps=2", "checkpoint.export=false"))
+    p = train(shards16, out, "train.max_steps=4", "objective.beta=500", "optim.lr=1e-3")
+    assert p.returncode == 2
+    assert "objective.beta: 1000.0 in the checkpoint, 500.0 now" in p.stderr and "optim.lr" in p.stderr
+    check(train(shards16, out, "train.max_steps=3", "checkpoint.export=false"))  # max_steps may change
+
+
+def _rewrite_shard(src: Path, dst: Path, fn) -> None:
+    import webdataset as wds
+
+    from pipeline.data.shards import decode_sample, encode_sample, iter_tar_samples
+
+    with wds.TarWriter(str(dst), encoder=False) as w:
+        for raw in iter_tar_samples(src):
+            s = decode_sample(raw)
+            arrays = {k: s[k] for k in ("lat_w", "lat_l", "txt") if k in s}
+            w.write(encode_sample(s["__key__"], fn(arrays), s["meta"]))
+
+
+def test_damaged_shards_are_skipped_and_counted(shards64, tmp_path):
+    bad = tmp_path / "shards"
+    shutil.copytree(shards64, bad)
+    t1 = bad / "shard-000001.tar"
+    t1.write_bytes(t1.read_bytes()[: int(t1.stat().st_size * 0.4)])  # truncated
+    t2 = bad / "shard-000002.tar"
+    data = bytearray(t2.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 4096] = os.urandom(4096)  # garbage in the middle
+    t2.write_bytes(bytes(data))
+    out = tmp_path / "run"
+    p = check(train(bad, out, "train.max_steps=16", "data.micro_batch=4", "checkpoint.export=false"))
+    m = read_metrics(out / "metrics.jsonl")
+    assert m[-1]["substituted"] > 0 and all(np.isfinite(r["loss"]) for r in m)
+    assert "shard-000001.tar" in p.stderr
+
+
+def test_repeated_nan_losses_stop_with_a_checkpoint(shards16, tmp_path):
+    bad = tmp_path / "shards"
+    shutil.copytree(shards16, bad)
+    _rewrite_shard(
+        shards16 / "shard-000000.tar",
+        bad / "shard-000000.tar",
+        lambda a: {**a, "lat_w": np.full_like(a["lat_w"], np.nan)},
+    )
+    out = tmp_path / "run"
+    p = train(bad, out, "train.max_nonfinite=3", "train.max_steps=10")
+    assert p.returncode == 1, p.stderr[-3000:]
+    assert "3 consecutive non-finite losses" in p.stderr
+    state = json.loads((out / "checkpoints" / "step_00000000" / "trainer_state.json").read_text())
+    assert state["counters"]["nonfinite_skipped"] == 3
+
+
+def test_sigterm_checkpoints_and_the_same_command_resumes(shards16, tmp_path):
+    out = tmp_path / "run"
+    args = [
+        "--config",
+        TRAIN_CFG,
+        f"data.shards={shards16}",
+        f"output.dir={out}",
+        "train.max_steps=100000",
+        "checkpoint.every=100000",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stages.train", *args],
+        cwd=ROOT,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if (out / "metrics.jsonl").is_file() and len((out / "metrics.jsonl").read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    tag = (out / "checkpoints" / "latest").read_text().strip()
+    step = int(tag.split("_")[1])
+    assert step >= 3 and f"stopped at step {step}: signal {int(signal.SIGTERM)}" in err
+    p = subprocess.run([sys.executable, "-m", "stages.train", *args[:-2], f"train.max_steps={step + 2}", "checkpoint.export=false"],
+                       cwd=ROOT, env=env(), capture_output=True, text=True)  # fmt: skip
+    check(p)
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == list(range(1, step + 3))
