@@ -200,7 +200,9 @@ class Trainer:
         self.ema = None
         if cfg.ema.decays:
             self.ema = ShardedEMA(self.layout, cfg.ema.decays, cfg.ema.offload, self.device)
-            module = self._new_unet(torch.float32).to(self.dtype)
+            module = self._new_unet(torch.float32)
+            if self.dtype != torch.float32:
+                module.to(self.dtype)
             if cfg.model.channels_last:
                 module.to(memory_format=torch.channels_last)
             self.ema.attach_module(module.to(self.device), self.dtype)

@@ -12,7 +12,7 @@ Dtype = Literal["float32", "float16", "bfloat16"]
 class EncodeModel:
     path: str  # local diffusers model folder (sd15 or sdxl; the family is read from model_index.json)
     vae_dtype: Dtype = "float32"  # SDXL's VAE overflows in float16: keep float32 there
-    text_dtype: Dtype = "float32"
+    text_dtype: Dtype = "float32"  # text encoder(s); states are stored as float16 either way
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda:LOCAL_RANK when present, else cpu
 
 
@@ -28,9 +28,9 @@ class EncodeData:
 
 @dataclass
 class EncodeOutput:
-    dir: str
+    dir: str  # output: shard-NNNNNN.tar + .json records, plan.json, manifest.json, jobs/
     shard_size: int = 1000  # pairs per shard
-    latent_dtype: Literal["float16", "float32"] = "float16"
+    latent_dtype: Literal["float16", "float32"] = "float16"  # stored latents
     store_std: bool = False  # also store the latent std, so training can sample z = mean + std * eps
 
     def check(self) -> list[str]:

@@ -33,7 +33,7 @@ class AdaptiveConfig:
 
 @dataclass
 class ObjectiveConfig:
-    name: ObjectiveName = "dpo"
+    name: ObjectiveName = "dpo"  # see "Objectives" for each formula
     beta: float = 1000.0  # logit = beta * h (Diffusion-DPO's beta_dpo 5000 == 2500 here)
     eps: float = 0.1  # robust_dpo: assumed flip rate; cdpo: label smoothing
     adaptive: AdaptiveConfig = field(default_factory=AdaptiveConfig)

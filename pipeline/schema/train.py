@@ -108,7 +108,7 @@ class Checkpointing:
 
 @dataclass
 class TrainOutput:
-    dir: str
+    dir: str  # run folder: config.yaml, metrics.jsonl, tensorboard/, pairs/, checkpoints/, export/
     tensorboard: bool = True
     pair_records: bool = True  # per-pair parquet records (key, user, flipped, h per model, u, W, G)
 

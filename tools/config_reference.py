@@ -1,0 +1,74 @@
+"""Print the config reference (every key, its type, default and meaning) as markdown, from the schemas.
+
+    python -m tools.config_reference > /tmp/ref.md
+
+The README's "Config reference" section is this output; a test checks that it is up to date.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import re
+import sys
+import typing
+
+from pipeline.config import _type_name
+from pipeline.schema.encode import EncodeConfig
+from pipeline.schema.train import TrainConfig
+
+STAGES = {"encode": EncodeConfig, "train": TrainConfig}
+
+
+def _comments(cls) -> dict[str, str]:
+    out = {}
+    for line in inspect.getsource(cls).splitlines():
+        m = re.match(r"\s+(\w+): [^#]*?#\s*(.*)$", line)
+        if m:
+            out[m.group(1)] = m.group(2).strip()
+    return out
+
+
+def _default(f: dataclasses.Field) -> str:
+    if f.default is not dataclasses.MISSING:
+        return repr(f.default)
+    if f.default_factory is not dataclasses.MISSING:
+        v = f.default_factory()
+        return "" if dataclasses.is_dataclass(v) else repr(v)
+    return "**required**"
+
+
+def rows(cls, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    hints = typing.get_type_hints(cls)
+    notes = _comments(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(tp):
+            out += rows(tp, key + ".")
+        else:
+            out.append((key, _type_name(tp), _default(f), notes.get(f.name, "")))
+    return out
+
+
+def reference() -> str:
+    parts = []
+    for stage, cls in STAGES.items():
+        parts.append(f"### `stages.{stage}`\n")
+        parts.append("| key | type | default | meaning |")
+        parts.append("|---|---|---|---|")
+        for key, tp, default, note in rows(cls):
+            cells = [f"`{key}`", tp, default, note]
+            parts.append("| " + " | ".join(c.replace("|", r"\|") for c in cells) + " |")
+        parts.append("")
+    return "\n".join(parts)
+
+
+def main() -> int:
+    print(reference())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
