@@ -34,8 +34,29 @@ def main(argv: list[str] | None = None) -> int:
     if not (model / "model_index.json").is_file():
         make_tiny_model.main(["--family", "sd15", "--out", str(model), "--seed", "0"])
     if not data.is_dir():
-        make_pickapic.main(["--out", str(data), "--pairs", str(a.pairs), "--seed", "0", "--corrupt", "1", "--null-caption", "1"])
-    rc = encode.cli_main(["--config", "configs/encode/tiny.yaml", f"model.path={model}", f"data.source={data}", f"output.dir={shards}"])
+        make_pickapic.main(
+            [
+                "--out",
+                str(data),
+                "--pairs",
+                str(a.pairs),
+                "--seed",
+                "0",
+                "--corrupt",
+                "1",
+                "--null-caption",
+                "1",
+            ]
+        )
+    rc = encode.cli_main(
+        [
+            "--config",
+            "configs/encode/tiny.yaml",
+            f"model.path={model}",
+            f"data.source={data}",
+            f"output.dir={shards}",
+        ]
+    )
     if rc:
         return rc
     m = json.loads((shards / "manifest.json").read_text())
@@ -49,7 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     print("\ndemo summary")
     for name, run in runs.items():
         last = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()][-1]
-        print(f"  {name:13s} step {last['step']}: loss {last['loss']:.4f}, implicit accuracy {last.get('accuracy', float('nan')):.2f} -> {run}/export")
+        print(
+            f"  {name:13s} step {last['step']}: loss {last['loss']:.4f}, implicit accuracy {last.get('accuracy', float('nan')):.2f} -> {run}/export"
+        )
     return 0
 
 

@@ -1,0 +1,31 @@
+"""tools.bench runs and writes its JSON (a smoke test; the figures themselves live in BENCHMARKS.md)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers.run import ROOT, env
+
+pytestmark = pytest.mark.slow
+
+
+def test_bench_step_and_loader_write_json(shards64, tmp_path):
+    out = tmp_path / "step.json"
+    p = subprocess.run([sys.executable, "-m", "tools.bench", "step", "--width", "0.1", "--latent", "8", "--steps", "1",
+                        "--out", str(out)], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads(out.read_text())["result"]
+    assert (
+        r["adaptive_m3"]["floor_ratio"] == 1.5 and r["dpo"]["step_s"] > 0 and r["usual_way_dpo"]["step_s"] > 0
+    )
+    assert r["ema_update_s"] >= 0 and r["ema_gather_s_per_model"] >= 0
+    out = tmp_path / "loader.json"
+    p = subprocess.run([sys.executable, "-m", "tools.bench", "loader", "--shards", str(shards64), "--batches", "10",
+                        "--micro-batch", "4", "--out", str(out)], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads(out.read_text())["result"]
+    assert r["workers_2"]["pairs_per_s"] > 0 and r["pairs"] == 64

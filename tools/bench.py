@@ -1,0 +1,345 @@
+"""Measure the pipeline on the machine at hand; JSON out, a table printed.
+
+    python -m tools.bench step    [--width 0.25] [--latent 32] [--micro-batch 1] [--precision fp32]
+                                  [--attention sdpa] [--steps 3] [--peak-tflops X] [--grad-ckpt]
+    python -m tools.bench encode  [--model sd15|tiny] [--resolution 512] [--pairs 2]
+    python -m tools.bench loader  --shards DIR [--workers 2] [--micro-batch 4] [--batches 200]
+    python -m tools.bench ema     [--width 0.25] [--decays 2]
+    ... --out bench/NAME.json
+
+``step`` runs the real training step (PreferenceStep + DeepSpeed ZeRO-2 engine + sharded EMA) on a
+randomly initialised SD1.5-shaped UNet (``--width`` scales its channels; 1.0 is the real 860M) with
+synthetic latents, for DPO, Adaptive-DPO with M = 2 and M = 3, and "the usual way" (VAE + text
+encoder inside the step, from pixels, as the public Diffusion-DPO scripts do). Model FLOPs come from
+torch.utils.flop_counter on the UNet forward; backward counts twice the forward. The compute floor of
+a step in UNet-forward units: DPO 3 (policy) + 1 (reference) = 4; each EMA model adds 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from tools.bench_models import clip_l_text, n_params, sd15_unet, sd15_vae
+
+
+def _device(name: str) -> torch.device:
+    return torch.device(
+        "cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name)
+    )
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _timeit(fn, dev, reps: int) -> list[float]:
+    out = []
+    for _ in range(reps):
+        _sync(dev)
+        t = time.perf_counter()
+        fn()
+        _sync(dev)
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def _peak_mem(dev) -> float | None:
+    return torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
+
+
+def unet_forward_flops(unet, x, t, text) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        unet(x, t, encoder_hidden_states=text)
+    return fc.get_total_flops()
+
+
+# ---------------------------------------------------------------------------------------------- step
+
+
+def bench_step(a) -> dict:
+    import deepspeed
+
+    from pipeline.engine.dist import init_distributed
+    from pipeline.engine.ds_config import build_ds_config
+    from pipeline.engine.ema import ShardedEMA
+    from pipeline.engine.flat_layout import FlatLayout
+    from pipeline.engine.precision import COMPUTE_DTYPE, apply_attention
+    from pipeline.losses.objectives import build_objective
+    from pipeline.schema.objective import ObjectiveConfig
+    from pipeline.schema.train import TrainConfig, TrainData, TrainOutput
+    from pipeline.step import PreferenceStep
+
+    dev = _device(a.device)
+    dtype = COMPUTE_DTYPE[a.precision]
+    init_distributed("nccl" if dev.type == "cuda" else "gloo")
+    torch.manual_seed(0)
+    B, L = a.micro_batch, a.latent
+    cfg = TrainConfig(data=TrainData(shards="-", micro_batch=B), output=TrainOutput(dir="-"))
+    cfg.train.precision = a.precision
+    unet = sd15_unet(a.width, L)
+    apply_attention(unet, a.attention)
+    if a.grad_ckpt:
+        unet.enable_gradient_checkpointing()
+    state = {k: v.clone() for k, v in unet.state_dict().items()}
+    engine, *_ = deepspeed.initialize(
+        model=unet.to(dev),
+        model_parameters=unet.parameters(),
+        config=build_ds_config(cfg, 1, dev.type == "cuda"),
+    )
+
+    def twin():
+        m = sd15_unet(a.width, L)
+        m.load_state_dict(state)
+        apply_attention(m, a.attention)
+        return m.to(dev, dtype).eval().requires_grad_(False)
+
+    ref = twin()
+    layout = FlatLayout(engine)
+    emas = {}
+    for m in (2, 3):
+        e = ShardedEMA(layout, [0.9999, 0.5][: m - 1], offload=a.offload, device=dev)
+        e.attach_module(twin(), dtype)
+        emas[m] = e
+    from diffusers import DDPMScheduler
+
+    sched = DDPMScheduler(
+        num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012
+    )
+    batch = {"latents": torch.randn(2 * B, 4, L, L), "text": torch.randn(B, 77, 768)}
+    x = torch.randn(2 * B, 4, L, L, device=dev, dtype=dtype)
+    fwd = unet_forward_flops(
+        ref, x, torch.full((2 * B,), 500, device=dev), torch.randn(2 * B, 77, 768, device=dev, dtype=dtype)
+    )
+
+    def runner(obj_name: str, m: int | None):
+        obj = build_objective(ObjectiveConfig(name=obj_name))
+        step = PreferenceStep(obj, sched, "epsilon", dtype, dev, 0, 0)
+        ema = emas.get(m)
+        ms = [0]
+
+        def one():
+            loss, _ = step(engine, ref, ema, batch, ms[0], metric_active=True)
+            engine.backward(loss)
+            engine.step()
+            if ema is not None:
+                ema.update()
+            ms[0] += 1
+
+        return one
+
+    results = {}
+    units = {"dpo": 4, "adaptive_m2": 5, "adaptive_m3": 6}
+    for name, (obj, m) in {
+        "dpo": ("dpo", None),
+        "adaptive_m2": ("adaptive_dpo", 2),
+        "adaptive_m3": ("adaptive_dpo", 3),
+    }.items():
+        fn = runner(obj, m)
+        fn()  # warm-up
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        ts = _timeit(fn, dev, a.steps)
+        t = statistics.median(ts)
+        flops = units[name] * fwd
+        results[name] = {
+            "step_s": t,
+            "pairs_per_s": B / t,
+            "model_tflop_per_step": flops / 1e12,
+            "achieved_tflops": flops / t / 1e12,
+            "mfu": (flops / t / 1e12 / a.peak_tflops) if a.peak_tflops else None,
+            "peak_mem_gb": _peak_mem(dev),
+            "floor_units": units[name],
+            "all_s": ts,
+        }
+    for name in ("adaptive_m2", "adaptive_m3"):
+        results[name]["ratio_to_dpo"] = results[name]["step_s"] / results["dpo"]["step_s"]
+        results[name]["floor_ratio"] = units[name] / units["dpo"]
+    # EMA costs, measured alone
+    e3 = emas[3]
+    results["ema_update_s"] = statistics.median(_timeit(e3.update, dev, a.steps))
+
+    def gather_both():
+        e3.loaded = None
+        e3.gather(0)
+        e3.loaded = None
+        e3.gather(1)
+
+    results["ema_gather_s_per_model"] = statistics.median(_timeit(gather_both, dev, a.steps)) / 2
+    # the usual way: VAE + text encoder inside the step, from pixels
+    if not a.skip_usual:
+        vae = sd15_vae().to(dev, dtype).eval().requires_grad_(False)
+        te = clip_l_text().to(dev, dtype).eval().requires_grad_(False)
+        pix = torch.randn(2 * B, 3, 8 * L, 8 * L, device=dev, dtype=dtype)
+        ids = torch.randint(0, 49408, (B, 77), device=dev)
+        dpo = runner("dpo", None)
+
+        def usual():
+            with torch.no_grad():
+                lat = vae.encode(pix).latent_dist.sample() * 0.18215
+                txt = te(ids)[0]
+            batch["latents"], batch["text"] = lat.float().cpu(), txt.float().cpu()
+            dpo()
+
+        usual()
+        t = statistics.median(_timeit(usual, dev, a.steps))
+        results["usual_way_dpo"] = {
+            "step_s": t,
+            "pairs_per_s": B / t,
+            "saving_from_precomputed": 1 - results["dpo"]["step_s"] / t,
+        }
+    results["unet_params"] = n_params(ref)
+    results["unet_fwd_tflop_2B"] = fwd / 1e12
+    return results
+
+
+# ---------------------------------------------------------------------------------------------- encode
+
+
+def bench_encode(a) -> dict:
+    import numpy as np
+
+    from pipeline.data.shards import encode_sample
+
+    dev = _device(a.device)
+    dtype = torch.float32
+    torch.manual_seed(0)
+    if a.model == "sd15":
+        vae, te, R = sd15_vae(), clip_l_text(), a.resolution
+    else:
+        from transformers import CLIPTextModel
+
+        from tools.make_tiny_model import _text_config, _vae
+
+        vae, te, R = _vae(), CLIPTextModel(_text_config(1000, False)), 64
+    vae, te = vae.to(dev, dtype).eval(), te.to(dev, dtype).eval()
+    N = a.pairs
+    pix = torch.randn(2 * N, 3, R, R, device=dev, dtype=dtype)
+    ids = torch.randint(0, te.config.vocab_size, (N, 77), device=dev)
+
+    def enc():
+        with torch.no_grad():
+            mean = vae.encode(pix).latent_dist.mean * 0.18215
+            txt = te(ids)[0]
+        return mean, txt
+
+    enc()
+    t = statistics.median(_timeit(enc, dev, a.steps))
+    mean, txt = enc()
+    s = encode_sample("0" * 20, {"lat_w": mean[0].cpu().numpy().astype(np.float16), "lat_l": mean[N].cpu().numpy().astype(np.float16),
+                                 "txt": txt[0].cpu().numpy().astype(np.float16)}, {"caption": "x" * 60, "ranking_id": 1})  # fmt: skip
+    payload = sum(len(v) for k, v in s.items() if k != "__key__")
+    tar_bytes = sum(
+        512 + -(-len(v) // 512) * 512 for k, v in s.items() if k != "__key__"
+    )  # header + padded data
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        vae.encode(pix[:1])
+    vae_flops = fc.get_total_flops()
+    return {
+        "model": a.model,
+        "resolution": R,
+        "pairs_per_call": N,
+        "seconds_per_call": t,
+        "pairs_per_s": N / t,
+        "vae_encoder_tflop_per_image": vae_flops / 1e12,
+        "achieved_tflops": (2 * N * vae_flops) / t / 1e12,
+        "bytes_per_pair_payload": payload,
+        "bytes_per_pair_in_tar": tar_bytes,
+        "vae_params": n_params(vae.encoder) + n_params(vae.quant_conv),
+    }
+
+
+# ---------------------------------------------------------------------------------------------- loader
+
+
+def bench_loader(a) -> dict:
+    from pipeline.data.loader import PairStream, make_loader
+    from pipeline.data.shards import load_manifest
+
+    m = load_manifest(a.shards)
+    paths = [Path(a.shards) / s["name"] for s in m["shards"]]
+    counts = [s["count"] for s in m["shards"]]
+    out = {}
+    for workers in sorted({0, a.workers}):
+        stream = PairStream(paths, counts, m, 0, 1, a.micro_batch, workers, 0, 256)
+        it = iter(make_loader(stream, workers, pin_memory=False))
+        next(it)
+        t = time.perf_counter()
+        for _ in range(a.batches):
+            next(it)
+        dt = time.perf_counter() - t
+        out[f"workers_{workers}"] = {"pairs_per_s": a.batches * a.micro_batch / dt, "batches": a.batches}
+    # resuming deep into an epoch: time to the first batch
+    stream = PairStream(
+        paths, counts, m, 0, 1, a.micro_batch, 0, 0, 256, start=stream.layout.steps_per_epoch - 1
+    )
+    t = time.perf_counter()
+    next(iter(make_loader(stream, 0, False)))
+    out["resume_last_batch_of_epoch_s"] = time.perf_counter() - t
+    out["pairs"] = sum(counts)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("what", choices=["step", "encode", "loader"])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--width", type=float, default=0.25)
+    p.add_argument("--latent", type=int, default=32)
+    p.add_argument("--micro-batch", type=int, default=1)
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--attention", default="sdpa", choices=["sdpa", "xformers"])
+    p.add_argument("--grad-ckpt", action="store_true")
+    p.add_argument("--offload", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--steps", type=int, default=3, help="timed repetitions (median reported)")
+    p.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="device peak for MFU (e.g. 125 for V100 fp16 tensor cores)",
+    )
+    p.add_argument("--skip-usual", action="store_true")
+    p.add_argument("--model", default="sd15", choices=["sd15", "tiny"])
+    p.add_argument("--resolution", type=int, default=512)
+    p.add_argument("--pairs", type=int, default=1)
+    p.add_argument("--shards")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--batches", type=int, default=200)
+    p.add_argument("--out")
+    a = p.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    fn = {"step": bench_step, "encode": bench_encode, "loader": bench_loader}[a.what]
+    res = {
+        "what": a.what,
+        "args": vars(a),
+        "device": torch.cuda.get_device_name()
+        if torch.cuda.is_available()
+        else f"cpu x{torch.get_num_threads()} threads",
+        "torch": torch.__version__,
+        "result": fn(a),
+    }
+    text = json.dumps(res, indent=1, default=float)
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
