@@ -15,4 +15,8 @@ def schema_for(path: str | Path) -> type:
         from pipeline.schema.train import TrainConfig
 
         return TrainConfig
+    if stage == "eval":
+        from pipeline.schema.evaluate import EvalConfig
+
+        return EvalConfig
     raise KeyError(f"{path}: no schema for configs/{stage}/")

@@ -1,0 +1,48 @@
+"""Seeded generation through the diffusers pipeline, and PNG grids."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+
+from pipeline.errors import UserError
+
+
+def read_prompts(path: str, max_prompts: int) -> list[str]:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"generation.prompts={path}: no such file")
+    prompts = [line.strip() for line in p.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise UserError(f"generation.prompts={path}: no prompts (one per line)")
+    return prompts[:max_prompts]
+
+
+@torch.no_grad()
+def generate(pipe, prompts: list[str], seed: int, steps: int, guidance: float, resolution: int | None, batch_size: int) -> list[Image.Image]:
+    """Image i uses a generator seeded with seed + i, the same for every model evaluated."""
+    device = pipe.unet.device
+    size = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    images = []
+    for b in range(0, len(prompts), batch_size):
+        chunk = prompts[b : b + batch_size]
+        gens = [torch.Generator(device=device).manual_seed(seed + b + i) for i in range(len(chunk))]
+        out = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance, height=size, width=size, generator=gens)
+        images += out.images
+    return images
+
+
+def grid(rows: list[list[Image.Image]], labels: list[str] | None = None, pad: int = 2, label_w: int = 110) -> Image.Image:
+    """rows of equally sized images -> one PNG-able image, with an optional label per row."""
+    w, h = rows[0][0].size
+    lw = label_w if labels else 0
+    canvas = Image.new("RGB", (lw + len(rows[0]) * (w + pad), len(rows) * (h + pad)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for r, row in enumerate(rows):
+        if labels:
+            draw.text((4, r * (h + pad) + h // 2 - 6), labels[r][:18], fill="black")
+        for c, img in enumerate(row):
+            canvas.paste(img, (lw + c * (w + pad), r * (h + pad)))
+    return canvas

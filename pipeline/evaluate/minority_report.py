@@ -1,0 +1,115 @@
+"""Minority detection from a run's per-pair records: does the minority score u rank the flipped pairs
+high (the paper's Figure 3), and which annotators does it single out (per-annotator audit)?"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.metrics_log import read_pair_records
+from pipeline.minority import auroc, flipped_share_by_bin
+
+
+def latest_per_pair(table, last_epochs: int = 1) -> dict[str, np.ndarray]:
+    """Each pair's most recent record (within the last ``last_epochs`` passes over it)."""
+    cols = {c: np.asarray(table[c].to_pylist(), dtype=object) for c in table.column_names}
+    steps = cols["step"].astype(int)
+    keys = cols["key"]
+    order = np.argsort(steps, kind="stable")
+    seen: dict[str, list[int]] = {}
+    for i in order:
+        seen.setdefault(keys[i], []).append(int(i))
+    pick = [idx[-1] for idx in seen.values()]
+    if last_epochs > 1:
+        pick = [j for idx in seen.values() for j in idx[-last_epochs:]]
+    out = {}
+    for c, v in cols.items():
+        arr = v[pick]
+        out[c] = arr.astype(float) if c not in ("key",) else arr
+    out["flipped"] = out["flipped"].astype(bool)
+    return out
+
+
+def per_annotator(rec: dict[str, np.ndarray], high_q: float, min_pairs: int) -> list[dict]:
+    score = rec["u"] if "u" in rec and np.isfinite(rec["u"]).any() else -rec["h"]
+    thr = float(np.nanquantile(score, high_q))
+    users = rec["user_id"].astype(int)
+    rows = []
+    for u in np.unique(users):
+        m = users == u
+        s = score[m]
+        rows.append(
+            {
+                "user_id": int(u),
+                "pairs": int(m.sum()),
+                "mean_score": float(np.nanmean(s)),
+                "high_share": float(np.mean(s > thr)),
+                "policy_disagrees": float(np.mean(rec["h"][m] < 0)),  # the model prefers the other image
+                "flipped_share": float(rec["flipped"][m].mean()),
+            }
+        )
+    rows.sort(key=lambda r: (r["pairs"] < min_pairs, -r["high_share"], -r["mean_score"]))
+    return rows
+
+
+def run_report(run_dir: str | Path, out: Path, name: str, bins: int, high_q: float, min_pairs: int, last_epochs: int) -> dict:
+    table = read_pair_records(run_dir)
+    if table is None:
+        return {"run": str(run_dir), "note": "no per-pair records (output.pair_records=false?)"}
+    rec = latest_per_pair(table, last_epochs)
+    has_u = "u" in rec and np.isfinite(rec["u"]).any()
+    flipped = rec["flipped"]
+    res: dict = {"run": str(run_dir), "pairs": int(len(flipped)), "flipped": int(flipped.sum()), "score": "u" if has_u else "-h"}
+    if has_u:
+        ok = np.isfinite(rec["u"])
+        res["auroc_u"] = auroc(rec["u"][ok], flipped[ok])
+        res["flipped_share_by_u_bin"] = flipped_share_by_bin(rec["u"][ok], flipped[ok], bins)
+        res["mean_W_flipped"] = float(np.nanmean(rec["W"][flipped])) if flipped.any() else math.nan
+        res["mean_W_clean"] = float(np.nanmean(rec["W"][~flipped]))
+    res["auroc_neg_h"] = auroc(-rec["h"], flipped)
+    users = per_annotator(rec, high_q, min_pairs)
+    res["annotators"] = users
+    flipped_users = np.array([u["flipped_share"] > 0.5 for u in users])
+    if flipped_users.any() and (~flipped_users).any():
+        res["auroc_annotators"] = auroc([u["mean_score"] for u in users], flipped_users)
+    res["plot"] = str(_plot(rec, res, out / f"minority_{name}.png", name, bins) or "")
+    return res
+
+
+def _plot(rec, res, path: Path, name: str, bins: int) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    score = rec["u"] if res["score"] == "u" else -rec["h"]
+    ok = np.isfinite(score)
+    fl = rec["flipped"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4))
+    if fl.any():
+        shares = flipped_share_by_bin(score[ok], fl[ok], bins)
+        a.bar(range(len(shares)), [x["flipped_share"] for x in shares], color="tab:red")
+        a.axhline(fl.mean(), color="gray", ls="--", lw=0.8, label=f"overall {fl.mean():.2f}")
+        a.set_xlabel(f"{res['score']} bin (equal counts, low -> high)")
+        a.set_ylabel("flipped share")
+        a.legend(fontsize=8)
+        key = "auroc_u" if res["score"] == "u" else "auroc_neg_h"
+        a.set_title(f"{name}: flipped share per {res['score']} bin (AUROC {res[key]:.3f})", fontsize=9)
+    # u spans orders of magnitude: show log10(u); -h is shown as is
+    x, xlabel = (np.log10(np.maximum(score, 1e-12)), "log10 u") if res["score"] == "u" else (score, "-h")
+    edges = np.histogram_bin_edges(x[ok], bins=40)
+    if fl.any():
+        b.hist(x[ok & ~fl], bins=edges, alpha=0.6, label="clean", density=True)
+        b.hist(x[ok & fl], bins=edges, alpha=0.6, label="flipped", density=True)
+        b.legend(fontsize=8)
+    else:
+        a.text(0.5, 0.5, "no flipped labels in this run", ha="center")
+        b.hist(x[ok], bins=edges)
+    b.set_xlabel(xlabel)
+    b.set_title(f"distribution of {res['score']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,167 @@
+"""Stage evaluate: preference accuracy, generation, reward scores and the minority report.
+
+    python -m stages.evaluate --config configs/eval/default.yaml output=/reports/a1 \
+        models.unets.dpo=/runs/dpo models.unets.adaptive=/runs/adaptive \
+        preference.shards=/shards/sd15_heldout generation.prompts=prompts/pickapic_test.txt \
+        scorers.pickscore=/weights/PickScore_v1
+
+Writes report.json, report.md (the paper's Table 3 layout: mean ± standard error per metric per
+model), PNG plots, image grids, and per run with flipped labels the minority-detection report.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline import cli
+from pipeline.config import to_dict, write_resolved
+from pipeline.data.flips import flipped_mask, unit_key
+from pipeline.data.shards import load_manifest
+from pipeline.errors import UserError
+from pipeline.evaluate import models as evmodels
+from pipeline.evaluate.generate import generate, grid, read_prompts
+from pipeline.evaluate.minority_report import run_report
+from pipeline.evaluate.preference import implicit_margins, iter_pairs
+from pipeline.evaluate.report import bar_plot, markdown_table, mean_sem
+from pipeline.evaluate.scorers import build_scorers
+from pipeline.models import DTYPES, FAMILIES, inspect_model, load_scheduler, load_unet, pick_device
+from pipeline.schema.evaluate import EvalConfig
+
+log = logging.getLogger("stages.evaluate")
+
+
+def _correct(margin: np.ndarray, agrees: np.ndarray) -> np.ndarray:
+    """Per pair: 1 if the margin prefers the winner of a label that agrees (agrees=1) / disagrees
+    (agrees=0) with it, 0.5 on a tie; NaN where ``agrees`` is unknown."""
+    right = (margin > 0) + 0.5 * (margin == 0)
+    return np.where(np.isnan(agrees), np.nan, np.where(agrees > 0.5, right, 1.0 - right))
+
+
+def preference_section(cfg: EvalConfig, specs, info, device, dtype, rows: dict, report: dict) -> None:
+    p = cfg.preference
+    manifest = load_manifest(p.shards)
+    if manifest["model"]["config_hash"] != info.config_hash:
+        raise UserError(f"preference.shards={p.shards} were encoded with another model than {info.path}")
+    samples = list(iter_pairs(p.shards, p.max_pairs))
+    truth = np.array(
+        [np.nan if s["meta"].get("extra", {}).get("true_label_0") is None
+         else float((s["meta"]["winner"] == 0) == (s["meta"]["extra"]["true_label_0"] == 1.0)) for s in samples]
+    )  # fmt: skip
+    ref = load_unet(info.path, dtype).to(device).eval()
+    sched = load_scheduler(info)
+    sec = {"pairs": len(samples), "draws": p.draws, "models": {}}
+    for spec in specs:
+        unet = evmodels.load(spec, info, dtype).to(device).eval()
+        h = implicit_margins({spec.name: unet}, ref, samples, manifest, sched, info.prediction_type, device, dtype, p.draws, p.batch_size, p.seed)[spec.name]
+        labels = _correct(h, np.ones_like(h))
+        entry = {"accuracy_labels": mean_sem(labels), "mean_h": float(h.mean())}
+        rows[spec.name]["accuracy_labels"] = entry["accuracy_labels"]
+        if np.isfinite(truth).any():
+            entry["accuracy_true"] = mean_sem(_correct(h, truth))
+            rows[spec.name]["accuracy_true"] = entry["accuracy_true"]
+        d = (spec.run_config or {}).get("data", {})
+        if d.get("flip_rate", 0) > 0:  # the labels this run trained on
+            units = [unit_key(s["__key__"], s["meta"], d.get("flip_by", "pair")) for s in samples]
+            fl = flipped_mask(units, d.get("flip_seed", 0), d["flip_rate"])
+            entry["accuracy_flipped_view"] = mean_sem(_correct(h, (~fl).astype(float)))
+            entry["flipped_share"] = float(fl.mean())
+            rows[spec.name]["accuracy_flipped_view"] = entry["accuracy_flipped_view"]
+        sec["models"][spec.name] = entry
+        del unet
+    report["preference"] = sec
+
+
+def generation_section(cfg: EvalConfig, specs, info, device, dtype, rows: dict, report: dict, out: Path) -> None:
+    import diffusers
+
+    g = cfg.generation
+    prompts = read_prompts(g.prompts, g.max_prompts)
+    scorers, notes = build_scorers(cfg.scorers, device, dtype)
+    pipe = getattr(diffusers, info.family.pipeline_class).from_pretrained(info.path, torch_dtype=dtype).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    base_unet = pipe.unet
+    sec = {"prompts": len(prompts), "scorer_notes": notes, "models": {}}
+    grids = []
+    for spec in [evmodels.UNetSpec("base", "unet", Path(info.path) / "unet")] + list(specs):
+        pipe.unet = base_unet if spec.name == "base" else evmodels.load(spec, info, dtype).to(device).eval()
+        images = generate(pipe, prompts, g.seed, g.steps, g.guidance, g.resolution, g.batch_size)
+        folder = out / "images" / spec.name.replace(":", "_")
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, img in enumerate(images):
+            img.save(folder / f"{i:05d}.png")
+        grids.append(images[: g.grid_prompts])
+        entry = {}
+        for sc in scorers:
+            vals = np.concatenate([sc.score(images[b : b + 16], prompts[b : b + 16]) for b in range(0, len(images), 16)])
+            entry[sc.name] = mean_sem(vals)
+            rows.setdefault(spec.name, {})[sc.name] = entry[sc.name]
+        sec["models"][spec.name] = entry
+    names = ["base"] + [s.name for s in specs]
+    grid(grids, names).save(out / "grid.png")
+    sec["grid"] = str(out / "grid.png")
+    report["generation"] = sec
+
+
+def main(cfg: EvalConfig) -> int:
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    specs = [s for name, path in cfg.models.unets.items() for s in evmodels.resolve(name, path, cfg.models.include_ema)]
+    base = cfg.models.base
+    if base is None and cfg.preference.shards:
+        base = load_manifest(cfg.preference.shards)["model"]["path"]
+    if base is None:
+        base = next((s.run_config["model"].get("path") for s in specs if s.run_config and s.run_config["model"].get("path")), None)
+    if base is None and (cfg.preference.shards or cfg.generation.prompts):
+        raise UserError("models.base: give the starting model folder (or preference.shards, whose manifest names it)")
+    write_resolved(cfg, out / "config.yaml")
+    report: dict = {"config": to_dict(cfg), "models": {s.name: {"kind": s.kind, "path": str(s.path)} for s in specs}}
+    rows: dict[str, dict] = {s.name: {} for s in specs}
+    device = pick_device(cfg.device)
+    dtype = DTYPES[cfg.dtype]
+    if base is not None:
+        info = inspect_model(base)
+        assert info.family.pipeline_class in FAMILIES
+        if cfg.preference.shards:
+            preference_section(cfg, specs, info, device, dtype, rows, report)
+        if cfg.generation.prompts:
+            rows = {"base": {}, **rows}
+            generation_section(cfg, specs, info, device, dtype, rows, report, out)
+    m = cfg.minority
+    report["minority"] = {name: run_report(path, out, name, m.bins, m.high_u_quantile, m.min_user_pairs, m.last_epochs) for name, path in m.runs.items()}
+    metrics = ["accuracy_true", "accuracy_labels", "accuracy_flipped_view", "pickscore", "hpsv2", "aesthetic", "imagereward"]
+    metrics = [k for k in metrics if any(k in r for r in rows.values())]
+    report["table"] = rows
+    md = ["# Evaluation report\n"]
+    if metrics:
+        md.append(markdown_table(rows, metrics))
+        plot = bar_plot(rows, metrics, out / "metrics.png", "mean ± s.e. per model")
+        report["plot"] = str(plot) if plot else None
+    for name, r in report["minority"].items():
+        if "auroc_neg_h" in r:
+            line = f"\nminority ({name}): {r['pairs']} pairs, {r['flipped']} flipped; AUROC of -h {r['auroc_neg_h']:.3f}"
+            if "auroc_u" in r:
+                line += f", AUROC of u {r['auroc_u']:.3f}, mean W flipped {r['mean_W_flipped']:.3f} vs clean {r['mean_W_clean']:.3f}"
+            if "auroc_annotators" in r:
+                line += f", AUROC over annotators {r['auroc_annotators']:.3f}"
+            md.append(line + f" ({r['plot']})\n")
+    for note in report.get("generation", {}).get("scorer_notes", []):
+        md.append(f"\n- {note}")
+    (out / "report.md").write_text("".join(md) + "\n")
+    (out / "report.json").write_text(json.dumps(report, indent=1, default=float) + "\n")
+    print((out / "report.md").read_text())
+    print(f"report: {out / 'report.md'}, {out / 'report.json'}" + (f", {out / 'metrics.png'}" if metrics else ""))
+    return 0
+
+
+def cli_main(argv: list[str] | None = None) -> int:
+    return cli.run("stages.evaluate", EvalConfig, main, argv, __doc__.split("\n\n")[0])
+
+
+if __name__ == "__main__":
+    sys.exit(cli_main())
