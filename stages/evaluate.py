@@ -17,7 +17,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from pipeline import cli
 from pipeline.config import to_dict, write_resolved

@@ -15,9 +15,10 @@ import typing
 
 from pipeline.config import _type_name
 from pipeline.schema.encode import EncodeConfig
+from pipeline.schema.evaluate import EvalConfig
 from pipeline.schema.train import TrainConfig
 
-STAGES = {"encode": EncodeConfig, "train": TrainConfig}
+STAGES = {"encode": EncodeConfig, "train": TrainConfig, "evaluate": EvalConfig}
 
 
 def _comments(cls) -> dict[str, str]:

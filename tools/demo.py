@@ -1,20 +1,19 @@
-"""The embedded default, end to end on a CPU: tiny model + toy Pick-a-Pic data -> shards -> training.
+"""The embedded default, end to end on a CPU: tiny model + toy Pick-a-Pic data with 20 % flipped
+labels -> shards -> DPO and Adaptive-DPO (DeepSpeed ZeRO-2 on the CPU) -> evaluation report.
 
-    python -m tools.demo [--out demo] [--pairs 400] [--steps 20]
+    python -m tools.demo [--out demo] [--pairs 800] [--steps 150]
 
-Every step is one of the project's own commands; the demo only chains them, so what it prints is
-what a user would see running them by hand. Re-running it reuses what is already there.
+Every step is one of the project's own commands, printed before it runs; the demo only chains them.
+Re-running it reuses what is already there (finished shards and runs are skipped).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 from pathlib import Path
 
-from stages import encode
 from tools import make_pickapic, make_tiny_model
 
 
@@ -26,53 +25,32 @@ def _run(cmd: list[str]) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="demo")
-    p.add_argument("--pairs", type=int, default=400)
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--pairs", type=int, default=800)
+    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--flip-rate", type=float, default=0.2)
     a = p.parse_args(argv)
     out = Path(a.out)
-    model, data, shards = out / "models" / "sd15", out / "pickapic", out / "shards"
+    py = sys.executable
+    model = out / "models" / "sd15"
     if not (model / "model_index.json").is_file():
         make_tiny_model.main(["--family", "sd15", "--out", str(model), "--seed", "0"])
-    if not data.is_dir():
-        make_pickapic.main(
-            [
-                "--out",
-                str(data),
-                "--pairs",
-                str(a.pairs),
-                "--seed",
-                "0",
-                "--corrupt",
-                "1",
-                "--null-caption",
-                "1",
-            ]
-        )
-    rc = encode.cli_main(
-        [
-            "--config",
-            "configs/encode/tiny.yaml",
-            f"model.path={model}",
-            f"data.source={data}",
-            f"output.dir={shards}",
-        ]
-    )
-    if rc:
-        return rc
-    m = json.loads((shards / "manifest.json").read_text())
-    print(f"\ndemo: {m['counts']['pairs']} pairs in {len(m['shards'])} shards under {shards}")
+    for name, n, seed, bad in (("train", a.pairs, 0, ["--corrupt", "1", "--null-caption", "1"]), ("heldout", 200, 1, [])):
+        if not (out / "pickapic" / name).is_dir():
+            make_pickapic.main(["--out", str(out / "pickapic" / name), "--pairs", str(n), "--seed", str(seed), *bad])
+        _run([py, "-m", "stages.encode", "--config", "configs/encode/tiny.yaml", f"model.path={model}",
+              f"data.source={out / 'pickapic' / name}", f"output.dir={out / 'shards' / name}"])  # fmt: skip
     runs = {}
     for name in ("dpo", "adaptive_dpo"):
         run = out / "runs" / name
-        _run([sys.executable, "-m", "stages.train", "--config", f"configs/train/tiny_{name}.yaml", f"data.shards={shards}",
-              f"output.dir={run}", f"train.max_steps={a.steps}", "data.flip_rate=0.2"])  # fmt: skip
+        _run([py, "-m", "stages.train", "--config", f"configs/train/tiny_{name}.yaml", f"data.shards={out / 'shards' / 'train'}",
+              f"output.dir={run}", f"train.max_steps={a.steps}", "data.micro_batch=8", f"data.flip_rate={a.flip_rate}",
+              f"checkpoint.every={a.steps}"])  # fmt: skip
         runs[name] = run
-    print("\ndemo summary")
-    for name, run in runs.items():
-        last = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()][-1]
-        print(
-            f"  {name:13s} step {last['step']}: loss {last['loss']:.4f}, implicit accuracy {last.get('accuracy', float('nan')):.2f} -> {run}/export"
-        )
+    report = out / "report"
+    _run([py, "-m", "stages.evaluate", "--config", "configs/eval/tiny.yaml", f"output={report}",
+          *[f"models.unets.{k}={v}" for k, v in runs.items()], f"preference.shards={out / 'shards' / 'heldout'}",
+          "generation.prompts=prompts/toy.txt", *[f"minority.runs.{k}={v}" for k, v in runs.items()]])  # fmt: skip
+    print(f"\ndemo done: report {report / 'report.md'}, plots {report}/*.png, images {report / 'images'}, runs {out / 'runs'}")
     return 0
 
 

@@ -48,8 +48,16 @@ def _bert_vocab(path: Path) -> None:
 
 
 def make_tiny_scorers(out: str | Path, seed: int = 0) -> Path:
-    from transformers import (BertTokenizer, BlipConfig, BlipForImageTextRetrieval, BlipImageProcessor, BlipProcessor,
-                              CLIPTokenizer, CLIPVisionConfig, CLIPVisionModelWithProjection)  # fmt: skip
+    from transformers import (
+        BertTokenizer,
+        BlipConfig,
+        BlipForImageTextRetrieval,
+        BlipImageProcessor,
+        BlipProcessor,
+        CLIPTokenizer,  # fmt: skip
+        CLIPVisionConfig,
+        CLIPVisionModelWithProjection,
+    )
 
     out = Path(out)
     torch.manual_seed(seed)

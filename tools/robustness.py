@@ -82,8 +82,8 @@ def train_one(args, shards: Path, obj: str, rate: float, seed: int, extra: list[
 
 def evaluate(args, model: Path, heldout: Path, names: list[str]) -> dict[str, dict]:
     from pipeline.data.shards import load_manifest
-    from pipeline.evaluate.preference import accuracy, implicit_margins, iter_pairs
     from pipeline.evaluate.minority_report import latest_per_pair
+    from pipeline.evaluate.preference import accuracy, implicit_margins, iter_pairs
     from pipeline.metrics_log import read_pair_records
     from pipeline.minority import auroc
     from pipeline.models import inspect_model, load_scheduler, load_unet

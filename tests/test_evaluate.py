@@ -1,0 +1,235 @@
+"""The evaluate stage on tiny models: preference accuracy against a direct computation, seeded
+generation, each scorer on a tiny stand-in, the minority and per-annotator report, the HPSv2
+converter, and the robustness benchmark end to end at smoke size."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pipeline.evaluate.minority_report import run_report
+from pipeline.minority import auroc
+from stages.evaluate import cli_main
+from tests.helpers.run import ROOT, env
+
+
+@pytest.fixture(scope="module")
+def perturbed_unet(tiny_sd15, tmp_path_factory):
+    """A "trained" UNet: the tiny one with every weight nudged (a seeded perturbation)."""
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd15, subfolder="unet")
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=g))
+    out = tmp_path_factory.mktemp("perturbed") / "unet"
+    unet.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def scorers_dir(tmp_path_factory):
+    from tools.make_tiny_scorers import make_tiny_scorers
+
+    return make_tiny_scorers(tmp_path_factory.mktemp("scorers"))
+
+
+def _direct_margins(model_dir, base_dir, shards, draws, seed, batch_size):
+    """h = d_ref - d_model per pair, averaged over draws, written out independently of the library:
+    z_t = sqrt(abar) z + sqrt(1 - abar) eps with the scheduler's abar, eps-prediction MSE per image."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    from pipeline.data.shards import decode_sample, iter_tar_samples, load_manifest
+    from pipeline.step import step_seed
+
+    m = load_manifest(shards)
+    samples = [decode_sample(r) for s in m["shards"] for r in iter_tar_samples(shards / s["name"])]
+    pol = UNet2DConditionModel.from_pretrained(model_dir).eval()
+    ref = UNet2DConditionModel.from_pretrained(base_dir, subfolder="unet").eval()
+    abar = DDPMScheduler.from_pretrained(base_dir, subfolder="scheduler").alphas_cumprod
+    out = []
+    for bi in range(0, len(samples), batch_size):
+        chunk = samples[bi : bi + batch_size]
+        n = len(chunk)
+        z = torch.from_numpy(np.stack([s["lat_w"] for s in chunk] + [s["lat_l"] for s in chunk])).float()
+        txt = torch.from_numpy(np.stack([s["txt"] for s in chunk])).float().repeat(2, 1, 1)
+        acc = torch.zeros(n)
+        for d in range(draws):
+            g = torch.Generator().manual_seed(step_seed(seed, 0, bi * draws + d))
+            eps = torch.randn((n, *z.shape[1:]), generator=g).repeat(2, 1, 1, 1)
+            t = torch.randint(0, 1000, (n,), generator=g).repeat(2)
+            a = abar[t].view(-1, 1, 1, 1)
+            zt = a.sqrt() * z + (1 - a).sqrt() * eps
+            with torch.no_grad():
+                e_ref = (ref(zt, t, encoder_hidden_states=txt).sample - eps).pow(2).mean(dim=(1, 2, 3))
+                e_pol = (pol(zt, t, encoder_hidden_states=txt).sample - eps).pow(2).mean(dim=(1, 2, 3))
+            acc += (e_ref[:n] - e_ref[n:]) - (e_pol[:n] - e_pol[n:])
+        out.append(acc / draws)
+    return torch.cat(out).numpy()
+
+
+def test_preference_accuracy_equals_a_direct_computation(tiny_sd15, shards16, perturbed_unet, tmp_path):
+    out = tmp_path / "report"
+    rc = cli_main(["--config", "configs/eval/tiny.yaml", f"output={out}", f"models.unets.p={perturbed_unet}",
+                   f"preference.shards={shards16}", "preference.draws=3", "preference.batch_size=5"])  # fmt: skip
+    assert rc == 0
+    rep = json.loads((out / "report.json").read_text())["preference"]["models"]["p"]
+    h = _direct_margins(perturbed_unet, tiny_sd15, shards16, draws=3, seed=1234, batch_size=5)
+    direct = float(np.mean((h > 0) + 0.5 * (h == 0)))
+    assert rep["accuracy_labels"]["mean"] == pytest.approx(direct, abs=1e-12)
+    assert rep["mean_h"] == pytest.approx(float(h.mean()), rel=1e-4, abs=1e-9)
+    assert rep["accuracy_labels"]["n"] == 16
+    # the toy world's labels agree with the truth, so both accuracies coincide
+    assert rep["accuracy_true"]["mean"] == rep["accuracy_labels"]["mean"]
+    assert "| p |" in (out / "report.md").read_text() and (out / "metrics.png").is_file()
+
+
+def test_generation_is_seeded_and_reproducible(tiny_sd15, perturbed_unet, tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red cat\na blue house\n\na green tree\n")
+    args = ["--config", "configs/eval/tiny.yaml", f"models.base={tiny_sd15}", f"models.unets.p={perturbed_unet}",
+            f"generation.prompts={prompts}", "generation.steps=2"]  # fmt: skip
+    assert cli_main([*args, f"output={tmp_path / 'a'}"]) == 0
+    assert cli_main([*args, f"output={tmp_path / 'b'}"]) == 0
+    assert cli_main([*args, f"output={tmp_path / 'c'}", "generation.seed=7"]) == 0
+    a = sorted((tmp_path / "a" / "images").rglob("*.png"))
+    assert len(a) == 6  # 3 prompts (blank lines skipped) x (base + p)
+    for f in a:
+        rel = f.relative_to(tmp_path / "a")
+        assert f.read_bytes() == (tmp_path / "b" / rel).read_bytes()
+    assert any(f.read_bytes() != (tmp_path / "c" / f.relative_to(tmp_path / "a")).read_bytes() for f in a)
+    assert (tmp_path / "a" / "grid.png").is_file()
+    # base and the perturbed model differ on the same seed
+    assert (tmp_path / "a/images/base/00000.png").read_bytes() != (tmp_path / "a/images/p/00000.png").read_bytes()
+
+
+def test_each_scorer_runs_on_a_tiny_stand_in(scorers_dir, tiny_sd15, perturbed_unet, tmp_path):
+    from PIL import Image
+    from transformers import AutoProcessor, CLIPModel
+
+    from pipeline.evaluate.scorers import build_scorers
+    from pipeline.schema.evaluate import EvalScorers
+
+    cfg = EvalScorers(**{k: str(scorers_dir / k) for k in ("pickscore", "hpsv2", "aesthetic", "imagereward")})
+    scorers, notes = build_scorers(cfg, torch.device("cpu"), torch.float32)
+    assert [s.name for s in scorers] == ["pickscore", "hpsv2", "aesthetic", "imagereward"] and notes == []
+    rng = np.random.default_rng(0)
+    imgs = [Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)) for _ in range(3)]
+    prompts = ["a red cat", "a blue house", "a tiny green robot"]
+    for s in scorers:
+        v = s.score(imgs, prompts)
+        assert v.shape == (3,) and np.isfinite(v).all(), s.name
+    # PickScore by hand: logit_scale.exp() * cos(image, text) with the same CLIP
+    m = CLIPModel.from_pretrained(scorers_dir / "pickscore").eval()
+    proc = AutoProcessor.from_pretrained(scorers_dir / "pickscore")
+    with torch.no_grad():
+        px = proc(images=imgs, return_tensors="pt")["pixel_values"]
+        tx = proc(text=prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+        i = m.vision_model(pixel_values=px).pooler_output @ m.visual_projection.weight.T
+        t = m.text_model(input_ids=tx["input_ids"], attention_mask=tx["attention_mask"]).pooler_output @ m.text_projection.weight.T
+        want = m.logit_scale.exp() * torch.nn.functional.cosine_similarity(i, t)
+    np.testing.assert_allclose(scorers[0].score(imgs, prompts), want.numpy(), rtol=1e-5, atol=1e-5)
+    # through the stage: a scorer without a path is skipped with a note, never faked
+    prompts_file = tmp_path / "p.txt"
+    prompts_file.write_text("a red cat\na blue house\n")
+    out = tmp_path / "r"
+    assert cli_main(["--config", "configs/eval/tiny.yaml", f"output={out}", f"models.base={tiny_sd15}", f"models.unets.p={perturbed_unet}",
+                     f"generation.prompts={prompts_file}", "generation.steps=2", f"scorers.pickscore={scorers_dir / 'pickscore'}"]) == 0  # fmt: skip
+    md = (out / "report.md").read_text()
+    assert "pickscore" in md and "hpsv2: skipped (scorers.hpsv2 not given)" in md
+    gen = json.loads((out / "report.json").read_text())["generation"]["models"]
+    assert set(gen) == {"base", "p"} and gen["p"]["pickscore"]["n"] == 2
+
+
+def test_minority_report_ranks_flipped_pairs_and_annotators(tmp_path):
+    """Synthetic records: users 0-2 had every label flipped, u is higher on flipped pairs (with noise)."""
+    rng = np.random.default_rng(0)
+    n = 600
+    users = rng.integers(0, 12, n)
+    flipped = users < 3
+    u = np.abs(rng.normal(0, 1, n)) + 1.5 * flipped
+    h = rng.normal(0, 1, n) - 1.0 * flipped
+    keys = [f"k{i}" for i in range(n)]
+    run = tmp_path / "run"
+    (run / "pairs" / "rank_00000").mkdir(parents=True)
+    # an earlier epoch's records of the same pairs, with meaningless u: the report must use the latest
+    early = pa.table({"step": [1] * n, "key": keys, "user_id": users.tolist(), "flipped": flipped.tolist(),
+                      "true_agrees": [1.0] * n, "h": rng.normal(0, 1, n).tolist(), "u": rng.random(n).tolist(), "W": [1.0] * n})  # fmt: skip
+    late = pa.table({"step": [9] * n, "key": keys, "user_id": users.tolist(), "flipped": flipped.tolist(),
+                     "true_agrees": [1.0] * n, "h": h.tolist(), "u": u.tolist(), "W": (1 / (1 + u)).tolist()})  # fmt: skip
+    pq.write_table(early, run / "pairs" / "rank_00000" / "upto_00000005.parquet")
+    pq.write_table(late, run / "pairs" / "rank_00000" / "upto_00000010.parquet")
+    r = run_report(run, tmp_path, "synthetic", bins=5, high_q=0.8, min_pairs=5, last_epochs=1)
+    assert r["pairs"] == n and r["flipped"] == int(flipped.sum())
+    assert r["auroc_u"] == pytest.approx(auroc(u, flipped))
+    assert r["auroc_neg_h"] == pytest.approx(auroc(-h, flipped))
+    shares = [b["flipped_share"] for b in r["flipped_share_by_u_bin"]]
+    assert shares[-1] > shares[0] and shares[-1] > 0.5
+    assert {a["user_id"] for a in r["annotators"][:3]} == {0, 1, 2}
+    assert r["auroc_annotators"] == 1.0
+    assert r["mean_W_flipped"] < r["mean_W_clean"]
+    assert (tmp_path / "minority_synthetic.png").is_file()
+
+
+def test_hpsv2_converter_round_trips_an_open_clip_state_dict(scorers_dir, tmp_path):
+    """A tiny CLIPModel written in open_clip's layout (fused qkv, transposed projections) converts
+    back to the same model: identical image and text features."""
+    from transformers import CLIPModel
+
+    from tools.convert_openclip import convert
+
+    hf = CLIPModel.from_pretrained(scorers_dir / "hpsv2").eval()
+    s = hf.state_dict()
+    oc = {
+        "visual.conv1.weight": s["vision_model.embeddings.patch_embedding.weight"],
+        "visual.class_embedding": s["vision_model.embeddings.class_embedding"],
+        "visual.positional_embedding": s["vision_model.embeddings.position_embedding.weight"],
+        "visual.ln_pre.weight": s["vision_model.pre_layrnorm.weight"], "visual.ln_pre.bias": s["vision_model.pre_layrnorm.bias"],
+        "visual.ln_post.weight": s["vision_model.post_layernorm.weight"], "visual.ln_post.bias": s["vision_model.post_layernorm.bias"],
+        "visual.proj": s["visual_projection.weight"].t(),
+        "token_embedding.weight": s["text_model.embeddings.token_embedding.weight"],
+        "positional_embedding": s["text_model.embeddings.position_embedding.weight"],
+        "ln_final.weight": s["text_model.final_layer_norm.weight"], "ln_final.bias": s["text_model.final_layer_norm.bias"],
+        "text_projection": s["text_projection.weight"].t(), "logit_scale": s["logit_scale"],
+    }  # fmt: skip
+    for tower, src in (("visual.transformer.resblocks.", "vision_model.encoder.layers."), ("transformer.resblocks.", "text_model.encoder.layers.")):
+        for i in range(2):
+            a, b = f"{src}{i}.", f"{tower}{i}."
+            oc[b + "attn.in_proj_weight"] = torch.cat([s[a + f"self_attn.{x}_proj.weight"] for x in "qkv"])
+            oc[b + "attn.in_proj_bias"] = torch.cat([s[a + f"self_attn.{x}_proj.bias"] for x in "qkv"])
+            for x, y in {"attn.out_proj": "self_attn.out_proj", "ln_1": "layer_norm1", "ln_2": "layer_norm2", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}.items():
+                oc[b + x + ".weight"], oc[b + x + ".bias"] = s[a + y + ".weight"], s[a + y + ".bias"]
+    torch.save({"state_dict": {f"module.{k}": v.clone() for k, v in oc.items()}}, tmp_path / "hps.pt")
+    out = convert(str(tmp_path / "hps.pt"), str(scorers_dir / "hpsv2"), str(tmp_path / "hf"), vision_heads=4, text_heads=4, act="quick_gelu")
+    conv = CLIPModel.from_pretrained(out).eval()
+    conv_sd = conv.state_dict()
+    for k, v in s.items():
+        assert torch.equal(conv_sd[k], v), k
+    x, ids = torch.randn(2, 3, 32, 32), torch.randint(0, 100, (2, 77))
+    with torch.no_grad():
+        for fn, arg in (("get_image_features", {"pixel_values": x}), ("get_text_features", {"input_ids": ids})):
+            want, got = getattr(hf, fn)(**arg), getattr(conv, fn)(**arg)
+            want, got = getattr(want, "pooler_output", want), getattr(got, "pooler_output", got)
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_robustness_benchmark_smoke(tmp_path):
+    out = tmp_path / "rb"
+    p = subprocess.run([sys.executable, "-m", "tools.robustness", "--out", str(out), "--pairs", "48", "--heldout", "16",
+                        "--steps", "2", "--micro-batch", "4", "--seeds", "0", "--flip-rates", "0", "0.3",
+                        "--objectives", "dpo", "adaptive_dpo", "--draws", "1"], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert p.returncode == 0, p.stderr[-4000:]
+    res = json.loads((out / "results.json").read_text())["table"]
+    assert set(res) == {"dpo@0", "dpo@0.3", "adaptive_dpo@0", "adaptive_dpo@0.3"}
+    assert all(0 <= r["accuracy_mean"] <= 1 and r["seeds"] == 1 for r in res.values())
+    assert "auroc_u" in res["adaptive_dpo@0.3"] and (out / "accuracy_vs_flip.png").is_file()
+    assert "| adaptive_dpo |" in (out / "table.md").read_text()
