@@ -57,7 +57,19 @@ def preference_section(cfg: EvalConfig, specs, info, device, dtype, rows: dict, 
     sec = {"pairs": len(samples), "draws": p.draws, "models": {}}
     for spec in specs:
         unet = evmodels.load(spec, info, dtype).to(device).eval()
-        h = implicit_margins({spec.name: unet}, ref, samples, manifest, sched, info.prediction_type, device, dtype, p.draws, p.batch_size, p.seed)[spec.name]
+        h = implicit_margins(
+            {spec.name: unet},
+            ref,
+            samples,
+            manifest,
+            sched,
+            info.prediction_type,
+            device,
+            dtype,
+            p.draws,
+            p.batch_size,
+            p.seed,
+        )[spec.name]
         labels = _correct(h, np.ones_like(h))
         entry = {"accuracy_labels": mean_sem(labels), "mean_h": float(h.mean())}
         rows[spec.name]["accuracy_labels"] = entry["accuracy_labels"]
@@ -76,13 +88,19 @@ def preference_section(cfg: EvalConfig, specs, info, device, dtype, rows: dict, 
     report["preference"] = sec
 
 
-def generation_section(cfg: EvalConfig, specs, info, device, dtype, rows: dict, report: dict, out: Path) -> None:
+def generation_section(
+    cfg: EvalConfig, specs, info, device, dtype, rows: dict, report: dict, out: Path
+) -> None:
     import diffusers
 
     g = cfg.generation
     prompts = read_prompts(g.prompts, g.max_prompts)
     scorers, notes = build_scorers(cfg.scorers, device, dtype)
-    pipe = getattr(diffusers, info.family.pipeline_class).from_pretrained(info.path, torch_dtype=dtype).to(device)
+    pipe = (
+        getattr(diffusers, info.family.pipeline_class)
+        .from_pretrained(info.path, torch_dtype=dtype)
+        .to(device)
+    )
     pipe.set_progress_bar_config(disable=True)
     base_unet = pipe.unet
     sec = {"prompts": len(prompts), "scorer_notes": notes, "models": {}}
@@ -97,7 +115,9 @@ def generation_section(cfg: EvalConfig, specs, info, device, dtype, rows: dict, 
         grids.append(images[: g.grid_prompts])
         entry = {}
         for sc in scorers:
-            vals = np.concatenate([sc.score(images[b : b + 16], prompts[b : b + 16]) for b in range(0, len(images), 16)])
+            vals = np.concatenate(
+                [sc.score(images[b : b + 16], prompts[b : b + 16]) for b in range(0, len(images), 16)]
+            )
             entry[sc.name] = mean_sem(vals)
             rows.setdefault(spec.name, {})[sc.name] = entry[sc.name]
         sec["models"][spec.name] = entry
@@ -110,16 +130,32 @@ def generation_section(cfg: EvalConfig, specs, info, device, dtype, rows: dict, 
 def main(cfg: EvalConfig) -> int:
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
-    specs = [s for name, path in cfg.models.unets.items() for s in evmodels.resolve(name, path, cfg.models.include_ema)]
+    specs = [
+        s
+        for name, path in cfg.models.unets.items()
+        for s in evmodels.resolve(name, path, cfg.models.include_ema)
+    ]
     base = cfg.models.base
     if base is None and cfg.preference.shards:
         base = load_manifest(cfg.preference.shards)["model"]["path"]
     if base is None:
-        base = next((s.run_config["model"].get("path") for s in specs if s.run_config and s.run_config["model"].get("path")), None)
+        base = next(
+            (
+                s.run_config["model"].get("path")
+                for s in specs
+                if s.run_config and s.run_config["model"].get("path")
+            ),
+            None,
+        )
     if base is None and (cfg.preference.shards or cfg.generation.prompts):
-        raise UserError("models.base: give the starting model folder (or preference.shards, whose manifest names it)")
+        raise UserError(
+            "models.base: give the starting model folder (or preference.shards, whose manifest names it)"
+        )
     write_resolved(cfg, out / "config.yaml")
-    report: dict = {"config": to_dict(cfg), "models": {s.name: {"kind": s.kind, "path": str(s.path)} for s in specs}}
+    report: dict = {
+        "config": to_dict(cfg),
+        "models": {s.name: {"kind": s.kind, "path": str(s.path)} for s in specs},
+    }
     rows: dict[str, dict] = {s.name: {} for s in specs}
     device = pick_device(cfg.device)
     dtype = DTYPES[cfg.dtype]
@@ -132,8 +168,19 @@ def main(cfg: EvalConfig) -> int:
             rows = {"base": {}, **rows}
             generation_section(cfg, specs, info, device, dtype, rows, report, out)
     m = cfg.minority
-    report["minority"] = {name: run_report(path, out, name, m.bins, m.high_u_quantile, m.min_user_pairs, m.last_epochs) for name, path in m.runs.items()}
-    metrics = ["accuracy_true", "accuracy_labels", "accuracy_flipped_view", "pickscore", "hpsv2", "aesthetic", "imagereward"]
+    report["minority"] = {
+        name: run_report(path, out, name, m.bins, m.high_u_quantile, m.min_user_pairs, m.last_epochs)
+        for name, path in m.runs.items()
+    }
+    metrics = [
+        "accuracy_true",
+        "accuracy_labels",
+        "accuracy_flipped_view",
+        "pickscore",
+        "hpsv2",
+        "aesthetic",
+        "imagereward",
+    ]
     metrics = [k for k in metrics if any(k in r for r in rows.values())]
     report["table"] = rows
     md = ["# Evaluation report\n"]
@@ -154,7 +201,10 @@ def main(cfg: EvalConfig) -> int:
     (out / "report.md").write_text("".join(md) + "\n")
     (out / "report.json").write_text(json.dumps(report, indent=1, default=float) + "\n")
     print((out / "report.md").read_text())
-    print(f"report: {out / 'report.md'}, {out / 'report.json'}" + (f", {out / 'metrics.png'}" if metrics else ""))
+    print(
+        f"report: {out / 'report.md'}, {out / 'report.json'}"
+        + (f", {out / 'metrics.png'}" if metrics else "")
+    )
     return 0
 
 

@@ -108,7 +108,9 @@ def test_generation_is_seeded_and_reproducible(tiny_sd15, perturbed_unet, tmp_pa
     assert any(f.read_bytes() != (tmp_path / "c" / f.relative_to(tmp_path / "a")).read_bytes() for f in a)
     assert (tmp_path / "a" / "grid.png").is_file()
     # base and the perturbed model differ on the same seed
-    assert (tmp_path / "a/images/base/00000.png").read_bytes() != (tmp_path / "a/images/p/00000.png").read_bytes()
+    assert (tmp_path / "a/images/base/00000.png").read_bytes() != (
+        tmp_path / "a/images/p/00000.png"
+    ).read_bytes()
 
 
 def test_each_scorer_runs_on_a_tiny_stand_in(scorers_dir, tiny_sd15, perturbed_unet, tmp_path):
@@ -134,7 +136,10 @@ def test_each_scorer_runs_on_a_tiny_stand_in(scorers_dir, tiny_sd15, perturbed_u
         px = proc(images=imgs, return_tensors="pt")["pixel_values"]
         tx = proc(text=prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
         i = m.vision_model(pixel_values=px).pooler_output @ m.visual_projection.weight.T
-        t = m.text_model(input_ids=tx["input_ids"], attention_mask=tx["attention_mask"]).pooler_output @ m.text_projection.weight.T
+        t = (
+            m.text_model(input_ids=tx["input_ids"], attention_mask=tx["attention_mask"]).pooler_output
+            @ m.text_projection.weight.T
+        )
         want = m.logit_scale.exp() * torch.nn.functional.cosine_similarity(i, t)
     np.testing.assert_allclose(scorers[0].score(imgs, prompts), want.numpy(), rtol=1e-5, atol=1e-5)
     # through the stage: a scorer without a path is skipped with a note, never faked
@@ -200,22 +205,41 @@ def test_hpsv2_converter_round_trips_an_open_clip_state_dict(scorers_dir, tmp_pa
         "ln_final.weight": s["text_model.final_layer_norm.weight"], "ln_final.bias": s["text_model.final_layer_norm.bias"],
         "text_projection": s["text_projection.weight"].t(), "logit_scale": s["logit_scale"],
     }  # fmt: skip
-    for tower, src in (("visual.transformer.resblocks.", "vision_model.encoder.layers."), ("transformer.resblocks.", "text_model.encoder.layers.")):
+    for tower, src in (
+        ("visual.transformer.resblocks.", "vision_model.encoder.layers."),
+        ("transformer.resblocks.", "text_model.encoder.layers."),
+    ):
         for i in range(2):
             a, b = f"{src}{i}.", f"{tower}{i}."
             oc[b + "attn.in_proj_weight"] = torch.cat([s[a + f"self_attn.{x}_proj.weight"] for x in "qkv"])
             oc[b + "attn.in_proj_bias"] = torch.cat([s[a + f"self_attn.{x}_proj.bias"] for x in "qkv"])
-            for x, y in {"attn.out_proj": "self_attn.out_proj", "ln_1": "layer_norm1", "ln_2": "layer_norm2", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}.items():
+            for x, y in {
+                "attn.out_proj": "self_attn.out_proj",
+                "ln_1": "layer_norm1",
+                "ln_2": "layer_norm2",
+                "mlp.c_fc": "mlp.fc1",
+                "mlp.c_proj": "mlp.fc2",
+            }.items():
                 oc[b + x + ".weight"], oc[b + x + ".bias"] = s[a + y + ".weight"], s[a + y + ".bias"]
     torch.save({"state_dict": {f"module.{k}": v.clone() for k, v in oc.items()}}, tmp_path / "hps.pt")
-    out = convert(str(tmp_path / "hps.pt"), str(scorers_dir / "hpsv2"), str(tmp_path / "hf"), vision_heads=4, text_heads=4, act="quick_gelu")
+    out = convert(
+        str(tmp_path / "hps.pt"),
+        str(scorers_dir / "hpsv2"),
+        str(tmp_path / "hf"),
+        vision_heads=4,
+        text_heads=4,
+        act="quick_gelu",
+    )
     conv = CLIPModel.from_pretrained(out).eval()
     conv_sd = conv.state_dict()
     for k, v in s.items():
         assert torch.equal(conv_sd[k], v), k
     x, ids = torch.randn(2, 3, 32, 32), torch.randint(0, 100, (2, 77))
     with torch.no_grad():
-        for fn, arg in (("get_image_features", {"pixel_values": x}), ("get_text_features", {"input_ids": ids})):
+        for fn, arg in (
+            ("get_image_features", {"pixel_values": x}),
+            ("get_text_features", {"input_ids": ids}),
+        ):
             want, got = getattr(hf, fn)(**arg), getattr(conv, fn)(**arg)
             want, got = getattr(want, "pooler_output", want), getattr(got, "pooler_output", got)
             torch.testing.assert_close(got, want, rtol=0, atol=0)

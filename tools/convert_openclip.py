@@ -30,7 +30,13 @@ def _tower(sd: dict, src: str, dst: str, n: int, out: dict) -> None:
         qb, kb, vb = sd[s + "attn.in_proj_bias"].chunk(3)
         out.update({d + "self_attn.q_proj.weight": q, d + "self_attn.k_proj.weight": k, d + "self_attn.v_proj.weight": v,
                     d + "self_attn.q_proj.bias": qb, d + "self_attn.k_proj.bias": kb, d + "self_attn.v_proj.bias": vb})  # fmt: skip
-        pairs = {"attn.out_proj": "self_attn.out_proj", "ln_1": "layer_norm1", "ln_2": "layer_norm2", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+        pairs = {
+            "attn.out_proj": "self_attn.out_proj",
+            "ln_1": "layer_norm1",
+            "ln_2": "layer_norm2",
+            "mlp.c_fc": "mlp.fc1",
+            "mlp.c_proj": "mlp.fc2",
+        }
         for a, b in pairs.items():
             out[d + b + ".weight"] = sd[s + a + ".weight"]
             out[d + b + ".bias"] = sd[s + a + ".bias"]
@@ -76,7 +82,9 @@ def convert_state_dict(sd: dict, vision_heads: int = 16, text_heads: int = 16, a
     return cfg, out
 
 
-def convert(checkpoint: str, processor: str, out: str, vision_heads: int = 16, text_heads: int = 16, act: str = "gelu") -> Path:
+def convert(
+    checkpoint: str, processor: str, out: str, vision_heads: int = 16, text_heads: int = 16, act: str = "gelu"
+) -> Path:
     from transformers import AutoProcessor, CLIPModel
 
     sd = torch.load(checkpoint, map_location="cpu", weights_only=True)
@@ -100,7 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--vision-heads", type=int, default=16)
     p.add_argument("--text-heads", type=int, default=16)
-    p.add_argument("--act", default="gelu", help="gelu for open_clip ViT-H-14 (HPS v2); quick_gelu for OpenAI-trained ViTs")
+    p.add_argument(
+        "--act",
+        default="gelu",
+        help="gelu for open_clip ViT-H-14 (HPS v2); quick_gelu for OpenAI-trained ViTs",
+    )
     a = p.parse_args(argv)
     print(f"wrote {convert(a.checkpoint, a.processor, a.out, a.vision_heads, a.text_heads, a.act)}")
     return 0

@@ -34,9 +34,14 @@ def main(argv: list[str] | None = None) -> int:
     model = out / "models" / "sd15"
     if not (model / "model_index.json").is_file():
         make_tiny_model.main(["--family", "sd15", "--out", str(model), "--seed", "0"])
-    for name, n, seed, bad in (("train", a.pairs, 0, ["--corrupt", "1", "--null-caption", "1"]), ("heldout", 200, 1, [])):
+    for name, n, seed, bad in (
+        ("train", a.pairs, 0, ["--corrupt", "1", "--null-caption", "1"]),
+        ("heldout", 200, 1, []),
+    ):
         if not (out / "pickapic" / name).is_dir():
-            make_pickapic.main(["--out", str(out / "pickapic" / name), "--pairs", str(n), "--seed", str(seed), *bad])
+            make_pickapic.main(
+                ["--out", str(out / "pickapic" / name), "--pairs", str(n), "--seed", str(seed), *bad]
+            )
         _run([py, "-m", "stages.encode", "--config", "configs/encode/tiny.yaml", f"model.path={model}",
               f"data.source={out / 'pickapic' / name}", f"output.dir={out / 'shards' / name}"])  # fmt: skip
     runs = {}
@@ -50,7 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     _run([py, "-m", "stages.evaluate", "--config", "configs/eval/tiny.yaml", f"output={report}",
           *[f"models.unets.{k}={v}" for k, v in runs.items()], f"preference.shards={out / 'shards' / 'heldout'}",
           "generation.prompts=prompts/toy.txt", *[f"minority.runs.{k}={v}" for k, v in runs.items()]])  # fmt: skip
-    print(f"\ndemo done: report {report / 'report.md'}, plots {report}/*.png, images {report / 'images'}, runs {out / 'runs'}")
+    print(
+        f"\ndemo done: report {report / 'report.md'}, plots {report}/*.png, images {report / 'images'}, runs {out / 'runs'}"
+    )
     return 0
 
 

@@ -8,9 +8,13 @@ label_1, has_label, are_different, user_id, ranking_id, image_0_uid, image_1_uid
 best_image_uid), with ties, unlabelled rows, identical-image rows, several pairs per caption and per
 user, and images of varied sizes and aspect ratios.
 
-A toy preference world: each caption names a colour (``a cozy red cat, watercolor``); of the two
-images one is dominated by that colour and the other by another colour. The *true* preference is
-the matching image; the column ``true_label_0`` (1.0 when image 0 is truly better) records it.
+A toy preference world with a visible rule (``--world``), so accuracy against the truth is
+measurable; the column ``true_label_0`` (1.0 when image 0 is truly better) records the truth:
+- ``brightness`` (default): each image has a random dominant colour and a random brightness; the
+  brighter image (higher mean luminance) is truly better. Graded: near-equal pairs are hard.
+- ``colour``: the caption names a colour; the image dominated by it is truly better. Measured here:
+  the tiny model does not learn this caption-conditional rule within a few hundred steps (it barely
+  uses its text), so it is not the benchmarks' default.
 Annotators follow the truth, except that ``--annotator-noise`` of the labelled rows are labelled
 against it (a natural minority); the trainer's label flips add a synthetic minority on top.
 Bad rows for robustness tests are injected at seeded positions: corrupt JPEG bytes, truncated JPEG
@@ -54,11 +58,13 @@ SCHEMA = pa.schema(
 )
 
 
-def draw_image(rng: np.random.Generator, colour: str, size: tuple[int, int]) -> bytes:
-    """A JPEG dominated by ``colour``: a jittered background, texture noise and a smaller shape of
-    another colour, so that images differ beyond their dominant colour."""
+def draw_image(
+    rng: np.random.Generator, colour: str, size: tuple[int, int], brightness: float = 1.0
+) -> bytes:
+    """A JPEG dominated by ``colour`` (scaled by ``brightness``): a jittered background, texture
+    noise and a smaller shape of another colour, so that images differ beyond their dominant colour."""
     w, h = size
-    base = np.array(COLOUR_RGB[colour], dtype=np.float32) + rng.normal(0, 12, 3)
+    base = brightness * np.array(COLOUR_RGB[colour], dtype=np.float32) + rng.normal(0, 12, 3)
     arr = np.clip(base + rng.normal(0, 18, (h, w, 3)), 0, 255).astype(np.uint8)
     img = Image.fromarray(arr, "RGB")
     draw = ImageDraw.Draw(img)
@@ -70,6 +76,11 @@ def draw_image(rng: np.random.Generator, colour: str, size: tuple[int, int]) -> 
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=90)
     return buf.getvalue()
+
+
+def luminance(colour: str) -> float:
+    r, g, b = COLOUR_RGB[colour]
+    return 0.299 * r + 0.587 * g + 0.114 * b
 
 
 def _size(rng: np.random.Generator, lo: int, hi: int) -> tuple[int, int]:
@@ -88,6 +99,7 @@ def make_rows(
     unlabelled_rate: float = 0.03,
     identical_rate: float = 0.02,
     annotator_noise: float = 0.0,
+    world: str = "brightness",
     corrupt: int = 0,
     truncated: int = 0,
     empty: int = 0,
@@ -105,12 +117,19 @@ def make_rows(
     rows = []
     for i in range(pairs):
         caption, colour = captions[int(rng.integers(n_captions))]
-        other = str(rng.choice([c for c in COLOURS if c != colour]))
-        true_first = bool(rng.random() < 0.5)  # is image 0 the truly better (matching) one?
-        colours = (colour, other) if true_first else (other, colour)
+        if world == "colour":
+            other = str(rng.choice([c for c in COLOURS if c != colour]))
+            true_first = bool(rng.random() < 0.5)  # is image 0 the truly better (matching) one?
+            colours, bright = ((colour, other) if true_first else (other, colour)), (1.0, 1.0)
+        elif world == "brightness":
+            colours = (str(rng.choice(COLOURS)), str(rng.choice(COLOURS)))
+            bright = (float(rng.uniform(0.3, 1.0)), float(rng.uniform(0.3, 1.0)))
+            true_first = bool(bright[0] * luminance(colours[0]) > bright[1] * luminance(colours[1]))
+        else:
+            raise ValueError(f"world {world!r}: expected brightness or colour")
         identical = bool(rng.random() < identical_rate)
-        jpg0 = draw_image(rng, colours[0], _size(rng, min_size, max_size))
-        jpg1 = jpg0 if identical else draw_image(rng, colours[1], _size(rng, min_size, max_size))
+        jpg0 = draw_image(rng, colours[0], _size(rng, min_size, max_size), bright[0])
+        jpg1 = jpg0 if identical else draw_image(rng, colours[1], _size(rng, min_size, max_size), bright[1])
         uid0, uid1 = (str(uuid.UUID(int=int(rng.integers(0, 2**62)) << 64 | i)) for _ in range(2))
         u = rng.random()
         if u < unlabelled_rate:
@@ -207,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     rows = make_rows(
         a.pairs, a.seed, a.min_size, a.max_size, a.tie_rate, a.unlabelled_rate, a.identical_rate,
-        a.annotator_noise, a.corrupt, a.truncated, a.empty, a.null_caption,
+        a.annotator_noise, a.world, a.corrupt, a.truncated, a.empty, a.null_caption,
     )  # fmt: skip
     paths = write_parquet(rows, Path(a.out), a.rows_per_file)
     print(f"wrote {len(rows)} rows in {len(paths)} parquet file(s) to {a.out}")

@@ -1,12 +1,17 @@
 """Write a tiny, randomly initialised Stable Diffusion folder (diffusers layout) for tests and the demo.
 
-    python -m tools.make_tiny_model --family sd15|sdxl --out DIR [--seed N]
+    python -m tools.make_tiny_model --family sd15|sdxl --out DIR [--seed N] [--vae-steps N]
 
 The folder loads offline with ``StableDiffusionPipeline.from_pretrained(DIR)`` (sd15) or
 ``StableDiffusionXLPipeline.from_pretrained(DIR)`` (sdxl). Shapes are real-model shapes scaled
 down: the VAE downsamples by 8 like SD's (64 px images -> 4x8x8 latents), text states are
 [77, D]. The tokenizer is a real CLIP BPE tokenizer over a vocabulary built here.
 Deterministic for a seed: the same seed writes byte-identical weights.
+
+``--vae-steps N`` first trains the tiny VAE for N steps as an autoencoder on synthetic toy images and
+sets ``scaling_factor`` to 1 / std of the latents, as Stable Diffusion's 0.18215 was chosen: without
+it a random VAE's latents are nearly constant (std ~0.06 with SD's factor) and a UNet cannot see
+the images, so no preference is learnable. Tests that only exercise code paths use 0 (fast).
 """
 
 from __future__ import annotations
@@ -107,7 +112,43 @@ def _vae():
     )
 
 
-def make_tiny_model(family: str, out: str | Path, seed: int = 0) -> Path:
+def _toy_images(n: int, seed: int) -> torch.Tensor:
+    """[n, 3, 64, 64] in [-1, 1]: images of the toy world (tools.make_pickapic), resized and cropped."""
+    import numpy as np
+
+    from pipeline.data.images import prepare
+    from tools.make_pickapic import _size, draw_image
+    from tools.vocabulary import COLOURS
+
+    rng = np.random.default_rng(seed)
+    px = [
+        prepare(draw_image(rng, COLOURS[i % len(COLOURS)], _size(rng, 64, 128)), RESOLUTION).pixels
+        for i in range(n)
+    ]
+    return torch.from_numpy(np.stack(px))
+
+
+def train_vae(vae, steps: int, seed: int) -> float:
+    """Autoencoder training (reconstruction + a small KL, as SD's VAE) on toy images; then returns
+    the scaling factor 1 / std of the latent means."""
+    g = torch.Generator().manual_seed(seed)
+    data = _toy_images(512, seed)
+    opt = torch.optim.Adam(vae.parameters(), lr=1e-3)
+    vae.train()
+    for _ in range(steps):
+        x = data[torch.randint(0, len(data), (32,), generator=g)]
+        post = vae.encode(x).latent_dist
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
+        loss = (vae.decode(z).sample - x).pow(2).mean() + 1e-6 * post.kl().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    vae.eval()
+    with torch.no_grad():
+        return float(1.0 / vae.encode(data[:256]).latent_dist.mean.std())
+
+
+def make_tiny_model(family: str, out: str | Path, seed: int = 0, vae_steps: int = 0) -> Path:
     from diffusers import (
         DDPMScheduler,
         StableDiffusionPipeline,
@@ -134,6 +175,8 @@ def make_tiny_model(family: str, out: str | Path, seed: int = 0) -> Path:
         clip_sample=False,
     )
     vae = _vae()
+    if vae_steps:
+        vae.register_to_config(scaling_factor=round(train_vae(vae, vae_steps, seed), 5))
     common = dict(
         sample_size=latent,
         in_channels=4,
@@ -193,8 +236,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--family", choices=["sd15", "sdxl"], required=True)
     p.add_argument("--out", required=True, help="output folder (diffusers layout)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--vae-steps", type=int, default=0, help="train the tiny VAE as an autoencoder first (see above)"
+    )
     args = p.parse_args(argv)
-    out = make_tiny_model(args.family, args.out, args.seed)
+    out = make_tiny_model(args.family, args.out, args.seed, args.vae_steps)
     print(f"wrote tiny {args.family} model to {out}")
     return 0
 

@@ -33,9 +33,25 @@ def _clip(vocab: int):
     from transformers import CLIPConfig, CLIPModel
 
     cfg = CLIPConfig(
-        text_config=dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         max_position_embeddings=77, bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=vocab - 1),  # fmt: skip
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8),
+        text_config=dict(
+            vocab_size=vocab,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            bos_token_id=vocab - 2,
+            eos_token_id=vocab - 1,
+            pad_token_id=vocab - 1,
+        ),  # fmt: skip
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=8,
+        ),
         projection_dim=16,
     )
     return CLIPModel(cfg)
@@ -43,7 +59,9 @@ def _clip(vocab: int):
 
 def _bert_vocab(path: Path) -> None:
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", "[ENC]"]
-    letters = list("abcdefghijklmnopqrstuvwxyz0123456789,.") + [f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz0123456789"]
+    letters = list("abcdefghijklmnopqrstuvwxyz0123456789,.") + [
+        f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz0123456789"
+    ]
     path.write_text("\n".join(specials + WORDS + letters) + "\n")
 
 
@@ -78,14 +96,33 @@ def make_tiny_scorers(out: str | Path, seed: int = 0) -> Path:
     _bert_vocab(r / "blip" / "vocab.txt")
     bert = BertTokenizer(str(r / "blip" / "vocab.txt"))
     blip_cfg = BlipConfig(
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8),
-        text_config=dict(vocab_size=len(bert), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         encoder_hidden_size=32, max_position_embeddings=64, bos_token_id=5, sep_token_id=3, pad_token_id=0),  # fmt: skip
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=8,
+        ),
+        text_config=dict(
+            vocab_size=len(bert),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            encoder_hidden_size=32,
+            max_position_embeddings=64,
+            bos_token_id=5,
+            sep_token_id=3,
+            pad_token_id=0,
+        ),  # fmt: skip
         projection_dim=16,
         image_text_hidden_size=16,
     )
     BlipForImageTextRetrieval(blip_cfg).save_pretrained(r / "blip")
-    BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=bert).save_pretrained(r / "blip")
+    BlipProcessor(
+        image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=bert
+    ).save_pretrained(r / "blip")
     save_file(MLPHead(32).state_dict(), str(r / "head.safetensors"))
     for f in tok_dir.iterdir():
         f.unlink()
@@ -94,7 +131,9 @@ def make_tiny_scorers(out: str | Path, seed: int = 0) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tools.make_tiny_scorers", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m tools.make_tiny_scorers", description=__doc__.split("\n\n")[0]
+    )
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)

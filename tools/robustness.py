@@ -29,7 +29,10 @@ import torch
 from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = {"adaptive_dpo": "configs/train/tiny_adaptive_dpo.yaml", "adaptive_ipo": "configs/train/tiny_adaptive_dpo.yaml"}
+CONFIG = {
+    "adaptive_dpo": "configs/train/tiny_adaptive_dpo.yaml",
+    "adaptive_ipo": "configs/train/tiny_adaptive_dpo.yaml",
+}
 
 
 def _env() -> dict:
@@ -46,14 +49,27 @@ def prepare(out: Path, pairs: int, heldout: int) -> tuple[Path, Path, Path]:
 
     model = out / "model"
     if not (model / "model_index.json").is_file():
-        make_tiny_model("sd15", model, seed=0)
+        make_tiny_model("sd15", model, seed=0, vae_steps=300)  # a VAE whose latents carry the images
     shards = {}
     for name, n, seed in (("train", pairs, 100), ("heldout", heldout, 200)):
         src, dst = out / "data" / name, out / "shards" / name
         if not src.is_dir():
-            write_parquet(make_rows(n, seed=seed, tie_rate=0, unlabelled_rate=0, identical_rate=0), src, rows_per_file=1000)
+            write_parquet(
+                make_rows(n, seed=seed, tie_rate=0, unlabelled_rate=0, identical_rate=0),
+                src,
+                rows_per_file=1000,
+            )
         if not (dst / "manifest.json").is_file():
-            rc = encode.cli_main(["--config", "configs/encode/tiny.yaml", f"model.path={model}", f"data.source={src}", f"output.dir={dst}", "output.shard_size=250"])
+            rc = encode.cli_main(
+                [
+                    "--config",
+                    "configs/encode/tiny.yaml",
+                    f"model.path={model}",
+                    f"data.source={src}",
+                    f"output.dir={dst}",
+                    "output.shard_size=250",
+                ]
+            )
             if rc:
                 raise SystemExit(rc)
         shards[name] = dst
@@ -91,7 +107,9 @@ def evaluate(args, model: Path, heldout: Path, names: list[str]) -> dict[str, di
     info = inspect_model(model)
     manifest = load_manifest(heldout)
     samples = list(iter_pairs(heldout))
-    truth = np.array([float((s["meta"]["winner"] == 0) == (s["meta"]["extra"]["true_label_0"] == 1.0)) for s in samples])
+    truth = np.array(
+        [float((s["meta"]["winner"] == 0) == (s["meta"]["extra"]["true_label_0"] == 1.0)) for s in samples]
+    )
     ref = load_unet(info.path).eval()
     sched = load_scheduler(info)
     cache_path = args.out / "eval_cache.json"
@@ -101,7 +119,16 @@ def evaluate(args, model: Path, heldout: Path, names: list[str]) -> dict[str, di
             continue
         run = args.out / "runs" / name
         pol = load_unet(str(run / "export" / "unet"), subfolder=None).eval()
-        h = implicit_margins({"p": pol}, ref, samples, manifest, sched, info.prediction_type, torch.device("cpu"), draws=args.draws)["p"]
+        h = implicit_margins(
+            {"p": pol},
+            ref,
+            samples,
+            manifest,
+            sched,
+            info.prediction_type,
+            torch.device("cpu"),
+            draws=args.draws,
+        )["p"]
         res = {"accuracy_true": accuracy(h, truth), "mean_h": float(h.mean())}
         table = read_pair_records(run)
         if table is not None:
@@ -138,21 +165,38 @@ def summarise(args, results: dict[str, dict]) -> dict:
 
 def write_outputs(args, table: dict) -> None:
     rates = args.flip_rates
-    lines = ["| objective | " + " | ".join(f"flip {r:.0%}" for r in rates) + " |", "|---|" + "---|" * len(rates)]
+    lines = [
+        "| objective | " + " | ".join(f"flip {r:.0%}" for r in rates) + " |",
+        "|---|" + "---|" * len(rates),
+    ]
     for obj in args.objectives:
         cells = []
         for r in rates:
             row = table[f"{obj}@{r:g}"]
             cells.append(f"{row['accuracy_mean']:.3f} ± {row['accuracy_std']:.3f}")
         lines.append(f"| {obj} | " + " | ".join(cells) + " |")
-    extra = ["", "| objective @ flip | AUROC of u vs flips | AUROC of -h vs flips | mean W flipped / clean |", "|---|---|---|---|"]
+    extra = [
+        "",
+        "| objective @ flip | AUROC of u vs flips | AUROC of -h vs flips | mean W flipped / clean |",
+        "|---|---|---|---|",
+    ]
     for key, row in table.items():
         if "auroc_neg_h" in row:
             w = f"{row['W_flipped']:.3f} / {row['W_clean']:.3f}" if "W_flipped" in row else "-"
-            extra.append(f"| {key} | {row.get('auroc_u', float('nan')):.3f} | {row['auroc_neg_h']:.3f} | {w} |")
+            extra.append(
+                f"| {key} | {row.get('auroc_u', float('nan')):.3f} | {row['auroc_neg_h']:.3f} | {w} |"
+            )
     md = "\n".join(lines + extra) + "\n"
     (args.out / "table.md").write_text(md)
-    (args.out / "results.json").write_text(json.dumps({"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "table": table}, indent=1))
+    (args.out / "results.json").write_text(
+        json.dumps(
+            {
+                "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+                "table": table,
+            },
+            indent=1,
+        )
+    )
     import matplotlib
 
     matplotlib.use("Agg")
@@ -162,11 +206,21 @@ def write_outputs(args, table: dict) -> None:
     for obj in args.objectives:
         m = [table[f"{obj}@{r:g}"]["accuracy_mean"] for r in rates]
         s = [table[f"{obj}@{r:g}"]["accuracy_std"] for r in rates]
-        ax.errorbar([100 * r for r in rates], m, yerr=[0 if np.isnan(x) else x for x in s], marker="o", capsize=3, label=obj)
+        ax.errorbar(
+            [100 * r for r in rates],
+            m,
+            yerr=[0 if np.isnan(x) else x for x in s],
+            marker="o",
+            capsize=3,
+            label=obj,
+        )
     ax.axhline(0.5, color="gray", ls="--", lw=0.8)
     ax.set_xlabel("training labels flipped (%)")
     ax.set_ylabel("held-out accuracy vs true preference")
-    ax.set_title(f"tiny model, {args.pairs} pairs, {args.steps} steps x {args.micro_batch}, {len(args.seeds)} seeds (mean ± std)", fontsize=9)
+    ax.set_title(
+        f"tiny model, {args.pairs} pairs, {args.steps} steps x {args.micro_batch}, {len(args.seeds)} seeds (mean ± std)",
+        fontsize=9,
+    )
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(args.out / "accuracy_vs_flip.png", dpi=120)

@@ -21,7 +21,9 @@ def read_prompts(path: str, max_prompts: int) -> list[str]:
 
 
 @torch.no_grad()
-def generate(pipe, prompts: list[str], seed: int, steps: int, guidance: float, resolution: int | None, batch_size: int) -> list[Image.Image]:
+def generate(
+    pipe, prompts: list[str], seed: int, steps: int, guidance: float, resolution: int | None, batch_size: int
+) -> list[Image.Image]:
     """Image i uses a generator seeded with seed + i, the same for every model evaluated."""
     device = pipe.unet.device
     size = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
@@ -29,12 +31,16 @@ def generate(pipe, prompts: list[str], seed: int, steps: int, guidance: float, r
     for b in range(0, len(prompts), batch_size):
         chunk = prompts[b : b + batch_size]
         gens = [torch.Generator(device=device).manual_seed(seed + b + i) for i in range(len(chunk))]
-        out = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance, height=size, width=size, generator=gens)
+        out = pipe(
+            chunk, num_inference_steps=steps, guidance_scale=guidance, height=size, width=size, generator=gens
+        )
         images += out.images
     return images
 
 
-def grid(rows: list[list[Image.Image]], labels: list[str] | None = None, pad: int = 2, label_w: int = 110) -> Image.Image:
+def grid(
+    rows: list[list[Image.Image]], labels: list[str] | None = None, pad: int = 2, label_w: int = 110
+) -> Image.Image:
     """rows of equally sized images -> one PNG-able image, with an optional label per row."""
     w, h = rows[0][0].size
     lw = label_w if labels else 0

@@ -54,14 +54,21 @@ def per_annotator(rec: dict[str, np.ndarray], high_q: float, min_pairs: int) -> 
     return rows
 
 
-def run_report(run_dir: str | Path, out: Path, name: str, bins: int, high_q: float, min_pairs: int, last_epochs: int) -> dict:
+def run_report(
+    run_dir: str | Path, out: Path, name: str, bins: int, high_q: float, min_pairs: int, last_epochs: int
+) -> dict:
     table = read_pair_records(run_dir)
     if table is None:
         return {"run": str(run_dir), "note": "no per-pair records (output.pair_records=false?)"}
     rec = latest_per_pair(table, last_epochs)
     has_u = "u" in rec and np.isfinite(rec["u"]).any()
     flipped = rec["flipped"]
-    res: dict = {"run": str(run_dir), "pairs": int(len(flipped)), "flipped": int(flipped.sum()), "score": "u" if has_u else "-h"}
+    res: dict = {
+        "run": str(run_dir),
+        "pairs": int(len(flipped)),
+        "flipped": int(flipped.sum()),
+        "score": "u" if has_u else "-h",
+    }
     if has_u:
         ok = np.isfinite(rec["u"])
         res["auroc_u"] = auroc(rec["u"][ok], flipped[ok])

@@ -46,7 +46,9 @@ def resolve(name: str, path: str, include_ema: bool = True) -> list[UNetSpec]:
             out += resolve(f"{name}:ema{suffix}" if is_ema else name, str(sub))
         if out:
             return out
-    raise UserError(f"models.unets.{name}={path}: not a UNet folder, LoRA folder, checkpoints/step_N or run folder")
+    raise UserError(
+        f"models.unets.{name}={path}: not a UNet folder, LoRA folder, checkpoints/step_N or run folder"
+    )
 
 
 def load(spec: UNetSpec, info: ModelInfo, dtype: torch.dtype):
@@ -71,8 +73,16 @@ def load(spec: UNetSpec, info: ModelInfo, dtype: torch.dtype):
         from peft import LoraConfig
 
         m = spec.run_config["model"]
-        unet.add_adapter(LoraConfig(r=lora_rank, lora_alpha=m.get("lora_alpha") or lora_rank, target_modules=list(m["lora_targets"])))
+        unet.add_adapter(
+            LoraConfig(
+                r=lora_rank,
+                lora_alpha=m.get("lora_alpha") or lora_rank,
+                target_modules=list(m["lora_targets"]),
+            )
+        )
     missing, unexpected = unet.load_state_dict(state, strict=False)
     if unexpected:
-        raise UserError(f"{spec.path}: checkpoint weights do not fit {info.path} (unexpected {unexpected[:3]})")
+        raise UserError(
+            f"{spec.path}: checkpoint weights do not fit {info.path} (unexpected {unexpected[:3]})"
+        )
     return unet.to(dtype)

@@ -50,7 +50,13 @@ def bar_plot(rows: dict[str, dict[str, dict]], metrics: list[str], path: Path, t
     for ax, m in zip(axes[0], metrics):
         means = [rows[n].get(m, {"mean": np.nan})["mean"] for n in names]
         sems = [rows[n].get(m, {"sem": np.nan})["sem"] for n in names]
-        ax.bar(range(len(names)), means, yerr=[0 if not math.isfinite(s) else s for s in sems], capsize=3, color="tab:blue")
+        ax.bar(
+            range(len(names)),
+            means,
+            yerr=[0 if not math.isfinite(s) else s for s in sems],
+            capsize=3,
+            color="tab:blue",
+        )
         ax.set_xticks(range(len(names)), names, rotation=40, ha="right", fontsize=7)
         ax.set_title(m, fontsize=9)
         lo = np.nanmin(means) - 2 * np.nanmax([s if math.isfinite(s) else 0 for s in sems] + [0])

@@ -87,12 +87,18 @@ class ClipScorer(Scorer):
     @torch.no_grad()
     def score(self, images, prompts):
         px = self.processor(images=images, return_tensors="pt")["pixel_values"].to(self.device, self.dtype)
-        tx = self.processor(text=prompts, padding="max_length", truncation=True, max_length=77, return_tensors="pt")
+        tx = self.processor(
+            text=prompts, padding="max_length", truncation=True, max_length=77, return_tensors="pt"
+        )
         img = self.model.get_image_features(pixel_values=px)
-        txt = self.model.get_text_features(input_ids=tx["input_ids"].to(self.device), attention_mask=tx["attention_mask"].to(self.device))
+        txt = self.model.get_text_features(
+            input_ids=tx["input_ids"].to(self.device), attention_mask=tx["attention_mask"].to(self.device)
+        )
         img = getattr(img, "pooler_output", img)
         txt = getattr(txt, "pooler_output", txt)
-        cos = (nn.functional.normalize(img.float(), dim=-1) * nn.functional.normalize(txt.float(), dim=-1)).sum(-1)
+        cos = (
+            nn.functional.normalize(img.float(), dim=-1) * nn.functional.normalize(txt.float(), dim=-1)
+        ).sum(-1)
         scale = self.model.logit_scale.exp().float() if self.use_logit_scale else 100.0
         return (scale * cos).cpu().numpy()
 
@@ -105,7 +111,9 @@ class AestheticScorer(Scorer):
         from transformers import AutoProcessor, CLIPVisionModelWithProjection
 
         p = _need(path, "clip")
-        self.clip = CLIPVisionModelWithProjection.from_pretrained(p / "clip", torch_dtype=dtype).to(device).eval()
+        self.clip = (
+            CLIPVisionModelWithProjection.from_pretrained(p / "clip", torch_dtype=dtype).to(device).eval()
+        )
         self.processor = AutoProcessor.from_pretrained(p / "clip")
         self.head = load_head(p).to(device)
 
@@ -131,7 +139,9 @@ class ImageRewardScorer(Scorer):
     @torch.no_grad()
     def score(self, images, prompts):
         px = self.processor(images=images, return_tensors="pt")["pixel_values"].to(self.device, self.dtype)
-        tx = self.processor.tokenizer(prompts, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
+        tx = self.processor.tokenizer(
+            prompts, padding="max_length", truncation=True, max_length=35, return_tensors="pt"
+        )
         img = self.blip.vision_model(pixel_values=px).last_hidden_state
         att = torch.ones(img.shape[:-1], dtype=torch.long, device=self.device)
         out = self.blip.text_encoder(

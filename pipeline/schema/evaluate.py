@@ -9,7 +9,9 @@ from typing import Literal
 @dataclass
 class EvalModels:
     base: str | None = None  # the starting model folder (default: the held-out shards' model)
-    unets: dict[str, str] = field(default_factory=dict)  # name -> UNet folder, LoRA folder, checkpoints/step_N, or run dir
+    unets: dict[str, str] = field(
+        default_factory=dict
+    )  # name -> UNet folder, LoRA folder, checkpoints/step_N, or run dir
     include_ema: bool = True  # for a run dir: also its exported EMA models
 
 
@@ -39,7 +41,9 @@ class EvalScorers:
     pickscore: str | None = None  # transformers CLIPModel folder (PickScore_v1)
     hpsv2: str | None = None  # transformers CLIPModel folder (HPS v2 converted by tools.convert_openclip)
     aesthetic: str | None = None  # folder: clip/ (CLIP ViT-L/14) + head.safetensors or head.pth (LAION MLP)
-    imagereward: str | None = None  # folder: blip/ (BlipForImageTextRetrieval) + head.safetensors (ImageReward MLP)
+    imagereward: str | None = (
+        None  # folder: blip/ (BlipForImageTextRetrieval) + head.safetensors (ImageReward MLP)
+    )
 
 
 @dataclass
