@@ -7,10 +7,13 @@ The README's "Config reference" section is this output; a test checks that it is
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import inspect
-import re
+import io
 import sys
+import textwrap
+import tokenize
 import typing
 
 from pipeline.config import _type_name
@@ -22,11 +25,19 @@ STAGES = {"encode": EncodeConfig, "train": TrainConfig, "evaluate": EvalConfig}
 
 
 def _comments(cls) -> dict[str, str]:
+    """field name -> the trailing comment of its (possibly multi-line, formatted) declaration."""
+    src = textwrap.dedent(inspect.getsource(cls))
+    spans = {
+        n.target.id: (n.lineno, n.end_lineno)
+        for n in ast.walk(ast.parse(src))
+        if isinstance(n, ast.AnnAssign)
+    }
     out = {}
-    for line in inspect.getsource(cls).splitlines():
-        m = re.match(r"\s+(\w+): [^#]*?#\s*(.*)$", line)
-        if m:
-            out[m.group(1)] = m.group(2).strip()
+    for tok in tokenize.generate_tokens(io.StringIO(src).readline):
+        if tok.type == tokenize.COMMENT:
+            for name, (a, b) in spans.items():
+                if a <= tok.start[0] <= b:
+                    out[name] = tok.string.lstrip("#").strip()
     return out
 
 
