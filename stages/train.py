@@ -198,8 +198,8 @@ class Trainer:
                 ref.to(memory_format=torch.channels_last)
             self.reference = ref.to(self.device).eval().requires_grad_(False)
         self.ema = None
-        if cfg.ema.decays:
-            self.ema = ShardedEMA(self.layout, cfg.ema.decays, cfg.ema.offload, self.device)
+        if cfg.ema.all_decays:
+            self.ema = ShardedEMA(self.layout, cfg.ema.all_decays, cfg.ema.offload, self.device)
             module = self._new_unet(torch.float32)
             if self.dtype != torch.float32:
                 module.to(self.dtype)
@@ -436,7 +436,7 @@ class Trainer:
         models = [("unet", self.layout.new_flats(torch.float32, self.device))]
         self.layout.gather_into(self.layout.local_partitions(), models[0][1])
         models[0] = ("unet", [f.cpu() for f in models[0][1]])
-        for k, d in enumerate(self.cfg.ema.decays):
+        for k, d in enumerate(self.cfg.ema.all_decays):
             models.append((f"unet_ema_{d:g}", self.ema.full(k)))
         if self.rank == 0:
             for name, flats in models:

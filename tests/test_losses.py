@@ -287,3 +287,54 @@ def test_low_precision_inputs_with_huge_logits_stay_finite(dtype, name):
     assert torch.isfinite(out.loss).all(), out.loss
     if name not in ("sft",):
         assert_close(out.stats["logit"], T(1e4, -1e4))
+
+
+# ---------------------------------------------------------------- calibration options and controls (minority study)
+
+
+def test_bounded_dpo_golden():
+    """h = (0.1, -0.2), beta 10, k 1: |logit| = (1, 2) -> W = (1/2, 1/3);
+    loss = W softplus(-logit) = (0.5 * 0.313262, 2.126928 / 3) = (0.156631, 0.708976). No EMA needed."""
+    cfg = ObjectiveConfig(name="bounded_dpo", beta=10.0, bounded_k=1.0)
+    obj = build_objective(cfg)
+    assert not obj.uses_ema
+    out = obj(ModelErrors(errs((0.10, 0.30), (0.20, 0.10)), errs((0.15, 0.20), (0.15, 0.20))))
+    assert_close(out.stats["W"], T(0.5, 1 / 3))
+    assert_close(out.loss, T(0.5 * SP_M1, SP_2 / 3))
+
+
+def test_g_on_the_logit_scale_equals_rho_times_beta():
+    hm = T(0.1, 0.0, 0.3, 0.1).reshape(2, 2)
+    a = A.minority_score(hm, rho=1.0, g_scale="logit", beta=10.0)
+    assert_close(a.u, A.minority_score(hm, rho=10.0).u)
+
+
+def test_standardized_g_and_score_variants_golden():
+    """3 pairs, 2 models. model 0: h = (0.1, 0.0, 0.2), mean 0.1, std 0.1 -> z = (0, -1, 1);
+    model 1: h = (0.3, 0.1, 0.2), mean 0.2, std 0.1 -> z = (1, -1, 0). rho 1: g per pair (0,1), (-1,-1), (1,0).
+    c = 1 - mean sigmoid(g) = (0.384471, 0.731059, 0.384471); s = var = (0.5, 0, 0.5); u = s c = (0.192235, 0, 0.192235)."""
+    hm = T(0.1, 0.0, 0.2, 0.3, 0.1, 0.2).reshape(2, 3)
+    c = T(0.3844707106849976, 0.7310585786300049, 0.3844707106849976)
+    s = T(0.5, 0.0, 0.5)
+    ms = A.minority_score(hm, rho=1.0, g_scale="standardized")
+    assert_close(ms.c, c)
+    assert_close(ms.s, s)
+    assert_close(ms.u, s * c)
+    assert_close(A.minority_score(hm, rho=1.0, g_scale="standardized", score="c").u, c)
+    assert_close(A.minority_score(hm, rho=1.0, g_scale="standardized", score="s").u, s)
+
+
+def test_renormalized_weights_have_batch_mean_one():
+    """W = (0.2, 0.6) -> / 0.4 = (0.5, 1.5); through the objective, mean W is 1 and the order is kept."""
+    assert_close(A.renormalize(T(0.2, 0.6)), T(0.5, 1.5))
+    out = build_objective(_acfg(renormalize=True))(_adaptive_errors())
+    w = T(0.24017256232544212, 0.3421899444124424)
+    assert_close(out.stats["W"], w / w.mean())
+
+
+def test_ema_half_lives_become_decays():
+    from pipeline.schema.train import EMAConfig
+
+    e = EMAConfig(decays=[0.9], half_lives=[10.0])
+    assert e.all_decays[0] == 0.9
+    assert e.all_decays[1] ** 10 == pytest.approx(0.5)  # after 10 updates the start weighs one half

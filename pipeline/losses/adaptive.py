@@ -7,11 +7,12 @@ g_m = rho * h_m (no gradient). Then
     s(x) = spread of g_m over the M models  inter-annotator stability
            "variance":    sample variance (the paper)
            "std_clamped": sample std, capped at 1 (the authors' code; we read "clamped at 1" as min(std, 1))
-    u(x) = s(x) * c(x)                      minority score; optionally / batch mean of s ("normalize")
+    u(x) = s(x) * c(x)                      minority score (or c or s alone: ``score``); optionally / batch
+                                            mean of s ("normalize")
     W(x) = stopgrad(weight(u))              linear 1/(1+k1 u) | square 1/(1+k1 u^2) | sqrt 1/(1+k1 sqrt u)
                                             | sigmoid 1/(1+exp(k1 u))
     G(x) = stopgrad(margin(u))              none 0 | linear k2 u + c2 | quadratic k2 u^2 + c2
-    L    = -W log sigmoid(beta h_theta - G)
+    L    = -W log sigmoid(beta h_theta - G)      (``renormalize``: W / batch mean of W)
 
 k2 defaults to -1/beta and c2 to the detached batch mean of h_theta (the authors' code), so majority
 pairs (small u) get the larger margin; c2 may be a float, or the batch mean of the logit instead.
@@ -34,15 +35,37 @@ class MinorityScore:
     s: torch.Tensor  # [B] inter-annotator stability (spread) term
 
 
+def scaled_g(h_models: torch.Tensor, rho: float, g_scale: str = "raw", beta: float = 1.0) -> torch.Tensor:
+    """g_m from h_m, [M, B]: ``raw`` rho h (the paper), ``logit`` rho beta h (h on the loss's logit
+    scale), ``standardized`` rho (h - mean) / std with each model's mean and std over the batch."""
+    h = h_models.detach().float()
+    if g_scale == "raw":
+        return rho * h
+    if g_scale == "logit":
+        return rho * beta * h
+    if g_scale == "standardized":
+        if h.shape[1] < 2:
+            raise ValueError("g_scale=standardized needs at least 2 pairs per batch")
+        return rho * (h - h.mean(dim=1, keepdim=True)) / h.std(dim=1, keepdim=True).clamp_min(1e-12)
+    raise ValueError(f"g_scale {g_scale!r}: expected raw, logit or standardized")
+
+
 def minority_score(
-    h_models: torch.Tensor, rho: float, spread: str = "variance", normalize: bool = False
+    h_models: torch.Tensor,
+    rho: float,
+    spread: str = "variance",
+    normalize: bool = False,
+    g_scale: str = "raw",
+    beta: float = 1.0,
+    score: str = "cs",
 ) -> MinorityScore:
-    """h_models: [M, B] (policy first, then the EMA models), M >= 2. No gradient flows through the result."""
+    """h_models: [M, B] (policy first, then the EMA models), M >= 2. No gradient flows through the result.
+    ``score`` picks u = s c (the paper), c alone or s alone."""
     if h_models.dim() != 2 or h_models.shape[0] < 2:
         raise ValueError(
             f"h_models: expected [M, B] with M >= 2 models (policy + EMA), got {tuple(h_models.shape)}"
         )
-    g = rho * h_models.detach().float()
+    g = scaled_g(h_models, rho, g_scale, beta)
     c = 1.0 - torch.sigmoid(g).mean(dim=0)
     if spread == "variance":
         s = g.var(dim=0, unbiased=True)
@@ -50,7 +73,9 @@ def minority_score(
         s = g.std(dim=0, unbiased=True).clamp(max=1.0)
     else:
         raise ValueError(f"spread {spread!r}: expected variance or std_clamped")
-    u = s * c
+    u = {"cs": s * c, "c": c, "s": s}.get(score)
+    if u is None:
+        raise ValueError(f"score {score!r}: expected cs, c or s")
     if normalize:
         u = u / s.mean().clamp_min(torch.finfo(torch.float32).tiny)
     return MinorityScore(u=u, c=c, s=s)
@@ -89,6 +114,16 @@ def resolve_c2(c2: float | str, h_theta: torch.Tensor, beta: float) -> float | t
     if c2 == "batch_mean_logit":
         return beta * h_theta.detach().float().mean()
     return float(c2)
+
+
+def renormalize(W: torch.Tensor) -> torch.Tensor:
+    """W / batch mean of W (detached): the relative weighting stays, the mean step size does not shrink."""
+    return (W / W.mean().clamp_min(torch.finfo(torch.float32).tiny)).detach()
+
+
+def bounded_weight(h: torch.Tensor, beta: float, k: float) -> torch.Tensor:
+    """The control without EMA models: W = stopgrad(1 / (1 + k |beta h|))."""
+    return (1.0 / (1.0 + k * (beta * h.detach().float()).abs())).detach()
 
 
 def adaptive_dpo_loss(h_theta: torch.Tensor, beta: float, W: torch.Tensor, G: torch.Tensor) -> torch.Tensor:

@@ -112,9 +112,11 @@ class AdaptiveDPO(Objective):
             return torch.ones_like(h).detach(), torch.zeros_like(h).detach(), {"u": nan, "c": nan, "s": nan}
         h_ema = [preference_h(e, errors.ref) for e in errors.ema]
         h_models = torch.stack([h.detach()] + [x.detach() for x in h_ema])
-        ms = A.minority_score(h_models, a.rho, a.spread, a.normalize)
+        ms = A.minority_score(h_models, a.rho, a.spread, a.normalize, a.g_scale, self.beta, a.score)
         k2 = -1.0 / self.beta if a.k2 is None else a.k2
         W = A.weight(ms.u, a.weight, a.k1)
+        if a.renormalize:
+            W = A.renormalize(W)
         G = A.margin(ms.u, a.margin, k2, A.resolve_c2(a.c2, h, self.beta))
         extra = {"u": ms.u, "c": ms.c, "s": ms.s}
         extra.update({f"h_ema{i}": x.detach() for i, x in enumerate(h_ema)})
@@ -128,6 +130,16 @@ class AdaptiveDPO(Objective):
         W, G, extra = self.weights(h, errors, metric_active)
         stats.update(extra, W=W, G=G)
         return LossOutput(self._final(h, W, G), stats)
+
+
+class BoundedDPO(Objective):
+    """Control for Adaptive-DPO without EMA models: -W log sigmoid(beta h), W = stopgrad(1/(1 + k |beta h|))."""
+
+    def __call__(self, errors, metric_active=True):
+        h, stats = self._pairwise(errors)
+        W = A.bounded_weight(h, self.beta, self.cfg.bounded_k)
+        stats["W"] = W
+        return LossOutput(W * dpo_loss(h, self.beta), stats)
 
 
 class AdaptiveIPO(AdaptiveDPO):
@@ -144,6 +156,7 @@ OBJECTIVES: dict[str, type[Objective]] = {
     "adaptive_ipo": AdaptiveIPO,
     "hinge": Hinge,
     "sft": SFT,
+    "bounded_dpo": BoundedDPO,
 }
 
 

@@ -5,12 +5,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-ObjectiveName = Literal["dpo", "adaptive_dpo", "robust_dpo", "cdpo", "ipo", "adaptive_ipo", "hinge", "sft"]
+ObjectiveName = Literal[
+    "dpo", "adaptive_dpo", "robust_dpo", "cdpo", "ipo", "adaptive_ipo", "hinge", "sft", "bounded_dpo"
+]
 
 
 @dataclass
 class AdaptiveConfig:
-    rho: float = 15.0  # g_m = rho * h_m
+    rho: float = 15.0  # g_m = rho * h_m (see g_scale)
+    g_scale: Literal["raw", "logit", "standardized"] = (
+        "raw"  # g = rho h | rho beta h | rho (h - batch mean) / batch std
+    )
+    score: Literal["cs", "c", "s"] = "cs"  # u = s c (paper) | c only | s only
     spread: Literal["variance", "std_clamped"] = "variance"  # paper: variance; authors' code: std capped at 1
     normalize: bool = False  # divide u by the batch mean of s (authors' code option)
     weight: Literal["linear", "square", "sqrt", "sigmoid"] = "linear"
@@ -18,6 +24,7 @@ class AdaptiveConfig:
     margin: Literal["none", "linear", "quadratic"] = "quadratic"
     k2: float | None = None  # null: -1/beta (authors' code)
     c2: float | Literal["batch_mean", "batch_mean_logit"] = "batch_mean"  # batch_mean: mean h_theta, detached
+    renormalize: bool = False  # W / batch mean of W: reweights pairs without shrinking the step
     warmup_steps: int = 0  # optimizer steps of plain DPO (W = 1, G = 0) before the metric is used
 
     def check(self) -> list[str]:
@@ -36,6 +43,7 @@ class ObjectiveConfig:
     name: ObjectiveName = "dpo"  # see "Objectives" for each formula
     beta: float = 1000.0  # logit = beta * h (Diffusion-DPO's beta_dpo 5000 == 2500 here)
     eps: float = 0.1  # robust_dpo: assumed flip rate; cdpo: label smoothing
+    bounded_k: float = 1.0  # bounded_dpo: W = stopgrad(1 / (1 + k |beta h|)), no EMA models
     adaptive: AdaptiveConfig = field(default_factory=AdaptiveConfig)
 
     def check(self) -> list[str]:

@@ -93,10 +93,19 @@ class TrainLoop:
 @dataclass
 class EMAConfig:
     decays: list[float] = field(default_factory=list)  # one EMA model each (authors' code: [0.9999, 0.5])
+    half_lives: list[float] = field(
+        default_factory=list
+    )  # or: in optimizer steps, decay = 0.5 ** (1 / half_life)
     offload: bool = True  # fp32 shards in CPU memory (pinned); false: on the accelerator
 
+    @property
+    def all_decays(self) -> list[float]:
+        """The decays of every EMA model: ``decays``, then those of ``half_lives``."""
+        return list(self.decays) + [0.5 ** (1.0 / h) for h in self.half_lives]
+
     def check(self) -> list[str]:
-        return [f"decays: {d} is not in [0, 1)" for d in self.decays if not 0 <= d < 1]
+        errs = [f"decays: {d} is not in [0, 1)" for d in self.decays if not 0 <= d < 1]
+        return errs + [f"half_lives: {h} is not > 0" for h in self.half_lives if not h > 0]
 
 
 @dataclass

@@ -29,7 +29,7 @@ def full_params(engine) -> dict[str, torch.Tensor]:
 def main(cfg: TrainConfig) -> int:
     t = train.Trainer(cfg)
     t.setup()
-    decays = cfg.ema.decays
+    decays = cfg.ema.all_decays
     start = full_params(t.engine)
     REF.update({k: {n: v.clone() for n, v in start.items()} for k in range(len(decays))})
     real_update = ShardedEMA.update
