@@ -247,13 +247,21 @@ def test_hpsv2_converter_round_trips_an_open_clip_state_dict(scorers_dir, tmp_pa
 
 @pytest.mark.slow
 def test_robustness_benchmark_smoke(tmp_path):
+    """The minority preset's machinery at smoke size: annotator flips, a control whose lr comes from
+    another run's mean W, accuracy at intermediate checkpoints, per-run AUROCs."""
     out = tmp_path / "rb"
-    p = subprocess.run([sys.executable, "-m", "tools.robustness", "--out", str(out), "--pairs", "48", "--heldout", "16",
-                        "--steps", "2", "--micro-batch", "4", "--seeds", "0", "--flip-rates", "0", "0.3",
-                        "--objectives", "dpo", "adaptive_dpo", "--draws", "1"], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=900)  # fmt: skip
+    p = subprocess.run([sys.executable, "-m", "tools.robustness", "--preset", "minority", "--out", str(out), "--pairs", "48",
+                        "--heldout", "16", "--steps", "4", "--micro-batch", "4", "--seeds", "0", "--flips", "pair:0.3", "user:0.5",
+                        "--variants", "dpo", "adaptive_dpo", "dpo_lr_meanW", "--draws", "1"],
+                       cwd=ROOT, env=env(), capture_output=True, text=True, timeout=900)  # fmt: skip
     assert p.returncode == 0, p.stderr[-4000:]
     res = json.loads((out / "results.json").read_text())["table"]
-    assert set(res) == {"dpo@0", "dpo@0.3", "adaptive_dpo@0", "adaptive_dpo@0.3"}
+    assert set(res) == {
+        f"{v}@{f}" for v in ("dpo", "adaptive_dpo", "dpo_lr_meanW") for f in ("pair:0.3", "user:0.5")
+    }
     assert all(0 <= r["accuracy_mean"] <= 1 and r["seeds"] == 1 for r in res.values())
-    assert "auroc_u" in res["adaptive_dpo@0.3"] and (out / "accuracy_vs_flip.png").is_file()
-    assert "| adaptive_dpo |" in (out / "table.md").read_text()
+    assert list(res["dpo@pair:0.3"]["curve"]) == ["1", "2", "3", "4"]
+    assert "auroc_u" in res["adaptive_dpo@pair:0.3"] and "auroc_annotators" in res["adaptive_dpo@user:0.5"]
+    cfg = (out / "runs" / "dpo_lr_meanW_pair30_s0" / "config.yaml").read_text()
+    assert "lr: 0.0001\n" not in cfg  # scaled by the adaptive run's mean W
+    assert (out / "accuracy_vs_steps.png").is_file() and "| adaptive_dpo |" in (out / "table.md").read_text()
