@@ -3,7 +3,7 @@
     python -m tools.bench step    [--width 0.25] [--latent 32] [--micro-batch 1] [--precision fp32]
                                   [--attention sdpa] [--steps 3] [--peak-tflops X] [--grad-ckpt]
     python -m tools.bench encode  [--model sd15|tiny] [--resolution 512] [--pairs 2]
-    python -m tools.bench loader  --shards DIR [--workers 2] [--micro-batch 4] [--batches 200]
+    python -m tools.bench loader  --shards DIR | --synthetic sd15|sdxl [--workers 2] [--micro-batch 4] [--batches 200]
     python -m tools.bench ema     [--width 0.25] [--decays 2]
     ... --out bench/NAME.json
 
@@ -18,6 +18,7 @@ a step in UNet-forward units: DPO 3 (policy) + 1 (reference) = 4; each EMA model
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -165,6 +166,7 @@ def bench_step(a) -> dict:
     for name in ("adaptive_m2", "adaptive_m3"):
         results[name]["ratio_to_dpo"] = results[name]["step_s"] / results["dpo"]["step_s"]
         results[name]["floor_ratio"] = units[name] / units["dpo"]
+    results["breakdown_adaptive_m3"] = breakdown(engine, ref, emas[3], batch, sched, dtype, dev, a.steps)
     # EMA costs, measured alone
     e3 = emas[3]
     results["ema_update_s"] = statistics.median(_timeit(e3.update, dev, a.steps))
@@ -201,6 +203,53 @@ def bench_step(a) -> dict:
     results["unet_params"] = n_params(ref)
     results["unet_fwd_tflop_2B"] = fwd / 1e12
     return results
+
+
+def breakdown(engine, ref, ema, batch, sched, dtype, dev, reps: int) -> dict:
+    """Median seconds of each phase of an Adaptive-DPO step, timed one phase at a time."""
+    from pipeline.losses.objectives import build_objective
+    from pipeline.schema.objective import ObjectiveConfig
+    from pipeline.step import PreferenceStep, run_unet
+
+    step = PreferenceStep(
+        build_objective(ObjectiveConfig(name="adaptive_dpo")), sched, "epsilon", dtype, dev, 0, 0
+    )
+    phases: dict[str, list[float]] = {}
+
+    @contextlib.contextmanager
+    def timed(name):
+        _sync(dev)
+        t = time.perf_counter()
+        yield
+        _sync(dev)
+        phases.setdefault(name, []).append(time.perf_counter() - t)
+
+    for i in range(reps + 1):
+        with timed("inputs (noise, targets)"):
+            x = step.inputs(batch, 1000 + i)
+        with torch.no_grad():
+            with timed("reference forward"):
+                run_unet(ref, x)
+            for k in range(len(ema)):
+                ema.loaded = None
+                with timed("EMA gather"):
+                    m = ema.gather(k)
+                with timed("EMA forward"):
+                    run_unet(m, x)
+        with timed("policy forward"):
+            loss = run_unet(engine, x).float().pow(2).mean()
+        with timed("policy backward"):
+            engine.backward(loss)
+        with timed("optimizer step"):
+            engine.step()
+        with timed("EMA update"):
+            ema.update()
+        if i == 0:
+            phases = {}  # warm-up
+    return {
+        k: statistics.median(v) * (2 if k.startswith("EMA g") or k.startswith("EMA f") else 1)
+        for k, v in phases.items()
+    }
 
 
 # ---------------------------------------------------------------------------------------------- encode
@@ -264,10 +313,49 @@ def bench_encode(a) -> dict:
 # ---------------------------------------------------------------------------------------------- loader
 
 
+SHAPES = {"sd15": ((4, 64, 64), (77, 768), None), "sdxl": ((4, 128, 128), (77, 2048), 1280)}
+
+
+def synthetic_shards(out: Path, family: str, pairs: int, shard_size: int = 500) -> Path:
+    """Shards with the real SD1.5 / SDXL shapes and random float16 content, and their manifest."""
+    import numpy as np
+
+    from pipeline.data.manifest import merge_manifest
+    from pipeline.data.shards import encode_sample, shard_name, write_json_atomic, write_shard
+
+    lat, txt, pooled = SHAPES[family]
+    rng = np.random.default_rng(0)
+    n_shards = -(-pairs // shard_size)
+    write_json_atomic(out / "plan.json", {"model": {"path": "-", "family": family, "config_hash": "-"}, "resolution": 8 * lat[1],
+                                          "latent_shape": list(lat), "text_shape": list(txt), "pooled_dim": pooled,
+                                          "n_shards": n_shards, "scan": {"rows_read": pairs, "skipped": {}, "skipped_ids": {}}})  # fmt: skip
+    for s in range(n_shards):
+        samples = []
+        for i in range(s * shard_size, min(pairs, (s + 1) * shard_size)):
+            arrays = {"lat_w": rng.standard_normal(lat).astype(np.float16), "lat_l": rng.standard_normal(lat).astype(np.float16),
+                      "txt": rng.standard_normal(txt).astype(np.float16)}  # fmt: skip
+            if pooled:
+                arrays["pooled"] = rng.standard_normal(pooled).astype(np.float16)
+            meta = {"caption": "a red cat", "user_id": i % 97, "winner": 0, "original_size_w": [1024, 1024], "original_size_l": [1024, 1024],
+                    "crop_top_left_w": [0, 0], "crop_top_left_l": [0, 0], "extra": {}}  # fmt: skip
+            samples.append(encode_sample(f"{i:020d}", arrays, meta))
+        write_shard(
+            out / shard_name(s), samples, {"index": s, "rows": [0, 0], "skipped": {}, "skipped_ids": {}}
+        )
+    merge_manifest(out)
+    return out
+
+
 def bench_loader(a) -> dict:
+    import tempfile
+
     from pipeline.data.loader import PairStream, make_loader
     from pipeline.data.shards import load_manifest
 
+    if a.synthetic:
+        a.shards = str(
+            synthetic_shards(Path(tempfile.mkdtemp(prefix="bench_shards_")), a.synthetic, a.pairs_synthetic)
+        )
     m = load_manifest(a.shards)
     paths = [Path(a.shards) / s["name"] for s in m["shards"]]
     counts = [s["count"] for s in m["shards"]]
@@ -289,6 +377,7 @@ def bench_loader(a) -> dict:
     next(iter(make_loader(stream, 0, False)))
     out["resume_last_batch_of_epoch_s"] = time.perf_counter() - t
     out["pairs"] = sum(counts)
+    out["bytes_per_pair"] = m["total_bytes"] / max(sum(counts), 1)
     return out
 
 
@@ -318,6 +407,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resolution", type=int, default=512)
     p.add_argument("--pairs", type=int, default=1)
     p.add_argument("--shards")
+    p.add_argument(
+        "--synthetic", choices=["sd15", "sdxl"], help="loader: bench on generated shards of these shapes"
+    )
+    p.add_argument("--pairs-synthetic", type=int, default=2000)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--batches", type=int, default=200)
     p.add_argument("--out")

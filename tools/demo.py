@@ -33,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     py = sys.executable
     model = out / "models" / "sd15"
     if not (model / "model_index.json").is_file():
-        make_tiny_model.main(["--family", "sd15", "--out", str(model), "--seed", "0"])
+        # a VAE trained briefly as an autoencoder, so latents carry the images (tools/make_tiny_model.py)
+        make_tiny_model.main(["--family", "sd15", "--out", str(model), "--seed", "0", "--vae-steps", "300"])
     for name, n, seed, bad in (
         ("train", a.pairs, 0, ["--corrupt", "1", "--null-caption", "1"]),
         ("heldout", 200, 1, []),
