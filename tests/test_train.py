@@ -370,3 +370,13 @@ def test_sigterm_checkpoints_and_the_same_command_resumes(shards16, tmp_path):
                        cwd=ROOT, env=env(), capture_output=True, text=True)  # fmt: skip
     check(p)
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == list(range(1, step + 3))
+
+
+def test_bf16_mixed_precision_trains_and_exports_fp32_masters(shards16, tmp_path):
+    """bf16 compute (policy, reference and EMA module in bf16; ZeRO-2 keeps fp32 masters)."""
+    out = tmp_path / "bf16"
+    check(train(shards16, out, "train.precision=bf16", "objective.name=adaptive_dpo", "ema.decays=[0.9]", "train.max_steps=3"))
+    m = read_metrics(out / "metrics.jsonl")
+    assert len(m) == 3 and all(np.isfinite(r["loss"]) for r in m)
+    for name in ("unet", "unet_ema_0.9"):
+        assert next(iter(_unet_tensors(out / "export" / name).values())).dtype == torch.float32
