@@ -57,6 +57,16 @@ def _peak_mem(dev) -> float | None:
     return torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
 
 
+def measured_peak_tflops(dev: torch.device, dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
+    """What this device reaches on a large square GEMM in ``dtype``: the practical peak used for
+    utilisation when no published peak is given (``--peak-tflops``)."""
+    a = torch.randn(n, n, device=dev, dtype=dtype)
+    b = torch.randn(n, n, device=dev, dtype=dtype)
+    a @ b
+    t = statistics.median(_timeit(lambda: a @ b, dev, reps))
+    return 2 * n**3 / t / 1e12
+
+
 def unet_forward_flops(unet, x, t, text) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -83,6 +93,8 @@ def bench_step(a) -> dict:
 
     dev = _device(a.device)
     dtype = COMPUTE_DTYPE[a.precision]
+    if a.peak_tflops is None:
+        a.peak_tflops = measured_peak_tflops(dev, dtype)
     init_distributed("nccl" if dev.type == "cuda" else "gloo")
     torch.manual_seed(0)
     B, L = a.micro_batch, a.latent
@@ -200,6 +212,7 @@ def bench_step(a) -> dict:
             "pairs_per_s": B / t,
             "saving_from_precomputed": 1 - results["dpo"]["step_s"] / t,
         }
+    results["peak_tflops"] = a.peak_tflops
     results["unet_params"] = n_params(ref)
     results["unet_fwd_tflop_2B"] = fwd / 1e12
     return results
@@ -296,9 +309,12 @@ def bench_encode(a) -> dict:
     with torch.no_grad(), FlopCounterMode(display=False) as fc:
         vae.encode(pix[:1])
     vae_flops = fc.get_total_flops()
+    peak = a.peak_tflops or measured_peak_tflops(dev, dtype)
     return {
         "model": a.model,
         "resolution": R,
+        "peak_tflops": peak,
+        "utilisation": (2 * N * vae_flops) / t / 1e12 / peak,
         "pairs_per_call": N,
         "seconds_per_call": t,
         "pairs_per_s": N / t,
