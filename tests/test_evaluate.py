@@ -252,7 +252,7 @@ def test_robustness_benchmark_smoke(tmp_path):
     out = tmp_path / "rb"
     p = subprocess.run([sys.executable, "-m", "tools.robustness", "--preset", "minority", "--out", str(out), "--pairs", "48",
                         "--heldout", "16", "--steps", "4", "--micro-batch", "4", "--seeds", "0", "--flips", "pair:0.3", "user:0.5",
-                        "--variants", "dpo", "adaptive_dpo", "dpo_lr_meanW", "--draws", "1"],
+                        "--variants", "dpo", "adaptive_dpo", "dpo_lr_meanW", "sft", "--draws", "1"],
                        cwd=ROOT, env=env(), capture_output=True, text=True, timeout=900)  # fmt: skip
     assert p.returncode == 0, p.stderr[-4000:]
     res = json.loads((out / "results.json").read_text())["table"]

@@ -194,6 +194,8 @@ def _run_stats(run: Path) -> dict:
         res["auroc_u"] = auroc(rec["u"][ok], fl[ok])
     if "W" in rec:
         res["W_flipped"], res["W_clean"] = float(np.nanmean(rec["W"][fl])), float(np.nanmean(rec["W"][~fl]))
+    if "h" not in rec:  # SFT has no preference margin
+        return res
     users = per_annotator(rec, 0.9, 1)
     flipped_users = np.array([u["flipped_share"] == 1.0 for u in users])
     clean_users = np.array([u["flipped_share"] == 0.0 for u in users])

@@ -33,6 +33,8 @@ def latest_per_pair(table, last_epochs: int = 1) -> dict[str, np.ndarray]:
 
 
 def per_annotator(rec: dict[str, np.ndarray], high_q: float, min_pairs: int) -> list[dict]:
+    if "h" not in rec:
+        return []  # an objective without a preference margin (SFT)
     score = rec["u"] if "u" in rec and np.isfinite(rec["u"]).any() else -rec["h"]
     thr = float(np.nanquantile(score, high_q))
     users = rec["user_id"].astype(int)
