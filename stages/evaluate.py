@@ -189,7 +189,9 @@ def main(cfg: EvalConfig) -> int:
         plot = bar_plot(rows, metrics, out / "metrics.png", "mean ± s.e. per model")
         report["plot"] = str(plot) if plot else None
     for name, r in report["minority"].items():
-        if "auroc_neg_h" in r:
+        if "note" in r:
+            md.append(f"\nminority ({name}): {r['note']}\n")
+        elif "auroc_neg_h" in r:
             line = f"\nminority ({name}): {r['pairs']} pairs, {r['flipped']} flipped; AUROC of -h {r['auroc_neg_h']:.3f}"
             if "auroc_u" in r:
                 line += f", AUROC of u {r['auroc_u']:.3f}, mean W flipped {r['mean_W_flipped']:.3f} vs clean {r['mean_W_clean']:.3f}"

@@ -182,6 +182,11 @@ def test_minority_report_ranks_flipped_pairs_and_annotators(tmp_path):
     assert r["auroc_annotators"] == 1.0
     assert r["mean_W_flipped"] < r["mean_W_clean"]
     assert (tmp_path / "minority_synthetic.png").is_file()
+    sft = tmp_path / "sft_run"
+    (sft / "pairs" / "rank_00000").mkdir(parents=True)
+    pq.write_table(pa.table({"step": [1], "key": ["k"], "user_id": [1], "flipped": [True], "true_agrees": [1.0], "e_w": [0.1]}),
+                   sft / "pairs" / "rank_00000" / "upto_00000001.parquet")  # fmt: skip
+    assert "no preference margin" in run_report(sft, tmp_path, "sft", 5, 0.8, 5, 1)["note"]
 
 
 def test_hpsv2_converter_round_trips_an_open_clip_state_dict(scorers_dir, tmp_path):

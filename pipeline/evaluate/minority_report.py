@@ -63,6 +63,8 @@ def run_report(
     if table is None:
         return {"run": str(run_dir), "note": "no per-pair records (output.pair_records=false?)"}
     rec = latest_per_pair(table, last_epochs)
+    if "h" not in rec:
+        return {"run": str(run_dir), "note": "this objective has no preference margin h (SFT): nothing to rank"}
     has_u = "u" in rec and np.isfinite(rec["u"]).any()
     flipped = rec["flipped"]
     res: dict = {
