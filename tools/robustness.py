@@ -65,6 +65,18 @@ VARIANTS: dict[str, tuple[str, list[str], dict]] = {
         ["objective.adaptive.g_scale=standardized", "objective.adaptive.rho=1.0"],
         {},
     ),
+    "adaptive_logit_c": (ADA_CFG, ["objective.adaptive.g_scale=logit", "objective.adaptive.score=c"], {}),
+    "adaptive_logit_c_renorm": (
+        ADA_CFG,
+        [
+            "objective.adaptive.g_scale=logit",
+            "objective.adaptive.score=c",
+            "objective.adaptive.renormalize=true",
+        ],
+        {},
+    ),
+    # Robust-DPO's gradient at eps 0.3 is 1/(1 - 2 eps) = 2.5x DPO's at h = 0: is its gain the step size?
+    "dpo_lr_x2.5": (DPO_CFG, ["objective.name=dpo"], {"lr_scale": 2.5}),
     "adaptive_logit_halflife_renorm": (
         ADA_CFG,
         [
@@ -157,7 +169,7 @@ def train_one(a, shards: Path, variant: str, flip: str, seed: int) -> tuple[str,
         return run.name, 0, ""
     cfg, overrides, opts = VARIANTS[variant]
     by, rate = parse_flip(flip)
-    lr = a.lr
+    lr = a.lr * opts.get("lr_scale", 1.0)
     if "lr_from" in opts:
         lr *= mean_W(a.out / "runs" / run_name(opts["lr_from"], flip, seed))
     every = max(a.steps // 4, 1) if a.curve else a.steps
