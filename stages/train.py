@@ -241,7 +241,12 @@ class Trainer:
 
     def _on_signal(self, signum, frame) -> None:
         self.stop_signal = signum
-        log.warning("rank %d: got signal %d; checkpointing at the next step", self.rank, signum)
+        signal.signal(signum, signal.SIG_DFL)  # a second signal stops at once
+        log.warning(
+            "rank %d: got signal %d; checkpointing at the next step (send it again to stop now)",
+            self.rank,
+            signum,
+        )
 
     # ------------------------------------------------------------------ train
 

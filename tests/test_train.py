@@ -338,35 +338,30 @@ def test_repeated_nan_losses_stop_with_a_checkpoint(shards16, tmp_path):
 
 
 def test_sigterm_checkpoints_and_the_same_command_resumes(shards16, tmp_path):
+    """SIGTERM to the whole process group, as schedulers send it: the data workers get it too."""
     out = tmp_path / "run"
-    args = [
+    base = [
         "--config",
         TRAIN_CFG,
         f"data.shards={shards16}",
         f"output.dir={out}",
-        "train.max_steps=100000",
-        "checkpoint.every=100000",
+        "data.num_workers=2",
+        "data.micro_batch=2",
     ]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "stages.train", *args],
-        cwd=ROOT,
-        env=env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = subprocess.Popen([sys.executable, "-m", "stages.train", *base, "train.max_steps=100000", "checkpoint.every=100000"],
+                            cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
     deadline = time.time() + 120
     while time.time() < deadline:
         if (out / "metrics.jsonl").is_file() and len((out / "metrics.jsonl").read_text().splitlines()) >= 3:
             break
         time.sleep(0.1)
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
     tag = (out / "checkpoints" / "latest").read_text().strip()
     step = int(tag.split("_")[1])
     assert step >= 3 and f"stopped at step {step}: signal {int(signal.SIGTERM)}" in err
-    p = subprocess.run([sys.executable, "-m", "stages.train", *args[:-2], f"train.max_steps={step + 2}", "checkpoint.export=false"],
+    p = subprocess.run([sys.executable, "-m", "stages.train", *base, f"train.max_steps={step + 2}", "checkpoint.export=false"],
                        cwd=ROOT, env=env(), capture_output=True, text=True)  # fmt: skip
     check(p)
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == list(range(1, step + 3))
@@ -375,7 +370,16 @@ def test_sigterm_checkpoints_and_the_same_command_resumes(shards16, tmp_path):
 def test_bf16_mixed_precision_trains_and_exports_fp32_masters(shards16, tmp_path):
     """bf16 compute (policy, reference and EMA module in bf16; ZeRO-2 keeps fp32 masters)."""
     out = tmp_path / "bf16"
-    check(train(shards16, out, "train.precision=bf16", "objective.name=adaptive_dpo", "ema.decays=[0.9]", "train.max_steps=3"))
+    check(
+        train(
+            shards16,
+            out,
+            "train.precision=bf16",
+            "objective.name=adaptive_dpo",
+            "ema.decays=[0.9]",
+            "train.max_steps=3",
+        )
+    )
     m = read_metrics(out / "metrics.jsonl")
     assert len(m) == 3 and all(np.isfinite(r["loss"]) for r in m)
     for name in ("unet", "unet_ema_0.9"):

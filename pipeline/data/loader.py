@@ -294,6 +294,15 @@ def collate_pairs(samples: list[dict], flips: list[bool], resolution: int, sdxl:
     return batch
 
 
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """Workers ignore SIGTERM/SIGINT: a scheduler signals the whole process group, and the rank must
+    still get its next batches while it writes its final checkpoint (workers end with the rank)."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def make_loader(stream: PairStream, num_workers: int, pin_memory: bool) -> torch.utils.data.DataLoader:
     """Worker i serves micro-batches m with m = start + i (mod num_workers): the DataLoader's
     round-robin over workers then returns them in order m = start, start + 1, ..."""
@@ -305,4 +314,5 @@ def make_loader(stream: PairStream, num_workers: int, pin_memory: bool) -> torch
         prefetch_factor=4 if num_workers else None,
         persistent_workers=False,
         in_order=True,
+        worker_init_fn=_ignore_stop_signals if num_workers else None,
     )

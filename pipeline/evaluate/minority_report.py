@@ -64,7 +64,10 @@ def run_report(
         return {"run": str(run_dir), "note": "no per-pair records (output.pair_records=false?)"}
     rec = latest_per_pair(table, last_epochs)
     if "h" not in rec:
-        return {"run": str(run_dir), "note": "this objective has no preference margin h (SFT): nothing to rank"}
+        return {
+            "run": str(run_dir),
+            "note": "this objective has no preference margin h (SFT): nothing to rank",
+        }
     has_u = "u" in rec and np.isfinite(rec["u"]).any()
     flipped = rec["flipped"]
     res: dict = {
