@@ -93,3 +93,13 @@ def test_every_config_file_validates():
     for path in files:
         cls = registry.schema_for(path)
         load_config(cls, path, _required_overrides(cls))
+
+
+def test_ema_half_lives_count_as_ema_models_for_the_adaptive_objectives():
+    from pipeline.schema.train import TrainConfig
+
+    base = ["data.shards=s", "output.dir=o", "objective.name=adaptive_dpo"]
+    cfg = load_config(TrainConfig, None, [*base, "ema.half_lives=[50,5]"])
+    assert len(cfg.ema.all_decays) == 2
+    with pytest.raises(ConfigError, match="need at least one EMA model"):
+        load_config(TrainConfig, None, base)

@@ -135,7 +135,7 @@ class TrainConfig:
 
     def check(self) -> list[str]:
         errs = []
-        if self.objective.name in ("adaptive_dpo", "adaptive_ipo") and not self.ema.decays:
+        if self.objective.name in ("adaptive_dpo", "adaptive_ipo") and not self.ema.all_decays:
             errs.append(
                 "ema.decays: the adaptive objectives need at least one EMA model (authors' code: [0.9999, 0.5])"
             )
