@@ -22,6 +22,7 @@ from pipeline import cli
 from pipeline.config import to_dict, write_resolved
 from pipeline.data.flips import flipped_mask, unit_key
 from pipeline.data.shards import load_manifest
+from pipeline.engine.precision import flush_denormals
 from pipeline.errors import UserError
 from pipeline.evaluate import models as evmodels
 from pipeline.evaluate.generate import generate, grid, read_prompts
@@ -158,6 +159,7 @@ def main(cfg: EvalConfig) -> int:
     }
     rows: dict[str, dict] = {s.name: {} for s in specs}
     device = pick_device(cfg.device)
+    flush_denormals()
     dtype = DTYPES[cfg.dtype]
     if base is not None:
         info = inspect_model(base)

@@ -36,7 +36,7 @@ from pipeline.engine.dist import all_reduce_max, barrier, init_distributed
 from pipeline.engine.ds_config import build_ds_config
 from pipeline.engine.ema import ShardedEMA
 from pipeline.engine.flat_layout import FlatLayout
-from pipeline.engine.precision import apply_attention, check_precision, resolve_attention
+from pipeline.engine.precision import apply_attention, check_precision, flush_denormals, resolve_attention
 from pipeline.errors import UserError
 from pipeline.evaluate.preference import accuracy as preference_accuracy
 from pipeline.losses.objectives import build_objective
@@ -84,6 +84,7 @@ class Trainer:
         local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
         self.device = pick_device(cfg.train.device, local_rank)
         self.dtype = check_precision(cfg.train.precision, self.device)
+        flush_denormals()
         self.attention = resolve_attention(cfg.model.attention, self.device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)

@@ -77,6 +77,7 @@ def test_ds_config_is_built_from_the_typed_config():
     cfg.train.precision, cfg.optim.warmup_steps = "bf16", 0
     ds = build_ds_config(cfg, world_size=1, on_cuda=False, load_universal=True)
     assert ds["bf16"]["enabled"] and ds["optimizer"]["params"]["torch_adam"] is True
+    assert ds["optimizer"]["params"]["fused"] is True  # torch's fused AdamW
     assert ds["scheduler"]["params"]["warmup_min_lr"] == cfg.optim.lr  # no warm-up: constant from step 1
     assert ds["checkpoint"] == {"load_universal": True}
 
