@@ -187,13 +187,15 @@ def test_two_nodes_see_every_pair_exactly_once_per_epoch(shards64, tmp_path):
         assert sorted(seen.tolist()) == all_keys, f"epoch {epoch}"
 
 
-def test_sharded_ema_equals_a_full_parameter_reference(shards64, tmp_path):
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_sharded_ema_equals_a_full_parameter_reference(nproc, shards64, tmp_path):
+    """2 ranks: the all-gather path; 1 rank: the module is pointed at the shards (no copy)."""
     p = train(shards64, tmp_path / "run", "ema.decays=[0.9,0.5]", "data.micro_batch=4", "train.max_steps=3",
-              "checkpoint.export=false", nproc=2, module="tests.helpers.ema_check")  # fmt: skip
+              "checkpoint.export=false", nproc=nproc, module="tests.helpers.ema_check")  # fmt: skip
     check(p)
     line = next(x for x in p.stdout.splitlines() if x.startswith("EMACHECK "))
     r = json.loads(line.split(" ", 1)[1])
-    assert r == {**r, "shards": True, "module": True, "coverage": True, "world": 2, "steps": 3}, r
+    assert r == {**r, "shards": True, "module": True, "coverage": True, "world": nproc, "steps": 3}, r
 
 
 def test_reference_stays_bit_identical_to_the_starting_unet(shards16, tmp_path):

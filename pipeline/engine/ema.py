@@ -70,15 +70,20 @@ class ShardedEMA:
 
     @torch.no_grad()
     def gather(self, k: int) -> torch.nn.Module:
-        """Fill the reusable module with EMA model k (an all-gather of every rank's shard)."""
+        """Fill the reusable module with EMA model k (an all-gather of every rank's shard). With one
+        rank and shards already in the module's dtype and device, the module is pointed at the shard
+        instead (no copy)."""
         if self.module is None:
             raise RuntimeError("attach_module() first")
         if self.loaded != k:
-            parts = [
-                s.to(self.device, self._flats[g].dtype, non_blocking=True)
-                for g, s in enumerate(self.shards[k])
-            ]
-            self.layout.gather_into(parts, self._flats)
+            shards = self.shards[k]
+            same = all(s.dtype == f.dtype and s.device == f.device for s, f in zip(shards, self._flats))
+            if self.layout.world == 1 and same:
+                self.layout.point(self.module, shards)
+            else:
+                self.layout.point(self.module, self._flats)
+                parts = [s.to(self.device, f.dtype, non_blocking=True) for s, f in zip(shards, self._flats)]
+                self.layout.gather_into(parts, self._flats)
             self.loaded = k
         return self.module
 

@@ -83,6 +83,14 @@ class FlatLayout:
                 g[off : off + n].copy_(p.data.reshape(-1))
                 p.data = g[off : off + n].view(shape)
 
+    def point(self, module: torch.nn.Module, flats: list[torch.Tensor]) -> None:
+        """Make ``module``'s trainable parameters views into ``flats`` without copying (the flats
+        must be full buffers in the module's dtype and device)."""
+        params = dict(module.named_parameters())
+        for g, lay in zip(flats, self.groups):
+            for name, off, shape in zip(lay.names, lay.offsets, lay.shapes):
+                params[name].data = g[off : off + shape.numel()].view(shape)
+
     def state_dict(self, flats: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         out = {}
         for g, lay in zip(flats, self.groups):
