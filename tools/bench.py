@@ -4,7 +4,7 @@
                                   [--attention sdpa] [--steps 3] [--peak-tflops X] [--grad-ckpt]
     python -m tools.bench encode  [--model sd15|tiny] [--resolution 512] [--pairs 2]
     python -m tools.bench loader  --shards DIR | --synthetic sd15|sdxl [--workers 2] [--micro-batch 4] [--batches 200]
-    python -m tools.bench ema     [--width 0.25] [--decays 2]
+    python -m tools.bench memory  [--width 1.0] [--latent 64] [--precision fp16] [--memory-gb 16 32] [--grad-ckpt]  (CUDA)
     ... --out bench/NAME.json
 
 ``step`` runs the real training step (PreferenceStep + DeepSpeed ZeRO-2 engine + sharded EMA) on a
@@ -22,6 +22,7 @@ import contextlib
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -93,6 +94,8 @@ def bench_step(a) -> dict:
 
     dev = _device(a.device)
     dtype = COMPUTE_DTYPE[a.precision]
+    if a.memory_fraction and dev.type == "cuda":
+        torch.cuda.set_per_process_memory_fraction(a.memory_fraction)
     if a.peak_tflops is None:
         a.peak_tflops = measured_peak_tflops(dev, dtype)
     init_distributed("nccl" if dev.type == "cuda" else "gloo")
@@ -295,6 +298,33 @@ def breakdown(engine, ref, ema, batch, sched, dtype, dev, reps: int) -> dict:
     }
 
 
+def bench_memory(a) -> dict:
+    """The largest micro-batch whose Adaptive-DPO (M = 3) step fits, for each emulated memory size:
+    ``torch.cuda.set_per_process_memory_fraction`` caps this process at GB / device total."""
+    from pipeline.errors import UserError
+
+    if not torch.cuda.is_available():
+        raise UserError("bench memory needs a CUDA device (it emulates GPU memory sizes)")
+    total = torch.cuda.get_device_properties(0).total_memory / 2**30
+    out = {"device_total_gb": total, "fits": {}}
+    for gb in a.memory_gb:
+        torch.cuda.set_per_process_memory_fraction(min(1.0, gb / total))
+        best, peak = 0, None
+        for mb in (1, 2, 4, 8, 16, 32):
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            p = subprocess.run([sys.executable, "-m", "tools.bench", "step", "--width", str(a.width), "--latent", str(a.latent),
+                                "--micro-batch", str(mb), "--precision", a.precision, "--attention", a.attention, "--steps", "1",
+                                "--skip-usual", "--memory-fraction", str(min(1.0, gb / total))]
+                               + (["--grad-ckpt"] if a.grad_ckpt else []), capture_output=True, text=True)  # fmt: skip
+            if p.returncode != 0:
+                break
+            best = mb
+            peak = json.loads(p.stdout)["result"]["adaptive_m3"]["peak_mem_gb"]
+        out["fits"][f"{gb:g}GB"] = {"max_micro_batch": best, "peak_mem_gb_at_max": peak}
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- encode
 
 
@@ -432,7 +462,7 @@ def bench_loader(a) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=["step", "encode", "loader"])
+    p.add_argument("what", choices=["step", "encode", "loader", "memory"])
     p.add_argument("--device", default="auto")
     p.add_argument("--width", type=float, default=0.25)
     p.add_argument("--latent", type=int, default=32)
@@ -464,6 +494,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pairs-synthetic", type=int, default=2000)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--batches", type=int, default=200)
+    p.add_argument(
+        "--memory-gb", type=float, nargs="+", default=[16, 32], help="memory: emulated sizes (V100: 16, 32)"
+    )
+    p.add_argument("--memory-fraction", type=float, default=None, help=argparse.SUPPRESS)
     p.add_argument("--out")
     a = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -471,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.engine.precision import flush_denormals
 
         flush_denormals()
-    fn = {"step": bench_step, "encode": bench_encode, "loader": bench_loader}[a.what]
+    fn = {"step": bench_step, "encode": bench_encode, "loader": bench_loader, "memory": bench_memory}[a.what]
     res = {
         "what": a.what,
         "args": vars(a),
