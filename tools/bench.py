@@ -506,6 +506,13 @@ def main(argv: list[str] | None = None) -> int:
 
         flush_denormals()
     fn = {"step": bench_step, "encode": bench_encode, "loader": bench_loader, "memory": bench_memory}[a.what]
+    from pipeline.errors import UserError
+
+    try:
+        result = fn(a)
+    except UserError as e:
+        print(f"tools.bench: error: {e}", file=sys.stderr)
+        return 2
     res = {
         "what": a.what,
         "args": vars(a),
@@ -513,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
         if torch.cuda.is_available()
         else f"cpu x{torch.get_num_threads()} threads",
         "torch": torch.__version__,
-        "result": fn(a),
+        "result": result,
     }
     text = json.dumps(res, indent=1, default=float)
     if a.out:
