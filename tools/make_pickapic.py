@@ -219,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--annotator-noise", type=float, default=0.0, help="share of labels against the true preference"
     )
+    p.add_argument(
+        "--world", choices=["brightness", "colour"], default="brightness", help="the true preference rule"
+    )
     p.add_argument("--corrupt", type=int, default=0, help="rows with corrupt JPEG bytes")
     p.add_argument("--truncated", type=int, default=0, help="rows with truncated JPEG bytes")
     p.add_argument("--empty", type=int, default=0, help="rows with empty image bytes")

@@ -173,6 +173,7 @@ def make_tiny_model(family: str, out: str | Path, seed: int = 0, vae_steps: int 
         beta_end=0.012,
         beta_schedule="scaled_linear",
         clip_sample=False,
+        steps_offset=1,  # as in SD1.5's published scheduler config
     )
     vae = _vae()
     if vae_steps:
