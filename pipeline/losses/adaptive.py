@@ -1,7 +1,8 @@
 """Adaptive-DPO (Zhang et al., 2025, "When Preferences Diverge"), SPEC section 3.
 
 M models: the policy theta and M-1 EMA copies of it. For each pair and model, h_m = d_ref - d_m and
-g_m = rho * h_m (no gradient). Then
+g_m = rho * h_m (no gradient; ``g_scale`` also offers rho * beta * h_m, the logit scale, and
+rho * (h_m - batch mean) / batch std). Then
 
     c(x) = 1 - (1/M) sum_m sigmoid(g_m)     intra-annotator confidence (large: models disagree with the label)
     s(x) = spread of g_m over the M models  inter-annotator stability
