@@ -39,7 +39,7 @@ def generate(
 
 
 def grid(
-    rows: list[list[Image.Image]], labels: list[str] | None = None, pad: int = 2, label_w: int = 110
+    rows: list[list[Image.Image]], labels: list[str] | None = None, pad: int = 2, label_w: int = 170
 ) -> Image.Image:
     """rows of equally sized images -> one PNG-able image, with an optional label per row."""
     w, h = rows[0][0].size
@@ -48,7 +48,7 @@ def grid(
     draw = ImageDraw.Draw(canvas)
     for r, row in enumerate(rows):
         if labels:
-            draw.text((4, r * (h + pad) + h // 2 - 6), labels[r][:18], fill="black")
+            draw.text((4, r * (h + pad) + h // 2 - 6), labels[r][:28], fill="black")
         for c, img in enumerate(row):
             canvas.paste(img, (lw + c * (w + pad), r * (h + pad)))
     return canvas
