@@ -262,11 +262,12 @@ def test_robustness_benchmark_smoke(tmp_path):
     assert p.returncode == 0, p.stderr[-4000:]
     res = json.loads((out / "results.json").read_text())["table"]
     assert set(res) == {
-        f"{v}@{f}" for v in ("dpo", "adaptive_dpo", "dpo_lr_meanW") for f in ("pair:0.3", "user:0.5")
+        f"{v}@{f}" for v in ("dpo", "adaptive_dpo", "dpo_lr_meanW", "sft") for f in ("pair:0.3", "user:0.5")
     }
     assert all(0 <= r["accuracy_mean"] <= 1 and r["seeds"] == 1 for r in res.values())
     assert list(res["dpo@pair:0.3"]["curve"]) == ["1", "2", "3", "4"]
     assert "auroc_u" in res["adaptive_dpo@pair:0.3"] and "auroc_annotators" in res["adaptive_dpo@user:0.5"]
+    assert "auroc_annotators" not in res["sft@user:0.5"]  # SFT has no margin to rank annotators by
     cfg = (out / "runs" / "dpo_lr_meanW_pair30_s0" / "config.yaml").read_text()
     assert "lr: 0.0001\n" not in cfg  # scaled by the adaptive run's mean W
     assert (out / "accuracy_vs_steps.png").is_file() and "| adaptive_dpo |" in (out / "table.md").read_text()
