@@ -353,24 +353,21 @@ def write_outputs(a, table: dict) -> str:
         fig.tight_layout()
         fig.savefig(a.out / "accuracy_vs_flip.png", dpi=120)
     else:
-        fig, axes = plt.subplots(1, len(a.flips), figsize=(6.5 * len(a.flips), 5), squeeze=False)
+        # up to 20 variants: 20 distinct colours, dashed for the adaptive family, legend beside the axes
+        colours = plt.get_cmap("tab20").colors
+        fig, axes = plt.subplots(1, len(a.flips), figsize=(5.5 * len(a.flips) + 3, 5), squeeze=False)
         for ax, f in zip(axes[0], a.flips):
-            for v in a.variants:
+            for i, v in enumerate(a.variants):
                 c = table[f"{v}@{f}"]["curve"]
-                ax.plot(
-                    [int(s) for s in c],
-                    list(c.values()),
-                    marker="o",
-                    ms=3,
-                    label=v,
-                    lw=1.2 if v.startswith("adaptive") else 2,
-                )
-            ax.axhline(0.5, color="gray", ls="--", lw=0.8)
+                adaptive = v.startswith("adaptive")
+                ax.plot([int(s) for s in c], list(c.values()), marker="o", ms=3, label=v,
+                        color=colours[i % len(colours)], ls="--" if adaptive else "-", lw=1.3 if adaptive else 2)  # fmt: skip
+            ax.axhline(0.5, color="gray", ls=":", lw=0.8)
             ax.set_title(f"flips {f}", fontsize=9)
             ax.set_xlabel("optimizer step")
             ax.set_ylabel("held-out accuracy vs truth (mean over seeds)")
-        axes[0][-1].legend(fontsize=7, loc="lower right")
-        fig.suptitle(title, fontsize=9)
+        axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+        fig.suptitle(title.replace("(mean ± std)", "(mean over seeds)"), fontsize=9)
         fig.tight_layout()
         fig.savefig(a.out / "accuracy_vs_steps.png", dpi=110)
     plt.close("all")
