@@ -102,12 +102,18 @@ class PreferenceStep:
         if not self.objective.needs_losers:
             x = x.first_half()
         ref_err, ema_errs = None, []
+        use_ema = self.objective.uses_ema and metric_active and ema is not None
         with torch.no_grad():
+            if use_ema:
+                ema.prefetch(0)  # with several ranks its all-gather overlaps the reference forward
             if self.objective.needs_reference:
                 ref_err = self.errors(run_unet(reference, x), x)
-            if self.objective.uses_ema and metric_active and ema is not None:
+            if use_ema:
                 for k in range(len(ema)):
-                    ema_errs.append(self.errors(run_unet(ema.gather(k), x), x))
+                    module = ema.gather(k)
+                    if k + 1 < len(ema) and ema.buffers > 1:
+                        ema.prefetch(k + 1)  # into the other buffer, during this forward
+                    ema_errs.append(self.errors(run_unet(module, x), x))
         pol_err = self.errors(run_unet(policy, x), x)
         out = self.objective(ModelErrors(pol_err, ref_err, ema_errs), metric_active=metric_active)
         return out.loss.mean(), out

@@ -206,7 +206,9 @@ class Trainer:
                 module.to(self.dtype)
             if cfg.model.channels_last:
                 module.to(memory_format=torch.channels_last)
-            self.ema.attach_module(module.to(self.device), self.dtype)
+            # a second buffer pays only where the gather is a collective that can overlap a forward
+            buffers = 2 if cfg.ema.overlap_gather and self.world > 1 else 1
+            self.ema.attach_module(module.to(self.device), self.dtype, buffers=buffers)
 
     def _load_checkpoint(self) -> None:
         st = self.resume_state

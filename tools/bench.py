@@ -98,7 +98,7 @@ def bench_step(a) -> dict:
         torch.cuda.set_per_process_memory_fraction(a.memory_fraction)
     if a.peak_tflops is None:
         a.peak_tflops = measured_peak_tflops(dev, dtype)
-    init_distributed("nccl" if dev.type == "cuda" else "gloo")
+    _, world, _ = init_distributed("nccl" if dev.type == "cuda" else "gloo")
     torch.manual_seed(0)
     B, L = a.micro_batch, a.latent
     cfg = TrainConfig(data=TrainData(shards="-", micro_batch=B), output=TrainOutput(dir="-"))
@@ -111,7 +111,7 @@ def bench_step(a) -> dict:
     engine, *_ = deepspeed.initialize(
         model=unet.to(dev),
         model_parameters=unet.parameters(),
-        config=build_ds_config(cfg, 1, dev.type == "cuda"),
+        config=build_ds_config(cfg, world, dev.type == "cuda"),
     )
 
     def twin():
@@ -125,7 +125,7 @@ def bench_step(a) -> dict:
     emas = {}
     for m in (2, 3):
         e = ShardedEMA(layout, [0.9999, 0.5][: m - 1], offload=a.offload, device=dev)
-        e.attach_module(twin(), dtype)
+        e.attach_module(twin(), dtype, buffers=2 if a.overlap_gather else 1)
         emas[m] = e
     from diffusers import DDPMScheduler
 
@@ -217,12 +217,13 @@ def bench_step(a) -> dict:
     results["ema_update_s"] = statistics.median(_timeit(e3.update, dev, a.steps))
 
     def gather_both():
-        e3.loaded = None
+        e3.invalidate()
         e3.gather(0)
-        e3.loaded = None
+        e3.invalidate()
         e3.gather(1)
 
     results["ema_gather_s_per_model"] = statistics.median(_timeit(gather_both, dev, a.steps)) / 2
+    results["world_size"] = world  # > 1 under torchrun: the gather is an all-gather of the shards
     # the usual way: VAE + text encoder inside the step, from pixels
     if not a.skip_usual:
         vae = sd15_vae().to(dev, dtype).eval().requires_grad_(False)
@@ -277,7 +278,7 @@ def breakdown(engine, ref, ema, batch, sched, dtype, dev, reps: int) -> dict:
             with timed("reference forward"):
                 run_unet(ref, x)
             for k in range(len(ema)):
-                ema.loaded = None
+                ema.invalidate()
                 with timed("EMA gather"):
                     m = ema.gather(k)
                 with timed("EMA forward"):
@@ -471,6 +472,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--attention", default="sdpa", choices=["sdpa", "xformers"])
     p.add_argument("--grad-ckpt", action="store_true")
     p.add_argument("--offload", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument(
+        "--overlap-gather",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="EMA all-gather of the next model during a forward (ema.overlap_gather)",
+    )
     p.add_argument("--steps", type=int, default=3, help="timed repetitions (median reported)")
     p.add_argument(
         "--peak-tflops",
@@ -523,6 +530,8 @@ def main(argv: list[str] | None = None) -> int:
         "result": result,
     }
     text = json.dumps(res, indent=1, default=float)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # several ranks (torchrun): rank 0 reports
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(text + "\n")

@@ -5,7 +5,10 @@ the trainable parameters), in CPU memory (``offload``, pinned when CUDA is prese
 accelerator. After each optimizer step a rank updates its shard from its own master slice, with no
 communication: ``ema = decay * ema + (1 - decay) * theta``. For an EMA model's forward the shards are
 all-gathered, in the compute dtype, into one reusable module whose parameters are views into flat
-buffers, so a gather is the only copy.
+buffers, so a gather is the only copy. With ``buffers=2`` (``ema.overlap_gather``) the all-gather of
+the next EMA model runs asynchronously while the current one (or the reference) runs its forward:
+``prefetch(k)`` starts it, ``gather(k)`` waits for it; each buffer remembers which model it holds
+until the next update.
 
 Checkpoints: one safetensors file per rank with every decay's shard; the loader re-cuts shards saved
 at another world size (flat offsets do not depend on it), reading only the ranges it needs.
@@ -42,6 +45,9 @@ class ShardedEMA:
             self._staging = None
         self.module: torch.nn.Module | None = None
         self._flats: list[torch.Tensor] | None = None
+        self._bufs: list[list[torch.Tensor] | None] = []  # full flat buffers (compute dtype), lazily made
+        self._holds: list[int | None] = []  # which EMA model each buffer holds (None: stale)
+        self._pending: dict[int, tuple[int, list, list]] = {}  # buffer -> (model, async works, sources)
         self.loaded: int | None = None  # which decay the module holds now
 
     def __len__(self) -> int:
@@ -50,6 +56,7 @@ class ShardedEMA:
     @torch.no_grad()
     def update(self) -> None:
         """After an optimizer step: ema_k <- decay_k * ema_k + (1 - decay_k) * theta, on this rank's slice."""
+        self._finish_pending()  # an all-gather in flight may still read the shards
         for g, theta in enumerate(self.layout.local_partitions()):
             if self._staging is not None:  # one device -> pinned host copy, shared by every decay
                 self._staging[g].copy_(theta, non_blocking=True)
@@ -59,31 +66,78 @@ class ShardedEMA:
                 src = theta.detach().to(self.shards[0][g].device, torch.float32)
             for k, d in enumerate(self.decays):
                 self.shards[k][g].lerp_(src, 1.0 - d)
+        self.invalidate()
+
+    def invalidate(self) -> None:
+        """Forget what the module and the buffers hold (the shards changed)."""
+        self._finish_pending()
+        self._holds = [None] * len(self._holds)
         self.loaded = None
 
-    def attach_module(self, module: torch.nn.Module, dtype: torch.dtype) -> None:
-        """The reusable module for EMA forwards (same architecture and parameter names as the policy)."""
+    @property
+    def buffers(self) -> int:
+        return len(self._holds)
+
+    def attach_module(self, module: torch.nn.Module, dtype: torch.dtype, buffers: int = 1) -> None:
+        """The reusable module for EMA forwards (same architecture and parameter names as the policy).
+        ``buffers=2``: a second full buffer, so that the next model's all-gather overlaps a forward."""
         module.requires_grad_(False).eval()
         self._flats = self.layout.new_flats(dtype, self.device)
         self.layout.bind(module, self._flats)
+        n = max(1, min(buffers, len(self.decays)))
+        self._bufs = [self._flats] + [None] * (n - 1)
+        self._holds = [None] * n
         self.module = module
+
+    def _direct(self, k: int) -> bool:
+        """One rank, shards already in the module's dtype and device: point at the shard, no copy."""
+        return self.layout.world == 1 and all(
+            s.dtype == f.dtype and s.device == f.device for s, f in zip(self.shards[k], self._flats)
+        )
+
+    @torch.no_grad()
+    def prefetch(self, k: int) -> None:
+        """Start filling buffer ``k % buffers`` with EMA model k: an asynchronous all-gather with
+        several ranks, overlapping whatever runs until ``gather(k)``. Every rank must call it in the
+        same order. Call it only while the module is not running on that buffer (with 2 buffers the
+        next model's buffer is never the current one)."""
+        if self.module is None:
+            raise RuntimeError("attach_module() first")
+        b = k % len(self._bufs)
+        if self._direct(k) or self._holds[b] == k or self._pending.get(b, (None,))[0] == k:
+            return
+        self._finish_pending(b)
+        if self._bufs[b] is None:
+            self._bufs[b] = self.layout.new_flats(self._flats[0].dtype, self.device)
+        parts = [s.to(self.device, f.dtype, non_blocking=True) for s, f in zip(self.shards[k], self._bufs[b])]
+        self._holds[b] = None
+        if self.loaded is not None and not self._direct(self.loaded) and self.loaded % len(self._bufs) == b:
+            self.loaded = None  # the module reads this buffer: it no longer holds that model
+        self._pending[b] = (k, self.layout.gather_into(parts, self._bufs[b], async_op=True), parts)
+
+    def _finish_pending(self, only: int | None = None) -> None:
+        for b in [only] if only is not None else list(self._pending):
+            if b in self._pending:
+                k, works, _ = self._pending.pop(b)
+                for w in works:
+                    w.wait()
+                self._holds[b] = k
 
     @torch.no_grad()
     def gather(self, k: int) -> torch.nn.Module:
-        """Fill the reusable module with EMA model k (an all-gather of every rank's shard). With one
-        rank and shards already in the module's dtype and device, the module is pointed at the shard
-        instead (no copy)."""
+        """The reusable module holding EMA model k: the all-gather of every rank's shard (waiting for
+        a ``prefetch(k)`` in flight, or done now). With one rank and shards already in the module's
+        dtype and device, the module is pointed at the shard instead (no copy)."""
         if self.module is None:
             raise RuntimeError("attach_module() first")
         if self.loaded != k:
-            shards = self.shards[k]
-            same = all(s.dtype == f.dtype and s.device == f.device for s, f in zip(shards, self._flats))
-            if self.layout.world == 1 and same:
-                self.layout.point(self.module, shards)
+            if self._direct(k):
+                self.layout.point(self.module, self.shards[k])
             else:
-                self.layout.point(self.module, self._flats)
-                parts = [s.to(self.device, f.dtype, non_blocking=True) for s, f in zip(shards, self._flats)]
-                self.layout.gather_into(parts, self._flats)
+                b = k % len(self._bufs)
+                self.prefetch(k)  # no-op when it is in flight or already held
+                self._finish_pending(b)
+                self.layout.point(self.module, self._bufs[b])
             self.loaded = k
         return self.module
 
@@ -147,4 +201,4 @@ class ShardedEMA:
                     with safe_open(str(folder / f"rank_{r:05d}.safetensors"), "pt") as f:
                         piece = f.get_slice(f"decay{k}.group{g}")[a - olo : b - olo]
                     dst[a - lo : b - lo].copy_(piece)
-        self.loaded = None
+        self.invalidate()

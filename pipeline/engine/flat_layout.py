@@ -61,14 +61,21 @@ class FlatLayout:
         """This rank's fp32 master weights, one flat slice per group (live views)."""
         return list(self.opt.single_partition_of_fp32_groups)
 
-    def gather_into(self, parts: list[torch.Tensor], flats: list[torch.Tensor]) -> None:
+    def gather_into(
+        self, parts: list[torch.Tensor], flats: list[torch.Tensor], async_op: bool = False
+    ) -> list:
         """All-gather ``parts`` (this rank's slice of each group, any dtype/device the backend takes)
-        into ``flats`` (full padded buffers of size P * world, same dtype/device)."""
+        into ``flats`` (full padded buffers of size P * world, same dtype/device). ``async_op``: return
+        the collectives' work handles to wait on (``parts`` must stay alive until then)."""
+        works = []
         for part, flat in zip(parts, flats):
             if self.world == 1:
                 flat.copy_(part)
             else:
-                dist.all_gather(list(flat.chunk(self.world)), part.to(flat.dtype))
+                w = dist.all_gather(list(flat.chunk(self.world)), part.to(flat.dtype), async_op=async_op)
+                if async_op:
+                    works.append(w)
+        return works
 
     def new_flats(self, dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
         return [torch.zeros(n, dtype=dtype, device=device) for n in self.padded]

@@ -97,6 +97,7 @@ class EMAConfig:
         default_factory=list
     )  # or: in optimizer steps, decay = 0.5 ** (1 / half_life)
     offload: bool = True  # fp32 shards in CPU memory (pinned); false: on the accelerator
+    overlap_gather: bool = False  # >1 rank: next EMA all-gather during a forward (+1 model buffer)
 
     @property
     def all_decays(self) -> list[float]:

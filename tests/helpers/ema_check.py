@@ -59,6 +59,14 @@ def main(cfg: TrainConfig) -> int:
         params = dict(module.named_parameters())
         for name, ref in REF[k].items():
             ok_module &= torch.allclose(params[name].float(), ref, atol=1e-6, rtol=0)
+    # the overlapped path: every model's all-gather started first (as the step does), then read back
+    ema.invalidate()
+    for k in range(len(decays)):
+        ema.prefetch(k)
+    for k in range(len(decays)):
+        params = dict(ema.gather(k).named_parameters())
+        for name, ref in REF[k].items():
+            ok_module &= torch.allclose(params[name].float(), ref, atol=1e-6, rtol=0)
     # coverage: every element of every parameter is in exactly one rank's partition
     counts = []
     for g in lay.groups:
@@ -69,7 +77,8 @@ def main(cfg: TrainConfig) -> int:
         counts.append(bool((cover[elems] == 1).all()) and elems.numel() == g.numel)
     if lay.rank == 0:
         print("EMACHECK " + json.dumps({"shards": ok_shards, "module": ok_module, "coverage": all(counts),
-                                         "max_err": max_err, "world": lay.world, "steps": t.engine.global_steps}))  # fmt: skip
+                                         "max_err": max_err, "world": lay.world, "steps": t.engine.global_steps,
+                                         "buffers": ema.buffers}))  # fmt: skip
     return 0
 
 
