@@ -6,6 +6,7 @@
     python -m tools.bench loader  --shards DIR | --synthetic sd15|sdxl [--workers 2] [--micro-batch 4] [--batches 200]
     python -m tools.bench memory  [--width 1.0] [--latent 64] [--precision fp16] [--memory-gb 16 32] [--grad-ckpt]  (CUDA)
     ... --out bench/NAME.json
+    torchrun --standalone --nproc_per_node 2 -m tools.bench step ... [--overlap-gather]   (several ranks)
 
 ``step`` runs the real training step (PreferenceStep + DeepSpeed ZeRO-2 engine + sharded EMA) on a
 randomly initialised SD1.5-shaped UNet (``--width`` scales its channels; 1.0 is the real 860M) with
