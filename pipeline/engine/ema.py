@@ -44,8 +44,8 @@ class ShardedEMA:
         else:
             self._staging = None
         self.module: torch.nn.Module | None = None
-        self._flats: list[torch.Tensor] | None = None
-        self._bufs: list[list[torch.Tensor] | None] = []  # full flat buffers (compute dtype), lazily made
+        # full flat buffers in the compute dtype; [0] made with the module, [1] on first prefetch
+        self._bufs: list[list[torch.Tensor] | None] = []
         self._holds: list[int | None] = []  # which EMA model each buffer holds (None: stale)
         self._pending: dict[int, tuple[int, list, list]] = {}  # buffer -> (model, async works, sources)
         self.loaded: int | None = None  # which decay the module holds now
@@ -82,17 +82,17 @@ class ShardedEMA:
         """The reusable module for EMA forwards (same architecture and parameter names as the policy).
         ``buffers=2``: a second full buffer, so that the next model's all-gather overlaps a forward."""
         module.requires_grad_(False).eval()
-        self._flats = self.layout.new_flats(dtype, self.device)
-        self.layout.bind(module, self._flats)
+        first = self.layout.new_flats(dtype, self.device)
+        self.layout.bind(module, first)
         n = max(1, min(buffers, len(self.decays)))
-        self._bufs = [self._flats] + [None] * (n - 1)
+        self._bufs = [first] + [None] * (n - 1)
         self._holds = [None] * n
         self.module = module
 
     def _direct(self, k: int) -> bool:
         """One rank, shards already in the module's dtype and device: point at the shard, no copy."""
         return self.layout.world == 1 and all(
-            s.dtype == f.dtype and s.device == f.device for s, f in zip(self.shards[k], self._flats)
+            s.dtype == f.dtype and s.device == f.device for s, f in zip(self.shards[k], self._bufs[0])
         )
 
     @torch.no_grad()
@@ -108,7 +108,7 @@ class ShardedEMA:
             return
         self._finish_pending(b)
         if self._bufs[b] is None:
-            self._bufs[b] = self.layout.new_flats(self._flats[0].dtype, self.device)
+            self._bufs[b] = self.layout.new_flats(self._bufs[0][0].dtype, self.device)
         parts = [s.to(self.device, f.dtype, non_blocking=True) for s, f in zip(self.shards[k], self._bufs[b])]
         self._holds[b] = None
         if self.loaded is not None and not self._direct(self.loaded) and self.loaded % len(self._bufs) == b:
