@@ -310,11 +310,8 @@ def bench_memory(a) -> dict:
     total = torch.cuda.get_device_properties(0).total_memory / 2**30
     out = {"device_total_gb": total, "fits": {}}
     for gb in a.memory_gb:
-        torch.cuda.set_per_process_memory_fraction(min(1.0, gb / total))
         best, peak = 0, None
-        for mb in (1, 2, 4, 8, 16, 32):
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
+        for mb in (1, 2, 4, 8, 16, 32):  # each size in a fresh process that caps its own memory
             p = subprocess.run([sys.executable, "-m", "tools.bench", "step", "--width", str(a.width), "--latent", str(a.latent),
                                 "--micro-batch", str(mb), "--precision", a.precision, "--attention", a.attention, "--steps", "1",
                                 "--skip-usual", "--memory-fraction", str(min(1.0, gb / total))]
