@@ -29,6 +29,17 @@ def _clip_processor(tok_dir: Path):
     return CLIPProcessor(image_processor=image, tokenizer=CLIPTokenizer.from_pretrained(tok_dir))
 
 
+# the vision tower of every tiny stand-in (CLIP for PickScore / HPSv2 / aesthetic, BLIP for ImageReward)
+TINY_VISION = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    image_size=32,
+    patch_size=8,
+)
+
+
 def _clip(vocab: int):
     from transformers import CLIPConfig, CLIPModel
 
@@ -44,14 +55,7 @@ def _clip(vocab: int):
             eos_token_id=vocab - 1,
             pad_token_id=vocab - 1,
         ),  # fmt: skip
-        vision_config=dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            image_size=32,
-            patch_size=8,
-        ),
+        vision_config=dict(TINY_VISION),
         projection_dim=16,
     )
     return CLIPModel(cfg)
@@ -86,8 +90,7 @@ def make_tiny_scorers(out: str | Path, seed: int = 0) -> Path:
         _clip(vocab).save_pretrained(out / name)
         _clip_processor(tok_dir).save_pretrained(out / name)
     a = out / "aesthetic"
-    vis = CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                                         num_attention_heads=4, image_size=32, patch_size=8, projection_dim=16))  # fmt: skip
+    vis = CLIPVisionModelWithProjection(CLIPVisionConfig(**TINY_VISION, projection_dim=16))
     vis.save_pretrained(a / "clip")
     _clip_processor(tok_dir).image_processor.save_pretrained(a / "clip")
     save_file(MLPHead(16).state_dict(), str(a / "head.safetensors"))
@@ -96,14 +99,7 @@ def make_tiny_scorers(out: str | Path, seed: int = 0) -> Path:
     _bert_vocab(r / "blip" / "vocab.txt")
     bert = BertTokenizer(str(r / "blip" / "vocab.txt"))
     blip_cfg = BlipConfig(
-        vision_config=dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            image_size=32,
-            patch_size=8,
-        ),
+        vision_config=dict(TINY_VISION),
         text_config=dict(
             vocab_size=len(bert),
             hidden_size=32,
