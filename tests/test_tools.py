@@ -83,19 +83,31 @@ def test_pickapic_schema_and_variety(tmp_path):
 
 
 def test_the_command_lines_run(tmp_path):
-    """The tools as a user runs them: every flag reaches the code."""
+    """The tools as a user runs them: every flag reaches the code. The rows the command writes equal
+    make_rows called with the same values; changing one flag changes what it controls."""
     from tools import make_pickapic
+    from tools.make_pickapic import make_rows
 
-    assert (
-        make_pickapic.main(
-            ["--out", str(tmp_path / "b"), "--pairs", "6", "--world", "brightness", "--corrupt", "1"]
+    def cli(name, *flags):
+        assert (
+            make_pickapic.main(["--out", str(tmp_path / name), "--pairs", "12", "--seed", "4", *flags]) == 0
         )
-        == 0
+        return pq.read_table(next((tmp_path / name).glob("*.parquet"))).to_pylist()
+
+    args = dict(min_size=40, max_size=48, tie_rate=0.0, unlabelled_rate=0.0, identical_rate=0.0)
+    flags = "--min-size 40 --max-size 48 --tie-rate 0 --unlabelled-rate 0 --identical-rate 0".split()
+    colour = cli(
+        "c", *flags, "--world", "colour", "--annotator-noise", "0.5", "--corrupt", "1", "--null-caption", "1"
     )
-    assert (
-        make_pickapic.main(
-            ["--out", str(tmp_path / "c"), "--pairs", "6", "--world", "colour", "--annotator-noise", "0.2"]
-        )
-        == 0
-    )
-    assert len(pq.read_table(next((tmp_path / "c").glob("*.parquet")))) == 6
+    want = make_rows(12, 4, **args, world="colour", annotator_noise=0.5, corrupt=1, null_caption=1)
+    assert colour == want
+    bright = cli("b", *flags, "--world", "brightness")
+    assert bright == make_rows(12, 4, **args, world="brightness")
+    # and each flag changes what it controls
+    assert bright != make_rows(12, 4, **args, world="colour")
+    quiet = make_rows(12, 4, **args, world="colour", corrupt=1, null_caption=1)
+    assert [r["label_0"] for r in colour] != [r["label_0"] for r in quiet]
+    assert [r["jpg_1"] for r in colour] != [
+        r["jpg_1"] for r in make_rows(12, 4, **args, world="colour", null_caption=1, annotator_noise=0.5)
+    ]
+    assert sum(r["caption"] is None for r in colour) == 1 and sum(r["caption"] is None for r in bright) == 0
