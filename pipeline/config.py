@@ -49,7 +49,7 @@ def _suggest(key: str, valid: list[str]) -> str:
     return f" (did you mean '{close[0]}'?)" if close else f" (valid keys: {', '.join(sorted(valid))})"
 
 
-def _convert(value: Any, tp: Any, path: str, errors: list[str]) -> Any:
+def _convert(value: Any, tp: Any, path: str, errors: list[str], unknown: list[str]) -> Any:
     """Return ``value`` converted to ``tp`` or _MISSING after appending an error."""
     origin = get_origin(tp)
     if dataclasses.is_dataclass(tp):
@@ -60,7 +60,7 @@ def _convert(value: Any, tp: Any, path: str, errors: list[str]) -> Any:
                 f"{path}: expected a mapping (section {tp.__name__}), got {type(value).__name__} {value!r}"
             )
             return _MISSING
-        return _build(tp, value, path, errors)
+        return _build(tp, value, path, errors, unknown)
     if origin is Literal:
         choices = get_args(tp)
         if value in choices and not (
@@ -78,7 +78,7 @@ def _convert(value: Any, tp: Any, path: str, errors: list[str]) -> Any:
             if arg is type(None):
                 continue
             trial: list[str] = []
-            out = _convert(value, arg, path, trial)
+            out = _convert(value, arg, path, trial, trial)
             if not trial:
                 return out
         errors.append(f"{path}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
@@ -88,14 +88,14 @@ def _convert(value: Any, tp: Any, path: str, errors: list[str]) -> Any:
             errors.append(f"{path}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
             return _MISSING
         (item_tp,) = get_args(tp)
-        out = [_convert(v, item_tp, f"{path}[{i}]", errors) for i, v in enumerate(value)]
+        out = [_convert(v, item_tp, f"{path}[{i}]", errors, unknown) for i, v in enumerate(value)]
         return _MISSING if any(v is _MISSING for v in out) else out
     if origin is dict:
         if not isinstance(value, dict):
             errors.append(f"{path}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
             return _MISSING
         _, val_tp = get_args(tp)
-        out = {str(k): _convert(v, val_tp, f"{path}.{k}", errors) for k, v in value.items()}
+        out = {str(k): _convert(v, val_tp, f"{path}.{k}", errors, unknown) for k, v in value.items()}
         return _MISSING if any(v is _MISSING for v in out.values()) else out
     if tp is bool:
         if isinstance(value, bool):
@@ -122,19 +122,26 @@ def _convert(value: Any, tp: Any, path: str, errors: list[str]) -> Any:
     return _MISSING
 
 
-def _build(cls: type[T], data: dict, prefix: str, errors: list[str]) -> T:
+def _build(cls: type[T], data: dict, prefix: str, errors: list[str], unknown: list[str]) -> T:
+    """Build ``cls`` from ``data``: value errors go to ``errors``, unknown keys to ``unknown``.
+
+    A field whose value is bad keeps its default, so the other fields and sections are still checked.
+    The cross-field ``check`` runs when the fields it reads (``check_reads``, default: all) had no value
+    error: a bad value elsewhere, or an unknown key, does not hide a cross-field error.
+    """
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in data:
         if key not in fields:
-            errors.append(
+            unknown.append(
                 f"{prefix + '.' if prefix else ''}{key}: unknown key{_suggest(str(key), list(fields))}"
             )
-    kwargs = {}
+    kwargs, failed = {}, set()
     for name, f in fields.items():
         path = f"{prefix}.{name}" if prefix else name
+        before = len(errors)
         if name in data:
-            value = _convert(data[name], hints[name], path, errors)
+            value = _convert(data[name], hints[name], path, errors, unknown)
             if value is not _MISSING:
                 kwargs[name] = value
         elif (
@@ -142,15 +149,17 @@ def _build(cls: type[T], data: dict, prefix: str, errors: list[str]) -> T:
             and f.default is dataclasses.MISSING
             and f.default_factory is dataclasses.MISSING
         ):
-            kwargs[name] = _build(hints[name], {}, path, errors)
+            kwargs[name] = _build(hints[name], {}, path, errors, unknown)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             errors.append(f"{path}: missing required key ({_type_name(hints[name])})")
+        if len(errors) > before:
+            failed.add(name)
     try:
         obj = cls(**kwargs)
     except TypeError:
         return None  # type: ignore[return-value]  # missing fields: already reported
     check = getattr(obj, "check", None)
-    if check is not None and len(errors) == 0:
+    if check is not None and not failed.intersection(getattr(cls, "check_reads", fields)):
         errors.extend(f"{prefix + '.' if prefix else ''}{msg}" for msg in check())
     return obj
 
@@ -209,9 +218,10 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     errors.extend(errs)
     for key, value in pairs:
         _set_dotted(data, key, value, errors)
-    cfg = _build(cls, data, "", errors)
-    if errors:
-        raise ConfigError(errors)
+    unknown: list[str] = []
+    cfg = _build(cls, data, "", errors, unknown)
+    if errors or unknown:
+        raise ConfigError(unknown + errors)
     return cfg
 
 

@@ -103,3 +103,21 @@ def test_ema_half_lives_count_as_ema_models_for_the_adaptive_objectives():
     assert len(cfg.ema.all_decays) == 2
     with pytest.raises(ConfigError, match="need at least one EMA model"):
         load_config(TrainConfig, None, base)
+
+
+def test_every_error_at_once_across_sections():
+    """Three range errors in three sections, a typo and a cross-field rule: all five reported."""
+    from pipeline.schema.train import TrainConfig
+
+    args = ["data.shards=s", "output.dir=o", "data.micro_batch=0", "model.lora_rank=-1", "optim.lr=-1",
+            "train.max_stpes=5", "objective.name=adaptive_dpo"]  # fmt: skip
+    with pytest.raises(ConfigError) as e:
+        load_config(TrainConfig, None, args)
+    keys = sorted(m.split(":")[0] for m in e.value.errors)
+    assert keys == ["data.micro_batch", "ema.decays", "model.lora_rank", "optim.lr", "train.max_stpes"], (
+        e.value
+    )
+    assert "train.max_stpes: unknown key (did you mean 'max_steps'?)" in e.value.errors
+    assert "data.micro_batch: must be >= 1, got 0" in e.value.errors
+    assert "model.lora_rank: must be >= 0, got -1" in e.value.errors
+    assert "optim.lr: must be > 0, got -1.0" in e.value.errors

@@ -134,6 +134,8 @@ class TrainConfig:
     ema: EMAConfig = field(default_factory=EMAConfig)
     checkpoint: Checkpointing = field(default_factory=Checkpointing)
 
+    check_reads = ("objective", "ema")  # a bad value in another section does not hide this rule
+
     def check(self) -> list[str]:
         errs = []
         if self.objective.name in ("adaptive_dpo", "adaptive_ipo") and not self.ema.all_decays:
