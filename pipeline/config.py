@@ -8,8 +8,10 @@ Rules (stricter than torchtune/nanoGPT on purpose):
   relative to that dataclass; they are prefixed with its dotted path).
 
 Supported field types: bool, int, float, str, ``Literal[...]``, ``X | None``, ``A | B``,
-``list[X]``, ``dict[str, X]`` and nested dataclasses. An int is accepted for a float; a string that
-parses as a number is accepted for a float (YAML 1.1 reads ``1e-8`` as a string).
+``list[X]``, ``dict[str, X]``, nested dataclasses, and any of these ``Annotated`` with range and
+length constraints of ``annotated_types`` (``Ge``, ``Gt``, ``Le``, ``Lt``, ``Interval``,
+``MultipleOf``, ``MinLen``, ``MaxLen``, ``Len``; see pipeline/schema/common.py). An int is accepted for
+a float; a string that parses as a number is accepted for a float (YAML 1.1 reads ``1e-8`` as a string).
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ import difflib
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
+import annotated_types as at
 import yaml
 
 from pipeline.errors import ConfigError
@@ -29,8 +32,59 @@ T = TypeVar("T")
 _MISSING = object()
 
 
+def _constraints(tp: Any) -> tuple[Any, list]:
+    """``Annotated[X, Interval(ge=0, lt=1)]`` -> ``(X, [Ge(0), Lt(1)])``."""
+    base, *meta = get_args(tp)
+    return base, [c for m in meta for c in (m if isinstance(m, at.GroupedMetadata) else [m])]
+
+
+def _holds(c: Any, v: Any) -> bool:
+    if isinstance(c, at.Ge):
+        return v >= c.ge
+    if isinstance(c, at.Gt):
+        return v > c.gt
+    if isinstance(c, at.Le):
+        return v <= c.le
+    if isinstance(c, at.Lt):
+        return v < c.lt
+    if isinstance(c, at.MultipleOf):
+        return v % c.multiple_of == 0
+    if isinstance(c, at.MinLen):
+        return len(v) >= c.min_length
+    if isinstance(c, at.MaxLen):
+        return len(v) <= c.max_length
+    raise TypeError(f"unsupported config constraint {c!r}")  # a schema bug, not a user error
+
+
+def _describe(cs: list) -> str:
+    """What the constraints ask for, to follow "must be": ``in [0, 1)``, ``>= 1``, ``non-empty``."""
+    lo = next((c for c in cs if isinstance(c, at.Ge | at.Gt)), None)
+    hi = next((c for c in cs if isinstance(c, at.Le | at.Lt)), None)
+    short = next((c.min_length for c in cs if isinstance(c, at.MinLen)), None)
+    long = next((c.max_length for c in cs if isinstance(c, at.MaxLen)), None)
+    parts = []
+    if lo is not None and hi is not None:
+        a, b = ("[", lo.ge) if isinstance(lo, at.Ge) else ("(", lo.gt)
+        c, d = (hi.le, "]") if isinstance(hi, at.Le) else (hi.lt, ")")
+        parts.append(f"in {a}{b}, {c}{d}")
+    elif lo is not None:
+        parts.append(f">= {lo.ge}" if isinstance(lo, at.Ge) else f"> {lo.gt}")
+    elif hi is not None:
+        parts.append(f"<= {hi.le}" if isinstance(hi, at.Le) else f"< {hi.lt}")
+    parts += [f"a multiple of {c.multiple_of}" for c in cs if isinstance(c, at.MultipleOf)]
+    if short == 1 and long is None:
+        parts.append("non-empty")
+    elif short is not None or long is not None:
+        parts.append(f"of length {short}" if short == long else f"of length in [{short or 0}, {long}]")
+    return ", ".join(parts)
+
+
 def _type_name(tp: Any) -> str:
     origin = get_origin(tp)
+    if origin is Annotated:
+        base, cs = _constraints(tp)
+        desc = _describe(cs)
+        return f"{_type_name(base)}{' ' if desc[0] in '<>i' else ', '}{desc}"
     if origin is Literal:
         return " | ".join(repr(a) for a in get_args(tp))
     if origin in (Union, types.UnionType):
@@ -44,14 +98,26 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def _close(word: str, valid: list[str]) -> str | None:
+    close = difflib.get_close_matches(word, valid, n=1, cutoff=0.5)
+    return close[0] if close else None
+
+
 def _suggest(key: str, valid: list[str]) -> str:
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    return f" (did you mean '{close[0]}'?)" if close else f" (valid keys: {', '.join(sorted(valid))})"
+    close = _close(key, valid)
+    return f" (did you mean '{close}'?)" if close else f" (valid keys: {', '.join(sorted(valid))})"
 
 
 def _convert(value: Any, tp: Any, path: str, errors: list[str], unknown: list[str]) -> Any:
     """Return ``value`` converted to ``tp`` or _MISSING after appending an error."""
     origin = get_origin(tp)
+    if origin is Annotated:
+        base, cs = _constraints(tp)
+        out = _convert(value, base, path, errors, unknown)
+        if out is _MISSING or all(_holds(c, out) for c in cs):
+            return out
+        errors.append(f"{path}: must be {_describe(cs)}, got {value!r}")
+        return _MISSING
     if dataclasses.is_dataclass(tp):
         if value is None:
             value = {}
@@ -67,12 +133,17 @@ def _convert(value: Any, tp: Any, path: str, errors: list[str], unknown: list[st
             isinstance(value, bool) and not any(isinstance(c, bool) for c in choices)
         ):
             return value
-        errors.append(f"{path}: expected one of {', '.join(repr(c) for c in choices)}, got {value!r}")
+        close = _close(value, [str(c) for c in choices]) if isinstance(value, str) else None
+        hint = f" (did you mean '{close}'?)" if close else ""
+        errors.append(f"{path}: expected one of {', '.join(repr(c) for c in choices)}, got {value!r}{hint}")
         return _MISSING
     if origin in (Union, types.UnionType):
         args = get_args(tp)
         if value is None and type(None) in args:
             return None
+        others = [a for a in args if a is not type(None)]
+        if len(others) == 1:  # X | None: X's own message (its range, its choices)
+            return _convert(value, others[0], path, errors, unknown)
         # try each member without recording its errors; bool before numbers so True is not 1
         for arg in args:
             if arg is type(None):
@@ -129,7 +200,7 @@ def _build(cls: type[T], data: dict, prefix: str, errors: list[str], unknown: li
     The cross-field ``check`` runs when the fields it reads (``check_reads``, default: all) had no value
     error: a bad value elsewhere, or an unknown key, does not hide a cross-field error.
     """
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in data:
         if key not in fields:

@@ -120,4 +120,77 @@ def test_every_error_at_once_across_sections():
     assert "train.max_stpes: unknown key (did you mean 'max_steps'?)" in e.value.errors
     assert "data.micro_batch: must be >= 1, got 0" in e.value.errors
     assert "model.lora_rank: must be >= 0, got -1" in e.value.errors
-    assert "optim.lr: must be > 0, got -1.0" in e.value.errors
+    assert "optim.lr: must be > 0, got -1" in e.value.errors
+
+
+@pytest.mark.parametrize(
+    ("stage", "override", "message"),
+    [
+        ("encode", "run.batch_size=0", "run.batch_size: must be >= 1, got 0"),
+        ("encode", "run.batch_size=-1", "run.batch_size: must be >= 1, got -1"),
+        ("train", "checkpoint.every=0", "checkpoint.every: must be >= 1, got 0"),
+        ("train", "output.dir=", "output.dir: must be non-empty, got ''"),
+        ("encode", "output.dir=", "output.dir: must be non-empty, got ''"),
+        ("encode", "data.resolution=100", "data.resolution: must be >= 8, a multiple of 8, got 100"),
+    ],
+)
+def test_out_of_range_values_exit_2_through_the_cli_before_any_model_loads(
+    stage, override, message, tmp_path, capsys
+):
+    """The model and data paths do not exist: the range error comes first, so nothing was opened."""
+    from stages import encode, train
+
+    missing = tmp_path / "missing"
+    if stage == "encode":
+        args = ["--config", str(ROOT / "configs/encode/tiny.yaml"), f"model.path={missing}",
+                f"data.source={missing}", f"output.dir={tmp_path / 'out'}", override]  # fmt: skip
+        rc = encode.cli_main(args)
+    else:
+        args = ["--config", str(ROOT / "configs/train/tiny_dpo.yaml"), f"model.path={missing}",
+                f"data.shards={missing}", f"output.dir={tmp_path / 'out'}", override]  # fmt: skip
+        rc = train.cli_main(args)
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "1 configuration error(s)" in err and message in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_every_numeric_and_path_key_has_a_range():
+    """A bare int, float or str field would accept 0, -1 or '' for a count, a rate or a path; the few
+    keys whose whole range is valid are listed here."""
+    from pipeline.schema.encode import EncodeConfig
+    from pipeline.schema.evaluate import EvalConfig
+    from pipeline.schema.train import TrainConfig
+
+    unbounded = {"objective.adaptive.k2", "objective.adaptive.c2"}  # signed: -1/beta, mean h
+    bare = []
+    for cls in (EncodeConfig, TrainConfig, EvalConfig):
+        for key, tp in _leaf_types(cls):
+            if key not in unbounded and {"int", "float", "str"} & set(str(tp).replace("|", " ").split()):
+                bare.append(f"{cls.__name__}: {key}: {tp}")
+    assert not bare, "give these keys a range (pipeline/schema/common.py):\n" + "\n".join(bare)
+
+
+def _leaf_types(cls, prefix=""):
+    hints = typing.get_type_hints(cls, include_extras=True)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            yield from _leaf_types(tp, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", _bare_name(tp)
+
+
+def _bare_name(tp) -> str:
+    """The type with its constrained parts replaced by 'ok': 'int | None' stays bare, Count | None does not."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Annotated:
+        return "ok"
+    if origin is typing.Literal:
+        return "literal"
+    args = typing.get_args(tp)
+    if origin is dict:  # names -> values: the values need the range
+        return _bare_name(args[1])
+    if args:
+        return " | ".join(_bare_name(a) for a in args)
+    return getattr(tp, "__name__", str(tp))
