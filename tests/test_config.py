@@ -194,3 +194,39 @@ def _bare_name(tp) -> str:
     if args:
         return " | ".join(_bare_name(a) for a in args)
     return getattr(tp, "__name__", str(tp))
+
+
+def test_one_dtype_vocabulary_across_schemas_and_code():
+    """Every dtype-like key takes fp32 / fp16 / bf16 (DeepSpeed's spelling), each mapped to a torch
+    dtype; torch's spelling is refused with the matching name suggested."""
+    import torch
+
+    from pipeline.models import DTYPES
+    from pipeline.schema.common import Dtype
+    from pipeline.schema.encode import EncodeConfig
+    from pipeline.schema.evaluate import EvalConfig
+    from pipeline.schema.train import TrainConfig
+
+    assert DTYPES == {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    assert set(typing.get_args(Dtype)) == set(DTYPES)
+    keys = {}
+    for cls in (EncodeConfig, TrainConfig, EvalConfig):
+        for key, _ in _leaf_types(cls):
+            if key.split(".")[-1] in ("dtype", "precision") or key.endswith("_dtype"):
+                keys[f"{cls.__name__}.{key}"] = _choices(cls, key)
+    assert len(keys) == 6, keys  # vae, text, latent (encode); reference, precision (train); evaluate
+    for key, choices in keys.items():
+        assert choices and choices <= {"auto", *DTYPES}, (key, choices)
+    base = ["data.shards=s", "output.dir=o"]
+    for override, want in [("model.reference_dtype=float16", "fp16"), ("train.precision=bfloat16", "bf16"),
+                           ("train.precision=float32", "fp32")]:  # fmt: skip
+        with pytest.raises(ConfigError) as e:
+            load_config(TrainConfig, None, [*base, override])
+        assert e.value.errors[0].endswith(f"(did you mean '{want}'?)"), e.value.errors
+
+
+def _choices(cls, dotted: str) -> set:
+    *sections, name = dotted.split(".")
+    for s in sections:
+        cls = typing.get_type_hints(cls)[s]
+    return set(typing.get_args(typing.get_type_hints(cls)[name]))

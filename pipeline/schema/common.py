@@ -18,4 +18,6 @@ Text = Annotated[str, NonEmpty]  # a path or a name: an empty path would mean th
 Resolution = Annotated[int, Ge(8), MultipleOf(8)]  # pixels: the VAE downsamples by 8
 Pair = Len(2, 2)  # a list of exactly two items
 
+# One spelling of the floating-point formats everywhere (DeepSpeed's); torch dtypes: pipeline.models.DTYPES
+Dtype = Literal["fp32", "fp16", "bf16"]
 Device = Literal["auto", "cpu", "cuda"]  # auto: cuda (this rank's GPU) when present, else cpu

@@ -5,16 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from pipeline.schema.common import Count, Device, NonNegInt, Resolution, Text
-
-Dtype = Literal["float32", "float16", "bfloat16"]
+from pipeline.schema.common import Count, Device, Dtype, NonNegInt, Resolution, Text
 
 
 @dataclass
 class EncodeModel:
     path: Text  # local diffusers model folder (sd15 or sdxl; the family is read from model_index.json)
-    vae_dtype: Dtype = "float32"  # SDXL's VAE overflows in float16: keep float32 there
-    text_dtype: Dtype = "float32"  # text encoder(s); states are stored as float16 either way
+    vae_dtype: Dtype = "fp32"  # SDXL's VAE overflows in fp16: keep fp32 there
+    text_dtype: Dtype = "fp32"  # text encoder(s); states are stored as fp16 either way
     device: Device = "auto"  # auto: cuda:LOCAL_RANK when present, else cpu
 
 
@@ -29,7 +27,7 @@ class EncodeData:
 class EncodeOutput:
     dir: Text  # output: shard-NNNNNN.tar + .json records, plan.json, manifest.json, jobs/
     shard_size: Count = 1000  # pairs per shard
-    latent_dtype: Literal["float16", "float32"] = "float16"  # stored latents
+    latent_dtype: Literal["fp16", "fp32"] = "fp16"  # stored latents
     store_std: bool = False  # also store the latent std, so training can sample z = mean + std * eps
 
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Annotated, Literal
+from typing import Annotated
 
 from annotated_types import Interval
 
-from pipeline.schema.common import Count, Device, NonNegFloat, NonNegInt, Resolution, Text
+from pipeline.schema.common import Count, Device, Dtype, NonNegFloat, NonNegInt, Resolution, Text
 
 
 @dataclass
@@ -70,4 +70,4 @@ class EvalConfig:
     scorers: EvalScorers = field(default_factory=EvalScorers)
     minority: EvalMinority = field(default_factory=EvalMinority)
     device: Device = "auto"
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    dtype: Dtype = "fp32"  # every model and scorer runs in it

@@ -9,6 +9,7 @@ from pipeline.schema.common import (
     Count,
     Decay,
     Device,
+    Dtype,
     NonEmpty,
     NonNegFloat,
     NonNegInt,
@@ -32,9 +33,7 @@ class TrainModel:
     attention: Literal["auto", "xformers", "sdpa"] = "auto"  # auto: xformers when installed and on CUDA
     gradient_checkpointing: bool = False
     channels_last: bool = False
-    reference_dtype: Literal["auto", "float32", "float16", "bfloat16"] = (
-        "auto"  # auto: the training precision
-    )
+    reference_dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # auto: the training precision
 
 
 @dataclass
@@ -69,7 +68,7 @@ class Optim:
 class TrainLoop:
     max_steps: Count = 100  # optimizer steps
     grad_accum: Count = 1  # micro-steps per optimizer step; total batch = micro_batch * grad_accum * world
-    precision: Literal["fp32", "fp16", "bf16"] = "fp32"  # V100: fp16 (dynamic loss scaling); A100/H100: bf16
+    precision: Dtype = "fp32"  # V100: fp16 (dynamic loss scaling); A100/H100: bf16
     seed: NonNegInt = 0  # noise and timesteps: a function of (seed, rank, micro-step)
     device: Device = "auto"
     log_every: Count = 1
