@@ -4,6 +4,8 @@ Rules (stricter than torchtune/nanoGPT on purpose):
 - an unknown key anywhere is an error that names the dotted key and suggests the closest valid one;
 - a value of the wrong type is an error naming the key, the expected and the given type;
 - every error is collected and reported at once, before any model is loaded;
+- a file may extend others: ``base: FILE`` or ``base: [FILE, ...]`` (relative to it; mappings merge deeply,
+  lists and values replace; see ``read_yaml``); the resolved config (``dump_yaml``) is fully expanded;
 - a dataclass may define ``check(self) -> list[str]`` for cross-field rules (messages name keys
   relative to that dataclass; they are prefixed with its dotted path).
 
@@ -56,7 +58,7 @@ def _holds(c: Any, v: Any) -> bool:
     raise TypeError(f"unsupported config constraint {c!r}")  # a schema bug, not a user error
 
 
-def _describe(cs: list) -> str:
+def _describe(cs: list, sep: str = ", ") -> str:
     """What the constraints ask for, to follow "must be": ``in [0, 1)``, ``>= 1``, ``non-empty``."""
     lo = next((c for c in cs if isinstance(c, at.Ge | at.Gt)), None)
     hi = next((c for c in cs if isinstance(c, at.Le | at.Lt)), None)
@@ -76,7 +78,7 @@ def _describe(cs: list) -> str:
         parts.append("non-empty")
     elif short is not None or long is not None:
         parts.append(f"of length {short}" if short == long else f"of length in [{short or 0}, {long}]")
-    return ", ".join(parts)
+    return sep.join(parts)
 
 
 def _type_name(tp: Any) -> str:
@@ -116,7 +118,7 @@ def _convert(value: Any, tp: Any, path: str, errors: list[str], unknown: list[st
         out = _convert(value, base, path, errors, unknown)
         if out is _MISSING or all(_holds(c, out) for c in cs):
             return out
-        errors.append(f"{path}: must be {_describe(cs)}, got {value!r}")
+        errors.append(f"{path}: must be {_describe(cs, ' and ')}, got {value!r}")
         return _MISSING
     if dataclasses.is_dataclass(tp):
         if value is None:
@@ -270,21 +272,50 @@ def parse_overrides(overrides: list[str]) -> tuple[list[tuple[str, Any]], list[s
     return out, errors
 
 
+def _merge(base: dict, over: dict) -> dict:
+    """Deep merge: mappings merge key by key, anything else in ``over`` (lists included) replaces."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
+    """Read a config file with its bases: a top-level ``base: FILE`` (or a list of files, merged in
+    order) names files it extends, relative to it; chains are allowed. Returns the merged mapping."""
+    p = Path(path)
+    if p.resolve() in [c.resolve() for c in _chain]:
+        raise ConfigError([f"{_chain[0]}: base cycle: {' -> '.join(str(c) for c in (*_chain, p))}"])
+    try:
+        loaded = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError([f"{path}: not valid YAML: {e}"]) from e
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError([f"{path}: the top level must be a mapping, got {type(loaded).__name__}"])
+    data = loaded or {}
+    bases = data.pop("base", [])
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) and b for b in bases):
+        raise ConfigError([f"{path}: base: expected a file name or a list of them, got {bases!r}"])
+    merged: dict = {}
+    for b in bases:
+        bp = p.parent / b
+        if not bp.is_file():
+            raise ConfigError([f"{path}: base {b}: no such file ({bp})"])
+        merged = _merge(merged, read_yaml(bp, (*_chain, p)))
+    return _merge(merged, data)
+
+
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
-    """Load ``path`` (YAML) into ``cls`` and apply dotted overrides; raise ConfigError listing every problem."""
+    """Load ``path`` (YAML, with its bases) into ``cls`` and apply dotted overrides; raise ConfigError
+    listing every problem."""
     errors: list[str] = []
     data: dict = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
+        if not Path(path).is_file():
             raise ConfigError([f"--config {path}: no such file"])
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError([f"{path}: not valid YAML: {e}"]) from e
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError([f"{path}: the top level must be a mapping, got {type(loaded).__name__}"])
-        data = loaded or {}
+        data = read_yaml(path)
     pairs, errs = parse_overrides(overrides or [])
     errors.extend(errs)
     for key, value in pairs:

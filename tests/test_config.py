@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 import pytest
+import yaml
 
 from pipeline.config import load_config
 from pipeline.errors import ConfigError
@@ -131,7 +132,7 @@ def test_every_error_at_once_across_sections():
         ("train", "checkpoint.every=0", "checkpoint.every: must be >= 1, got 0"),
         ("train", "output.dir=", "output.dir: must be non-empty, got ''"),
         ("encode", "output.dir=", "output.dir: must be non-empty, got ''"),
-        ("encode", "data.resolution=100", "data.resolution: must be >= 8, a multiple of 8, got 100"),
+        ("encode", "data.resolution=100", "data.resolution: must be >= 8 and a multiple of 8, got 100"),
     ],
 )
 def test_out_of_range_values_exit_2_through_the_cli_before_any_model_loads(
@@ -230,3 +231,69 @@ def _choices(cls, dotted: str) -> set:
     for s in sections:
         cls = typing.get_type_hints(cls)[s]
     return set(typing.get_args(typing.get_type_hints(cls)[name]))
+
+
+def _write(d: Path, files: dict[str, str]) -> None:
+    for name, text in files.items():
+        (d / name).parent.mkdir(parents=True, exist_ok=True)
+        (d / name).write_text(text)
+
+
+def test_base_chain_merges_mappings_replaces_lists_and_overrides_win(tmp_path):
+    """c <- b <- a (b in another folder, named relative to a): a mapping key set in any file survives,
+    a list is replaced whole, the nearer file wins, and command-line overrides win over every file."""
+    _write(tmp_path, {
+        "c.yaml": "path: /c\nsteps: 1\ndecays: [0.1, 0.2, 0.3]\ninner: {beta: 1.0, mode: b}\n",
+        "sub/b.yaml": "base: ../c.yaml\nsteps: 2\ninner: {beta: 2.0}\n",
+        "a.yaml": "base: sub/b.yaml\ndecays: [0.9]\ninner: {c2: 0.5}\n",
+    })  # fmt: skip
+    cfg = load_config(Outer, tmp_path / "a.yaml", ["steps=7"])
+    assert cfg == Outer(path="/c", steps=7, decays=[0.9], inner=Inner(beta=2.0, mode="b", c2=0.5))
+    from pipeline.config import dump_yaml
+
+    assert "base" not in dump_yaml(cfg)  # the resolved config is fully expanded
+
+
+def test_a_list_of_bases_merges_in_order(tmp_path):
+    _write(tmp_path, {"x.yaml": "path: /x\nsteps: 1\n", "y.yaml": "steps: 2\nflag: true\n",
+                      "a.yaml": "base: [x.yaml, y.yaml]\n"})  # fmt: skip
+    assert load_config(Outer, tmp_path / "a.yaml") == Outer(path="/x", steps=2, flag=True)
+
+
+@pytest.mark.parametrize(
+    ("files", "message"),
+    [
+        ({"a.yaml": "base: b.yaml\n", "b.yaml": "base: a.yaml\n"}, r"a\.yaml: base cycle: .*a\.yaml -> .*b\.yaml -> .*a\.yaml"),
+        ({"a.yaml": "base: a.yaml\n"}, r"a\.yaml: base cycle"),
+        ({"a.yaml": "base: sub/nope.yaml\n"}, r"a\.yaml: base sub/nope\.yaml: no such file"),
+        ({"a.yaml": "base: b.yaml\n", "b.yaml": "base: [gone.yaml]\n"}, r"b\.yaml: base gone\.yaml: no such file"),
+        ({"a.yaml": "base: {x: 1}\n"}, r"a\.yaml: base: expected a file name or a list of them"),
+    ],
+)  # fmt: skip
+def test_base_cycles_and_missing_bases_name_the_file(tmp_path, files, message):
+    _write(tmp_path, files)
+    with pytest.raises(ConfigError, match=message):
+        load_config(Outer, tmp_path / "a.yaml", ["path=/x"])
+
+
+def test_paper_configs_resolve_through_their_bases():
+    """sd15_adaptive_dpo_lora <- sd15_adaptive_dpo <- [sd15_dpo <- paper_base, adaptive_dpo_paper]."""
+    from pipeline.schema.train import TrainConfig
+
+    cfg = load_config(
+        TrainConfig, ROOT / "configs/train/sd15_adaptive_dpo_lora.yaml", _required_overrides(TrainConfig)
+    )
+    assert (cfg.model.lora_rank, cfg.data.micro_batch, cfg.train.grad_accum) == (8, 4, 4)  # the file itself
+    assert (cfg.optim.lr, cfg.optim.warmup_steps, cfg.ema.offload) == (1e-5, 100, False)
+    assert (cfg.objective.name, cfg.objective.beta, cfg.objective.adaptive.k1) == (
+        "adaptive_dpo",
+        1000.0,
+        10.0,
+    )
+    assert cfg.ema.decays == [0.9999, 0.5] and cfg.train.precision == "fp16"  # adaptive_dpo_paper, sd15_dpo
+    assert (cfg.train.max_steps, cfg.checkpoint.every, cfg.model.gradient_checkpointing) == (12000, 500, True)
+    xl = load_config(
+        TrainConfig, ROOT / "configs/train/sdxl_adaptive_dpo.yaml", _required_overrides(TrainConfig)
+    )
+    assert (xl.objective.beta, xl.objective.adaptive.k1, xl.objective.adaptive.rho) == (2500.0, 1.0, 15.0)
+    assert (xl.train.precision, xl.train.grad_accum, xl.objective.adaptive.warmup_steps) == ("bf16", 16, 100)
