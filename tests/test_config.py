@@ -297,3 +297,43 @@ def test_paper_configs_resolve_through_their_bases():
     )
     assert (xl.objective.beta, xl.objective.adaptive.k1, xl.objective.adaptive.rho) == (2500.0, 1.0, 15.0)
     assert (xl.train.precision, xl.train.grad_accum, xl.objective.adaptive.warmup_steps) == ("bf16", 16, 100)
+
+
+def test_tiny_configs_share_the_toy_study_setting():
+    """Every tiny_<objective>.yaml runs the study's budget from tiny_base.yaml (200 steps x 16 pairs,
+    lr 1e-4, beta 1000) and differs from it in objective and EMA keys only."""
+    from pipeline.config import flatten, to_dict
+    from pipeline.schema.objective import ObjectiveName
+    from pipeline.schema.train import TrainConfig
+
+    def flat(name, *extra):
+        path = ROOT / "configs/train" / f"tiny_{name}.yaml"
+        return flatten(to_dict(load_config(TrainConfig, path, [*_required_overrides(TrainConfig), *extra])))
+
+    base = flat("base")
+    assert (base["train.max_steps"], base["data.micro_batch"], base["optim.lr"], base["objective.beta"]) == (
+        200, 16, 1e-4, 1000.0)  # fmt: skip
+    names = [*typing.get_args(ObjectiveName), "adaptive_dpo_calibrated"]
+    for name in names:
+        cfg = flat(name)
+        assert cfg["objective.name"] == name.removesuffix("_calibrated"), name
+        changed = {k for k in base if cfg[k] != base[k]}
+        assert all(k.startswith(("objective.", "ema.")) for k in changed), (name, changed)
+
+
+def test_ema_half_life_fractions_follow_train_max_steps():
+    """tiny_adaptive_dpo_calibrated: fractions 0.25 and 0.025 of the run; 200 steps -> half-lives 50 and
+    5 (the study's values), 400 steps -> 100 and 10 with no other edit. decay = 0.5 ** (1 / half-life)."""
+    from pipeline.config import dump_yaml
+    from pipeline.schema.train import TrainConfig
+
+    path = ROOT / "configs/train/tiny_adaptive_dpo_calibrated.yaml"
+    for steps, want in ((200, [50.0, 5.0]), (400, [100.0, 10.0])):
+        cfg = load_config(TrainConfig, path, [*_required_overrides(TrainConfig), f"train.max_steps={steps}"])
+        assert cfg.ema.half_lives == pytest.approx(want) and cfg.ema.half_life_fractions == []
+        assert cfg.ema.all_decays == pytest.approx([0.5 ** (1 / h) for h in want])
+        assert cfg.ema.all_decays[0] ** want[0] == pytest.approx(0.5)
+        again = yaml.safe_load(dump_yaml(cfg))  # the resolved config reloads to the same decays
+        assert again["ema"]["half_lives"] == pytest.approx(want) and again["ema"]["half_life_fractions"] == []
+    with pytest.raises(ConfigError, match=r"ema.half_life_fractions\[0\]: must be > 0, got 0"):
+        load_config(TrainConfig, path, [*_required_overrides(TrainConfig), "ema.half_life_fractions=[0]"])

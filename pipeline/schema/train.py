@@ -79,9 +79,8 @@ class TrainLoop:
 @dataclass
 class EMAConfig:
     decays: list[Decay] = field(default_factory=list)  # one EMA model each (authors' code: [0.9999, 0.5])
-    half_lives: list[Positive] = field(
-        default_factory=list
-    )  # or: in optimizer steps, decay = 0.5 ** (1 / half_life)
+    half_lives: list[Positive] = field(default_factory=list)  # or in steps: decay = 0.5 ** (1 / half_life)
+    half_life_fractions: list[Positive] = field(default_factory=list)  # x train.max_steps, into half_lives
     offload: bool = True  # fp32 shards in CPU memory (pinned); false: on the accelerator
     overlap_gather: bool = False  # >1 rank: next EMA all-gather during a forward (+1 model buffer)
 
@@ -117,6 +116,13 @@ class TrainConfig:
     checkpoint: Checkpointing = field(default_factory=Checkpointing)
 
     check_reads = ("objective", "ema")  # a bad value in another section does not hide this rule
+
+    def __post_init__(self) -> None:
+        # EMA half-lives given as fractions of the run become steps here, so the resolved config names
+        # the half-lives used, and a resume with another train.max_steps is refused (ema.half_lives differ)
+        if self.ema.half_life_fractions:
+            steps = [f * self.train.max_steps for f in self.ema.half_life_fractions]
+            self.ema.half_lives, self.ema.half_life_fractions = [*self.ema.half_lives, *steps], []
 
     def check(self) -> list[str]:
         errs = []
