@@ -5,7 +5,7 @@ Rules (stricter than torchtune/nanoGPT on purpose):
 - a value of the wrong type is an error naming the key, the expected and the given type;
 - every error is collected and reported at once, before any model is loaded;
 - a file may extend others: ``base: FILE`` or ``base: [FILE, ...]`` (relative to it; mappings merge deeply,
-  lists and values replace; see ``read_yaml``); the resolved config (``dump_yaml``) is fully expanded;
+  lists and values replace; see ``_read_yaml``); the resolved config (``dump_yaml``) is fully expanded;
 - a dataclass may define ``check(self) -> list[str]`` for cross-field rules (messages name keys
   relative to that dataclass; they are prefixed with its dotted path).
 
@@ -76,8 +76,11 @@ def _describe(cs: list, sep: str = ", ") -> str:
     parts += [f"a multiple of {c.multiple_of}" for c in cs if isinstance(c, at.MultipleOf)]
     if short == 1 and long is None:
         parts.append("non-empty")
-    elif short is not None or long is not None:
-        parts.append(f"of length {short}" if short == long else f"of length in [{short or 0}, {long}]")
+    elif short is not None and short == long:
+        parts.append(f"of length {short}")
+    else:
+        parts += [f"of length >= {short}"] if short is not None else []
+        parts += [f"of length <= {long}"] if long is not None else []
     return sep.join(parts)
 
 
@@ -85,7 +88,7 @@ def _type_name(tp: Any) -> str:
     origin = get_origin(tp)
     if origin is Annotated:
         base, cs = _constraints(tp)
-        desc = _describe(cs)
+        desc = _describe(cs)  # "int >= 1", "float in [0, 1)"; "str, non-empty"
         return f"{_type_name(base)}{' ' if desc[0] in '<>i' else ', '}{desc}"
     if origin is Literal:
         return " | ".join(repr(a) for a in get_args(tp))
@@ -280,12 +283,12 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-def read_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
+def _read_yaml(path: str | Path, chain: tuple[Path, ...] = ()) -> dict:
     """Read a config file with its bases: a top-level ``base: FILE`` (or a list of files, merged in
     order) names files it extends, relative to it; chains are allowed. Returns the merged mapping."""
     p = Path(path)
-    if p.resolve() in [c.resolve() for c in _chain]:
-        raise ConfigError([f"{_chain[0]}: base cycle: {' -> '.join(str(c) for c in (*_chain, p))}"])
+    if p.resolve() in [c.resolve() for c in chain]:
+        raise ConfigError([f"{chain[0]}: base cycle: {' -> '.join(str(c) for c in (*chain, p))}"])
     try:
         loaded = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
@@ -303,7 +306,7 @@ def read_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
         bp = p.parent / b
         if not bp.is_file():
             raise ConfigError([f"{path}: base {b}: no such file ({bp})"])
-        merged = _merge(merged, read_yaml(bp, (*_chain, p)))
+        merged = _merge(merged, _read_yaml(bp, (*chain, p)))
     return _merge(merged, data)
 
 
@@ -315,7 +318,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     if path is not None:
         if not Path(path).is_file():
             raise ConfigError([f"--config {path}: no such file"])
-        data = read_yaml(path)
+        data = _read_yaml(path)
     pairs, errs = parse_overrides(overrides or [])
     errors.extend(errs)
     for key, value in pairs:
