@@ -7,7 +7,8 @@ Rules (stricter than torchtune/nanoGPT on purpose):
 - a file may extend others: ``base: FILE`` or ``base: [FILE, ...]`` (relative to it; mappings merge deeply,
   lists and values replace; see ``_read_yaml``); the resolved config (``dump_yaml``) is fully expanded;
 - a dataclass may define ``check(self) -> list[str]`` for cross-field rules (messages name keys
-  relative to that dataclass; they are prefixed with its dotted path).
+  relative to that dataclass; they are prefixed with its dotted path). It runs when the fields it reads
+  are valid: all fields, or those named in a class attribute ``check_reads``.
 
 Supported field types: bool, int, float, str, ``Literal[...]``, ``X | None``, ``A | B``,
 ``list[X]``, ``dict[str, X]``, nested dataclasses, and any of these ``Annotated`` with range and

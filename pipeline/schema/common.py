@@ -7,8 +7,8 @@ from typing import Annotated, Literal
 
 from annotated_types import Ge, Gt, Interval, Len, MinLen, MultipleOf
 
-Count = Annotated[int, Ge(1)]  # a count or a size: steps, pairs, workers-per-something, every N
-NonNegInt = Annotated[int, Ge(0)]  # 0 has a meaning (off, none) or any seed
+Count = Annotated[int, Ge(1)]  # a count or a size: steps, pairs, threads, every N steps
+NonNegInt = Annotated[int, Ge(0)]  # 0 means off or none; seeds
 Positive = Annotated[float, Gt(0)]  # a rate, a scale, a temperature
 NonNegFloat = Annotated[float, Ge(0)]  # 0: off
 Probability = Annotated[float, Interval(ge=0, le=1)]

@@ -115,7 +115,7 @@ class TrainConfig:
     ema: EMAConfig = field(default_factory=EMAConfig)
     checkpoint: Checkpointing = field(default_factory=Checkpointing)
 
-    check_reads = ("objective", "ema")  # a bad value in another section does not hide this rule
+    check_reads = ("objective", "ema")  # the sections check() reads: a bad value elsewhere does not hide it
 
     def __post_init__(self) -> None:
         # EMA half-lives given as fractions of the run become steps here, so the resolved config names
