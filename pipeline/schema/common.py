@@ -13,8 +13,9 @@ Positive = Annotated[float, Gt(0)]  # a rate, a scale, a temperature
 NonNegFloat = Annotated[float, Ge(0)]  # 0: off
 Probability = Annotated[float, Interval(ge=0, le=1)]
 Decay = Annotated[float, Interval(ge=0, lt=1)]  # EMA / Adam decay: 1 would never move
-NonEmpty = MinLen(1)  # a list that needs an item
-Text = Annotated[str, NonEmpty]  # a path or a name: an empty path would mean the current directory
+Quantile = Annotated[float, Interval(gt=0, lt=1)]
+Text = Annotated[str, MinLen(1)]  # a path or a name: an empty path would mean the current directory
+Names = Annotated[list[Text], MinLen(1)]  # a list that needs an item
 Resolution = Annotated[int, Ge(8), MultipleOf(8)]  # pixels: the VAE downsamples by 8
 Pair = Len(2, 2)  # a list of exactly two items
 

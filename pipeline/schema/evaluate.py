@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Annotated
 
-from annotated_types import Interval
-
-from pipeline.schema.common import Count, Device, Dtype, NonNegFloat, NonNegInt, Resolution, Text
+from pipeline.schema.common import Count, Device, Dtype, NonNegFloat, NonNegInt, Quantile, Resolution, Text
 
 
 @dataclass
@@ -54,9 +51,7 @@ class EvalScorers:
 class EvalMinority:
     runs: dict[str, Text] = field(default_factory=dict)  # name -> run dir with per-pair records
     bins: Count = 10  # u bins of the flipped-share plot (equal counts)
-    high_u_quantile: Annotated[float, Interval(gt=0, lt=1)] = (
-        0.9  # "high u": above this quantile of u over the run
-    )
+    high_u_quantile: Quantile = 0.9  # "high u": above this quantile of u over the run
     min_user_pairs: Count = 5  # annotators with fewer pairs are listed apart
     last_epochs: Count = 1  # use each pair's records from the last N epochs of the run
 

@@ -10,7 +10,7 @@ from pipeline.schema.common import (
     Decay,
     Device,
     Dtype,
-    NonEmpty,
+    Names,
     NonNegFloat,
     NonNegInt,
     Pair,
@@ -27,9 +27,7 @@ class TrainModel:
     path: Text | None = None  # default: the model named in the shards' manifest (must match it)
     lora_rank: NonNegInt = 0  # 0: full fine-tuning; > 0: LoRA on the attention projections (authors: 8)
     lora_alpha: Positive | None = None  # null: = lora_rank
-    lora_targets: Annotated[list[Text], NonEmpty] = field(
-        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"]
-    )
+    lora_targets: Names = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
     attention: Literal["auto", "xformers", "sdpa"] = "auto"  # auto: xformers when installed and on CUDA
     gradient_checkpointing: bool = False
     channels_last: bool = False
