@@ -4,12 +4,17 @@ Rules (stricter than torchtune/nanoGPT on purpose):
 - an unknown key anywhere is an error that names the dotted key and suggests the closest valid one;
 - a value of the wrong type is an error naming the key, the expected and the given type;
 - every error is collected and reported at once, before any model is loaded;
+- a file may extend others: ``base: FILE`` or ``base: [FILE, ...]`` (relative to it; mappings merge deeply,
+  lists and values replace; see ``_read_yaml``); the resolved config (``dump_yaml``) is fully expanded;
 - a dataclass may define ``check(self) -> list[str]`` for cross-field rules (messages name keys
-  relative to that dataclass; they are prefixed with its dotted path).
+  relative to that dataclass; they are prefixed with its dotted path). It runs when the fields it reads
+  are valid: all fields, or those named in a class attribute ``check_reads``.
 
 Supported field types: bool, int, float, str, ``Literal[...]``, ``X | None``, ``A | B``,
-``list[X]``, ``dict[str, X]`` and nested dataclasses. An int is accepted for a float; a string that
-parses as a number is accepted for a float (YAML 1.1 reads ``1e-8`` as a string).
+``list[X]``, ``dict[str, X]``, nested dataclasses, and any of these ``Annotated`` with range and
+length constraints of ``annotated_types`` (``Ge``, ``Gt``, ``Le``, ``Lt``, ``Interval``,
+``MultipleOf``, ``MinLen``, ``MaxLen``, ``Len``; see pipeline/schema/common.py). An int is accepted for
+a float; a string that parses as a number is accepted for a float (YAML 1.1 reads ``1e-8`` as a string).
 """
 
 from __future__ import annotations
@@ -19,8 +24,9 @@ import difflib
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
+import annotated_types as at
 import yaml
 
 from pipeline.errors import ConfigError
@@ -29,8 +35,62 @@ T = TypeVar("T")
 _MISSING = object()
 
 
+def _constraints(tp: Any) -> tuple[Any, list]:
+    """``Annotated[X, Interval(ge=0, lt=1)]`` -> ``(X, [Ge(0), Lt(1)])``."""
+    base, *meta = get_args(tp)
+    return base, [c for m in meta for c in (m if isinstance(m, at.GroupedMetadata) else [m])]
+
+
+def _holds(c: Any, v: Any) -> bool:
+    if isinstance(c, at.Ge):
+        return v >= c.ge
+    if isinstance(c, at.Gt):
+        return v > c.gt
+    if isinstance(c, at.Le):
+        return v <= c.le
+    if isinstance(c, at.Lt):
+        return v < c.lt
+    if isinstance(c, at.MultipleOf):
+        return v % c.multiple_of == 0
+    if isinstance(c, at.MinLen):
+        return len(v) >= c.min_length
+    if isinstance(c, at.MaxLen):
+        return len(v) <= c.max_length
+    raise TypeError(f"unsupported config constraint {c!r}")  # a schema bug, not a user error
+
+
+def _describe(cs: list, sep: str = ", ") -> str:
+    """What the constraints ask for, to follow "must be": ``in [0, 1)``, ``>= 1``, ``non-empty``."""
+    lo = next((c for c in cs if isinstance(c, at.Ge | at.Gt)), None)
+    hi = next((c for c in cs if isinstance(c, at.Le | at.Lt)), None)
+    short = next((c.min_length for c in cs if isinstance(c, at.MinLen)), None)
+    long = next((c.max_length for c in cs if isinstance(c, at.MaxLen)), None)
+    parts = []
+    if lo is not None and hi is not None:
+        a, b = ("[", lo.ge) if isinstance(lo, at.Ge) else ("(", lo.gt)
+        c, d = (hi.le, "]") if isinstance(hi, at.Le) else (hi.lt, ")")
+        parts.append(f"in {a}{b}, {c}{d}")
+    elif lo is not None:
+        parts.append(f">= {lo.ge}" if isinstance(lo, at.Ge) else f"> {lo.gt}")
+    elif hi is not None:
+        parts.append(f"<= {hi.le}" if isinstance(hi, at.Le) else f"< {hi.lt}")
+    parts += [f"a multiple of {c.multiple_of}" for c in cs if isinstance(c, at.MultipleOf)]
+    if short == 1 and long is None:
+        parts.append("non-empty")
+    elif short is not None and short == long:
+        parts.append(f"of length {short}")
+    else:
+        parts += [f"of length >= {short}"] if short is not None else []
+        parts += [f"of length <= {long}"] if long is not None else []
+    return sep.join(parts)
+
+
 def _type_name(tp: Any) -> str:
     origin = get_origin(tp)
+    if origin is Annotated:
+        base, cs = _constraints(tp)
+        desc = _describe(cs)  # "int >= 1", "float in [0, 1)"; "str, non-empty"
+        return f"{_type_name(base)}{' ' if desc[0] in '<>i' else ', '}{desc}"
     if origin is Literal:
         return " | ".join(repr(a) for a in get_args(tp))
     if origin in (Union, types.UnionType):
@@ -44,14 +104,26 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def _close(word: str, valid: list[str]) -> str | None:
+    close = difflib.get_close_matches(word, valid, n=1, cutoff=0.5)
+    return close[0] if close else None
+
+
 def _suggest(key: str, valid: list[str]) -> str:
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    return f" (did you mean '{close[0]}'?)" if close else f" (valid keys: {', '.join(sorted(valid))})"
+    close = _close(key, valid)
+    return f" (did you mean '{close}'?)" if close else f" (valid keys: {', '.join(sorted(valid))})"
 
 
-def _convert(value: Any, tp: Any, path: str, errors: list[str]) -> Any:
+def _convert(value: Any, tp: Any, path: str, errors: list[str], unknown: list[str]) -> Any:
     """Return ``value`` converted to ``tp`` or _MISSING after appending an error."""
     origin = get_origin(tp)
+    if origin is Annotated:
+        base, cs = _constraints(tp)
+        out = _convert(value, base, path, errors, unknown)
+        if out is _MISSING or all(_holds(c, out) for c in cs):
+            return out
+        errors.append(f"{path}: must be {_describe(cs, ' and ')}, got {value!r}")
+        return _MISSING
     if dataclasses.is_dataclass(tp):
         if value is None:
             value = {}
@@ -60,25 +132,30 @@ def _convert(value: Any, tp: Any, path: str, errors: list[str]) -> Any:
                 f"{path}: expected a mapping (section {tp.__name__}), got {type(value).__name__} {value!r}"
             )
             return _MISSING
-        return _build(tp, value, path, errors)
+        return _build(tp, value, path, errors, unknown)
     if origin is Literal:
         choices = get_args(tp)
         if value in choices and not (
             isinstance(value, bool) and not any(isinstance(c, bool) for c in choices)
         ):
             return value
-        errors.append(f"{path}: expected one of {', '.join(repr(c) for c in choices)}, got {value!r}")
+        close = _close(value, [str(c) for c in choices]) if isinstance(value, str) else None
+        hint = f" (did you mean '{close}'?)" if close else ""
+        errors.append(f"{path}: expected one of {', '.join(repr(c) for c in choices)}, got {value!r}{hint}")
         return _MISSING
     if origin in (Union, types.UnionType):
         args = get_args(tp)
         if value is None and type(None) in args:
             return None
+        others = [a for a in args if a is not type(None)]
+        if len(others) == 1:  # X | None: X's own message (its range, its choices)
+            return _convert(value, others[0], path, errors, unknown)
         # try each member without recording its errors; bool before numbers so True is not 1
         for arg in args:
             if arg is type(None):
                 continue
             trial: list[str] = []
-            out = _convert(value, arg, path, trial)
+            out = _convert(value, arg, path, trial, trial)
             if not trial:
                 return out
         errors.append(f"{path}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
@@ -88,14 +165,14 @@ def _convert(value: Any, tp: Any, path: str, errors: list[str]) -> Any:
             errors.append(f"{path}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
             return _MISSING
         (item_tp,) = get_args(tp)
-        out = [_convert(v, item_tp, f"{path}[{i}]", errors) for i, v in enumerate(value)]
+        out = [_convert(v, item_tp, f"{path}[{i}]", errors, unknown) for i, v in enumerate(value)]
         return _MISSING if any(v is _MISSING for v in out) else out
     if origin is dict:
         if not isinstance(value, dict):
             errors.append(f"{path}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
             return _MISSING
         _, val_tp = get_args(tp)
-        out = {str(k): _convert(v, val_tp, f"{path}.{k}", errors) for k, v in value.items()}
+        out = {str(k): _convert(v, val_tp, f"{path}.{k}", errors, unknown) for k, v in value.items()}
         return _MISSING if any(v is _MISSING for v in out.values()) else out
     if tp is bool:
         if isinstance(value, bool):
@@ -122,19 +199,26 @@ def _convert(value: Any, tp: Any, path: str, errors: list[str]) -> Any:
     return _MISSING
 
 
-def _build(cls: type[T], data: dict, prefix: str, errors: list[str]) -> T:
-    hints = typing.get_type_hints(cls)
+def _build(cls: type[T], data: dict, prefix: str, errors: list[str], unknown: list[str]) -> T:
+    """Build ``cls`` from ``data``: value errors go to ``errors``, unknown keys to ``unknown``.
+
+    A field whose value is bad keeps its default, so the other fields and sections are still checked.
+    The cross-field ``check`` runs when the fields it reads (``check_reads``, default: all) had no value
+    error: a bad value elsewhere, or an unknown key, does not hide a cross-field error.
+    """
+    hints = typing.get_type_hints(cls, include_extras=True)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in data:
         if key not in fields:
-            errors.append(
+            unknown.append(
                 f"{prefix + '.' if prefix else ''}{key}: unknown key{_suggest(str(key), list(fields))}"
             )
-    kwargs = {}
+    kwargs, failed = {}, set()
     for name, f in fields.items():
         path = f"{prefix}.{name}" if prefix else name
+        before = len(errors)
         if name in data:
-            value = _convert(data[name], hints[name], path, errors)
+            value = _convert(data[name], hints[name], path, errors, unknown)
             if value is not _MISSING:
                 kwargs[name] = value
         elif (
@@ -142,15 +226,17 @@ def _build(cls: type[T], data: dict, prefix: str, errors: list[str]) -> T:
             and f.default is dataclasses.MISSING
             and f.default_factory is dataclasses.MISSING
         ):
-            kwargs[name] = _build(hints[name], {}, path, errors)
+            kwargs[name] = _build(hints[name], {}, path, errors, unknown)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             errors.append(f"{path}: missing required key ({_type_name(hints[name])})")
+        if len(errors) > before:
+            failed.add(name)
     try:
         obj = cls(**kwargs)
     except TypeError:
         return None  # type: ignore[return-value]  # missing fields: already reported
     check = getattr(obj, "check", None)
-    if check is not None and len(errors) == 0:
+    if check is not None and not failed.intersection(getattr(cls, "check_reads", fields)):
         errors.extend(f"{prefix + '.' if prefix else ''}{msg}" for msg in check())
     return obj
 
@@ -190,28 +276,58 @@ def parse_overrides(overrides: list[str]) -> tuple[list[tuple[str, Any]], list[s
     return out, errors
 
 
+def _merge(base: dict, over: dict) -> dict:
+    """Deep merge: mappings merge key by key, anything else in ``over`` (lists included) replaces."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _read_yaml(path: str | Path, chain: tuple[Path, ...] = ()) -> dict:
+    """Read a config file with its bases: a top-level ``base: FILE`` (or a list of files, merged in
+    order) names files it extends, relative to it; chains are allowed. Returns the merged mapping."""
+    p = Path(path)
+    if p.resolve() in [c.resolve() for c in chain]:
+        raise ConfigError([f"{chain[0]}: base cycle: {' -> '.join(str(c) for c in (*chain, p))}"])
+    try:
+        loaded = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError([f"{path}: not valid YAML: {e}"]) from e
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError([f"{path}: the top level must be a mapping, got {type(loaded).__name__}"])
+    data = loaded or {}
+    bases = data.pop("base", [])
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) and b for b in bases):
+        raise ConfigError([f"{path}: base: expected a file name or a list of them, got {bases!r}"])
+    merged: dict = {}
+    for b in bases:
+        bp = p.parent / b
+        if not bp.is_file():
+            raise ConfigError([f"{path}: base {b}: no such file ({bp})"])
+        merged = _merge(merged, _read_yaml(bp, (*chain, p)))
+    return _merge(merged, data)
+
+
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
-    """Load ``path`` (YAML) into ``cls`` and apply dotted overrides; raise ConfigError listing every problem."""
+    """Load ``path`` (YAML, with its bases) into ``cls`` and apply dotted overrides; raise ConfigError
+    listing every problem."""
     errors: list[str] = []
     data: dict = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
+        if not Path(path).is_file():
             raise ConfigError([f"--config {path}: no such file"])
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError([f"{path}: not valid YAML: {e}"]) from e
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError([f"{path}: the top level must be a mapping, got {type(loaded).__name__}"])
-        data = loaded or {}
+        data = _read_yaml(path)
     pairs, errs = parse_overrides(overrides or [])
     errors.extend(errs)
     for key, value in pairs:
         _set_dotted(data, key, value, errors)
-    cfg = _build(cls, data, "", errors)
-    if errors:
-        raise ConfigError(errors)
+    unknown: list[str] = []
+    cfg = _build(cls, data, "", errors, unknown)
+    if errors or unknown:
+        raise ConfigError(unknown + errors)
     return cfg
 
 

@@ -108,7 +108,7 @@ def inspect_model(path: str | Path) -> ModelInfo:
     )
 
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # the configs' one vocabulary
 
 
 def load_vae(info: ModelInfo, dtype: torch.dtype, device: torch.device):

@@ -58,7 +58,7 @@ def make_plan(cfg: EncodeConfig, info: ModelInfo, scan: pickapic.ScanResult) -> 
         "latent_shape": [info.latent_channels, latent, latent],
         "text_shape": [77, info.text_dim],
         "pooled_dim": info.pooled_dim,
-        "dtypes": {"latents": cfg.output.latent_dtype, "text": "float16"},
+        "dtypes": {"latents": cfg.output.latent_dtype, "text": "fp16"},
         "store_std": cfg.output.store_std,
         "scaling_factor": info.scaling_factor,
         "encode_config": enc_cfg,
@@ -98,7 +98,7 @@ def encode_shard(
             pbar.update(1)
         else:
             good.append((row, p))
-    lat_dtype = np.dtype(cfg.output.latent_dtype)
+    lat_dtype = {"fp16": np.float16, "fp32": np.float32}[cfg.output.latent_dtype]
     samples = []
     bs = cfg.run.batch_size
     for b in range(0, len(good), bs):

@@ -51,7 +51,7 @@ def _default(f: dataclasses.Field) -> str:
 
 
 def rows(cls, prefix: str = "") -> list[tuple[str, str, str, str]]:
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     notes = _comments(cls)
     out = []
     for f in dataclasses.fields(cls):

@@ -7,8 +7,7 @@ import importlib.util
 import torch
 
 from pipeline.errors import UserError
-
-COMPUTE_DTYPE = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+from pipeline.models import DTYPES as COMPUTE_DTYPE  # the configs' one vocabulary: fp32, fp16, bf16
 
 
 def check_precision(precision: str, device: torch.device) -> torch.dtype:
