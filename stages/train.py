@@ -16,7 +16,6 @@ import resource
 import signal
 import sys
 import time
-from collections import deque
 from pathlib import Path
 
 if __package__ in (None, ""):  # `deepspeed stages/train.py` runs this file as a script
@@ -29,8 +28,6 @@ from tqdm import tqdm
 
 from pipeline import cli
 from pipeline.config import dump_yaml, to_dict, write_resolved
-from pipeline.data.loader import Layout, PairStream, make_loader
-from pipeline.data.shards import load_manifest, sha256_file
 from pipeline.engine import checkpoint as ckpt
 from pipeline.engine.dist import all_reduce_max, barrier, init_distributed
 from pipeline.engine.ds_config import build_ds_config
@@ -38,33 +35,15 @@ from pipeline.engine.ema import ShardedEMA
 from pipeline.engine.flat_layout import FlatLayout
 from pipeline.engine.precision import apply_attention, check_precision, flush_denormals, resolve_attention
 from pipeline.errors import UserError
-from pipeline.evaluate.preference import accuracy as preference_accuracy
 from pipeline.losses.objectives import build_objective
 from pipeline.metrics_log import MetricsLogger, PairRecorder
-from pipeline.minority import auroc
-from pipeline.models import DTYPES, inspect_model, load_scheduler, load_unet, pick_device
+from pipeline.models import DTYPES, load_unet, pick_device
 from pipeline.schema.train import RESUMABLE_KEYS, TrainConfig
-from pipeline.step import LoraReference, PreferenceStep
+from pipeline.step import LoraReference
+from pipeline.train.stats import StatsAccumulator, gather_pair_stats, summarize
+from pipeline.train.workload import Models, RunContext, build_workload
 
 log = logging.getLogger("stages.train")
-
-
-def check_shards(cfg: TrainConfig, manifest: dict):
-    """The shards must come from the model being trained, at the configured resolution."""
-    info = inspect_model(cfg.model.path or manifest["model"]["path"])
-    if info.config_hash != manifest["model"]["config_hash"]:
-        raise UserError(
-            f"data.shards={cfg.data.shards} were encoded with {manifest['model']['path']} "
-            f"(config hash {manifest['model']['config_hash'][:12]}), not with model.path={info.path} "
-            f"({info.config_hash[:12]}): re-encode, or train the model the shards were made with"
-        )
-    if cfg.data.resolution is not None and cfg.data.resolution != manifest["resolution"]:
-        raise UserError(
-            f"data.resolution={cfg.data.resolution} but the shards are {manifest['resolution']} px"
-        )
-    if cfg.data.sample_latents and not manifest.get("store_std"):
-        raise UserError("data.sample_latents=true needs shards encoded with output.store_std=true")
-    return info
 
 
 class Trainer:
@@ -79,8 +58,9 @@ class Trainer:
 
     def setup(self) -> None:
         cfg = self.cfg
-        manifest = load_manifest(cfg.data.shards)
-        self.info = check_shards(cfg, manifest)
+        self.objective = build_objective(cfg.objective)
+        self.workload = build_workload(cfg, self.objective)  # checks the data before any model loads
+        self.info = self.workload.info
         local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
         self.device = pick_device(cfg.train.device, local_rank)
         self.dtype = check_precision(cfg.train.precision, self.device)
@@ -91,18 +71,6 @@ class Trainer:
         self.rank, self.world, _ = init_distributed("nccl" if self.device.type == "cuda" else "gloo")
         self.out = Path(cfg.output.dir)
         self.ckroot = self.out / "checkpoints"
-        shard_dir = Path(cfg.data.shards)
-        self.paths = [shard_dir / s["name"] for s in manifest["shards"]]
-        self.counts = [s["count"] for s in manifest["shards"]]
-        missing = [str(p) for p in self.paths if not p.is_file()]
-        if missing:
-            raise UserError(f"shards listed in the manifest are missing: {', '.join(missing[:5])}")
-        if cfg.data.verify_sha256 and self.rank == 0:
-            bad = [s["name"] for s, p in zip(manifest["shards"], self.paths) if sha256_file(p) != s["sha256"]]
-            if bad:
-                log.warning(
-                    "shards whose sha256 differs from the manifest (read with damage handling): %s", bad
-                )
 
         # resume: decided before any model loads, so a wrong config fails in seconds
         self.tag = ckpt.latest_tag(self.ckroot)
@@ -119,30 +87,15 @@ class Trainer:
         if self.rank == 0:
             write_resolved(cfg, self.out / "config.yaml")
 
-        self.objective = build_objective(cfg.objective)
+        self.workload.prepare(RunContext(self.rank, self.world, self.device, self.dtype))
         self._build_engine()
         self._build_reference_and_ema()
-        self.step_fn = PreferenceStep(
-            self.objective,
-            load_scheduler(self.info),
-            self.info.prediction_type,
-            self.dtype,
-            self.device,
-            cfg.train.seed,
-            self.rank,
-            cfg.data.sample_latents,
-        )
+        self.models = Models(self.engine, self.reference, self.ema)
         self.micro_step = 0
         self.counters = {"nonfinite_skipped": 0, "substituted": 0}
         if self.tag:
             self._load_checkpoint()
         resume_step = self.engine.global_steps
-        self.stream = PairStream(
-            self.paths, self.counts, manifest, self.rank, self.world, cfg.data.micro_batch, cfg.data.num_workers,
-            cfg.data.seed, cfg.data.shuffle_buffer, cfg.data.flip_rate, cfg.data.flip_seed, cfg.data.flip_by,
-            start=self.micro_step,
-        )  # fmt: skip
-        self.loader = make_loader(self.stream, cfg.data.num_workers, pin_memory=self.device.type == "cuda")
         self.logger = MetricsLogger(self.out, resume_step, cfg.output.tensorboard) if self.rank == 0 else None
         self.recorder = PairRecorder(self.out, self.rank, resume_step, cfg.output.pair_records)
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -226,19 +179,9 @@ class Trainer:
         if self.ema is not None:
             self.ema.load(self.ckroot / self.tag / "ema")
         ckpt.load_rng(self.ckroot / self.tag / "rng", self.rank)
+        self.objective.load_state_dict(ckpt.load_objective_state(self.ckroot / self.tag))
         self.counters = dict(st["counters"])
-        old = Layout(tuple(self.counts), st["world_size"], st["data_workers"], st["micro_batch"])
-        new = Layout(
-            tuple(self.counts), self.world, max(self.cfg.data.num_workers, 1), self.cfg.data.micro_batch
-        )
-        if old == new:
-            self.micro_step = st["micro_step"]
-        else:  # another layout reads the data in another order: continue at the same share of the epoch
-            self.micro_step = st["micro_step"] * old.world * old.micro_batch // (new.world * new.micro_batch)
-            log.warning(
-                "data layout changed (world %d->%d, workers %d->%d): the sample order differs from here on; "
-                "resuming at micro-batch %d of this layout", old.world, new.world, old.workers, new.workers, self.micro_step,
-            )  # fmt: skip
+        self.micro_step = self.workload.resume_position(st)
         if self.rank == 0:
             log.info("resumed from %s: step %d, micro-batch %d", self.tag, st["step"], self.micro_step)
 
@@ -253,60 +196,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ train
 
-    def _gather_stats(self, out, batch) -> dict[str, np.ndarray]:
-        """All ranks' per-pair stats of this micro-step, on every rank (one all_gather)."""
-        import torch.distributed as dist
-
-        names = sorted(out.stats)
-        rows = [out.stats[k].float() for k in names]
-        rows += [
-            batch["flipped"].float().to(self.device),
-            batch["true_agrees"].to(self.device),
-            out.loss.detach().float(),
-        ]
-        mat = torch.stack([r.to(self.device) for r in rows])
-        if self.world > 1:
-            parts = [torch.empty_like(mat) for _ in range(self.world)]
-            dist.all_gather(parts, mat)
-            mat = torch.cat(parts, dim=1)
-        arr = mat.cpu().numpy()
-        res = {k: arr[i] for i, k in enumerate(names)}
-        res["flipped"], res["true_agrees"], res["loss"] = arr[-3] > 0.5, arr[-2], arr[-1]
-        return res
-
-    def _scalars(self, acc: dict[str, list[np.ndarray]], dt: float, n_steps: int) -> tuple[dict, dict]:
-        cat = {k: np.concatenate(v) for k, v in acc.items()}
-        s: dict[str, float] = {"loss": float(cat["loss"].mean())}
-        for k in (
-            "accuracy",
-            "h",
-            "logit",
-            "reward_w",
-            "reward_l",
-            "reward_margin",
-            "u",
-            "c",
-            "s",
-            "W",
-            "G",
-            "e_w",
-        ):
-            if k in cat and np.isfinite(cat[k]).any():
-                s[k] = float(np.nanmean(cat[k]))
-        if "u" in cat and np.isfinite(cat["u"]).any():
-            s["u_std"] = float(np.nanstd(cat["u"]))
-        fl = cat["flipped"]
-        if "W" in cat and fl.any() and (~fl).any():
-            s["W_flipped"], s["W_clean"] = float(cat["W"][fl].mean()), float(cat["W"][~fl].mean())
-        if "h" in cat and np.isfinite(cat["true_agrees"]).any():
-            s["accuracy_true"] = preference_accuracy(cat["h"], cat["true_agrees"])
-        if self.window and len({f for _, _, f in self.window}) == 2:
-            w = np.array(list(self.window), dtype=float)
-            if np.isfinite(w[:, 0]).any():
-                s["auroc_u_window"] = auroc(w[:, 0], w[:, 2] > 0.5)
-            s["auroc_neg_h_window"] = auroc(-w[:, 1], w[:, 2] > 0.5)
+    def _scalars(self, cat: dict[str, np.ndarray], dt: float, n_steps: int) -> tuple[dict, dict]:
+        s, hists = summarize(cat, self.stat_names, self.objective.distributions)
+        s.update(self.workload.summary(cat))
         e = self.engine
-        total_batch = self.cfg.data.micro_batch * self.cfg.train.grad_accum * self.world
         s.update(
             lr=float(e.get_lr()[0]),
             loss_scale=float(
@@ -316,11 +209,10 @@ class Trainer:
             nonfinite_skipped=self.counters["nonfinite_skipped"],
             substituted=self.counters["substituted"],
             step_time_s=dt / max(n_steps, 1),
-            pairs_per_s=total_batch * n_steps / max(dt, 1e-9),
+            pairs_per_s=self.workload.pairs_per_step(self.world) * n_steps / max(dt, 1e-9),
             peak_mem_gb=self._peak_mem(),
             epoch=self.epoch,
         )
-        hists = {k: cat[k] for k in ("u", "W", "G", "h") if k in cat}
         return s, hists
 
     def _peak_mem(self) -> float:
@@ -334,11 +226,10 @@ class Trainer:
     def train(self) -> int:
         cfg, e = self.cfg, self.engine
         max_steps = cfg.train.max_steps
-        self.window: deque = deque(maxlen=cfg.train.auroc_window)
         self.epoch = 0
-        acc: dict[str, list] = {}
+        acc = StatsAccumulator()
         consecutive_bad = 0
-        it = iter(self.loader)
+        it = self.workload.batches(self.micro_step)
         pbar = tqdm(
             total=max_steps, initial=e.global_steps, unit="step", disable=self.rank != 0, desc="train"
         )
@@ -353,7 +244,8 @@ class Trainer:
             self.epoch = batch["epoch"]
             self.counters["substituted"] += batch["substituted"]
             active = e.global_steps >= cfg.objective.adaptive.warmup_steps
-            loss, out = self.step_fn(e, self.reference, self.ema, batch, self.micro_step, active)
+            out = self.workload.step(self.models, batch, self.micro_step, active)
+            loss = out.loss.mean()
             self.micro_step += 1
             if all_reduce_max(0.0 if torch.isfinite(loss).item() else 1.0, self.device) > 0:
                 self.counters["nonfinite_skipped"] += 1
@@ -372,15 +264,14 @@ class Trainer:
             e.backward(loss)
             before = e.global_steps
             e.step()
-            st = self._gather_stats(out, batch)
+            stats = out.stats | {"loss": out.loss.detach()}
+            self.stat_names = list(stats)
+            fields = {k: batch[k] for k in self.workload.pair_fields}
+            gathered = gather_pair_stats(stats, fields, self.device, self.world)
+            self.objective.observe(gathered)  # the same values on every rank
             if self.rank == 0:
-                for k, v in st.items():
-                    acc.setdefault(k, []).append(v)
-                u = st.get("u", np.full_like(st["loss"], np.nan))
-                self.window.extend(zip(u, st.get("h", np.zeros_like(u)), st["flipped"]))
-            self.recorder.add(
-                before + 1, batch, out.stats | {"loss": out.loss.detach()}
-            )  # the step it counts for
+                acc.add(gathered)
+            self.recorder.add(before + 1, self.workload.records(batch), stats)  # the step it counts for
             if e.global_steps == before:
                 continue
             # ---- an optimizer step happened
@@ -390,14 +281,14 @@ class Trainer:
             steps_since_log += 1
             pbar.update(1)
             if self.rank == 0 and (step % cfg.train.log_every == 0 or step == max_steps):
-                scalars, hists = self._scalars(acc, time.time() - t_log, steps_since_log)
+                scalars, hists = self._scalars(acc.pop(), time.time() - t_log, steps_since_log)
                 self.logger.log(step, scalars, hists)
                 pbar.set_postfix(
                     loss=f"{scalars['loss']:.4f}",
                     acc=f"{scalars.get('accuracy', float('nan')):.2f}",
                     pairs_s=f"{scalars['pairs_per_s']:.1f}",
                 )
-                acc, t_log, steps_since_log = {}, time.time(), 0
+                t_log, steps_since_log = time.time(), 0
             signalled = all_reduce_max(float(self.stop_signal), self.device)
             if signalled or step % cfg.checkpoint.every == 0 or step == max_steps:
                 self.save_checkpoint()
@@ -420,8 +311,7 @@ class Trainer:
             "step": step,
             "micro_step": self.micro_step,
             "world_size": self.world,
-            "data_workers": max(self.cfg.data.num_workers, 1),
-            "micro_batch": self.cfg.data.micro_batch,
+            "data": self.workload.data_state(),
             "counters": self.counters,
             "time": time.time(),
         }
@@ -434,6 +324,7 @@ class Trainer:
             dump_yaml(self.cfg),
             self.cfg.checkpoint.keep,
             self.rank,
+            self.objective.state_dict(),
         )
 
     def export(self) -> Path:
@@ -472,7 +363,7 @@ def main(cfg: TrainConfig) -> int:
     t.setup()
     start = t.engine.global_steps
     if t.rank == 0:
-        tb = cfg.data.micro_batch * cfg.train.grad_accum * t.world
+        tb = t.workload.pairs_per_step(t.world)
         log.info(
             "training %s (%s, %s trainable parameters) with %s on %d rank(s), total batch %d pairs, %s, attention %s",
             t.info.family.name, f"LoRA r={cfg.model.lora_rank}" if cfg.model.lora_rank else "full",

@@ -146,7 +146,7 @@ def bench_step(a) -> dict:
         ms = [0]
 
         def one():
-            loss, _ = step(engine, ref, ema, batch, ms[0], metric_active=True)
+            loss = step(engine, ref, ema, batch, ms[0], metric_active=True).loss.mean()
             engine.backward(loss)
             engine.step()
             if ema is not None:

@@ -6,7 +6,8 @@ Layout under ``<output.dir>/checkpoints/``:
         <DeepSpeed engine files>   module, ZeRO-2 optimizer partitions, lr scheduler, loss scaler
         ema/rank_00000.safetensors EMA shards of each rank (pipeline.engine.ema)
         rng/rank_00000.safetensors torch CPU/CUDA RNG states of each rank
-        trainer_state.json         step, micro-step (the data position), layout, counters
+        objective.safetensors      a stateful objective's state (identical on every rank; rank 0's)
+        trainer_state.json         step, micro-step and the workload's data state, counters
         config.yaml                the resolved config of the run
     latest                         name of the newest complete checkpoint
     universal/step_00001000/       made on demand when the world size changed (ds_to_universal)
@@ -18,6 +19,7 @@ itself loads: resume only from checkpoints your own runs wrote.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -83,10 +85,53 @@ def load_rng(folder: Path, rank: int) -> None:
             torch.cuda.set_rng_state_all(states)
 
 
+def check_same_on_all_ranks(state: dict[str, torch.Tensor], what: str) -> None:
+    """Collective: raise on every rank if ``state`` differs between ranks (one all-gather of a hash)."""
+    import torch.distributed as dist
+
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    h = hashlib.sha256()
+    for k in sorted(state):
+        t = state[k].detach().cpu().contiguous()
+        h.update(f"{k}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
+    mine = torch.tensor([int.from_bytes(h.digest()[:8], "little", signed=True)], dtype=torch.int64)
+    parts = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, mine)
+    if len({int(p) for p in parts}) != 1:
+        raise RuntimeError(
+            f"{what} differs between ranks: its updates must depend only on the all-rank values they get"
+        )
+
+
+def save_objective_state(folder: Path, state: dict[str, torch.Tensor]) -> None:
+    if state:
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in state.items()},
+            str(folder / "objective.safetensors"),
+        )
+
+
+def load_objective_state(folder: Path) -> dict[str, torch.Tensor]:
+    f = folder / "objective.safetensors"
+    return load_file(str(f)) if f.is_file() else {}
+
+
 def save_checkpoint(
-    engine, ema, root: Path, step: int, state: dict, config_yaml: str, keep: int, rank: int
+    engine,
+    ema,
+    root: Path,
+    step: int,
+    state: dict,
+    config_yaml: str,
+    keep: int,
+    rank: int,
+    objective_state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Collective: every rank calls it. Returns the final checkpoint folder."""
+    objective_state = objective_state or {}
+    check_same_on_all_ranks(objective_state, "the objective's state")
     tag = tag_for(step)
     tmp_tag = f".tmp-{tag}"
     if rank == 0 and (root / tmp_tag).exists():
@@ -100,6 +145,7 @@ def save_checkpoint(
     final = root / tag
     if rank == 0:
         (root / tmp_tag / "config.yaml").write_text(config_yaml)
+        save_objective_state(root / tmp_tag, objective_state)
         (root / tmp_tag / "trainer_state.json").write_text(json.dumps(state, indent=1, sort_keys=True))
         if final.exists():  # a checkpoint of this step from a run that was killed right after it
             shutil.rmtree(final)
