@@ -6,13 +6,16 @@
 
 Kill it at any moment and start it again with the same command: it resumes from the latest complete
 checkpoint, exactly (also on another number of GPUs, through DeepSpeed's universal checkpoint).
+
+The recipe: setup (data checks, distributed, resume decision, models), train (the loop over the
+workload's micro-batches), checkpoint, export. The data and the step come from a workload chosen by
+the objective (``pipeline.train.workload``); everything else is library code in ``pipeline/``.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import resource
 import signal
 import sys
 import time
@@ -23,24 +26,20 @@ if __package__ in (None, ""):  # `deepspeed stages/train.py` runs this file as a
 
 import numpy as np
 import torch
-import yaml
 from tqdm import tqdm
 
 from pipeline import cli
 from pipeline.config import dump_yaml, to_dict, write_resolved
 from pipeline.engine import checkpoint as ckpt
-from pipeline.engine.dist import all_reduce_max, barrier, init_distributed
-from pipeline.engine.ds_config import build_ds_config
-from pipeline.engine.ema import ShardedEMA
-from pipeline.engine.flat_layout import FlatLayout
-from pipeline.engine.precision import apply_attention, check_precision, flush_denormals, resolve_attention
-from pipeline.errors import UserError
+from pipeline.engine.build import build_models
+from pipeline.engine.dist import all_reduce_max, init_distributed
+from pipeline.engine.precision import check_precision, flush_denormals, resolve_attention
+from pipeline.export import export_models
 from pipeline.losses.objectives import build_objective
 from pipeline.metrics_log import MetricsLogger, PairRecorder
-from pipeline.models import DTYPES, load_unet, pick_device
+from pipeline.models import load_unet, pick_device
 from pipeline.schema.train import RESUMABLE_KEYS, TrainConfig
-from pipeline.step import LoraReference
-from pipeline.train.stats import StatsAccumulator, gather_pair_stats, summarize
+from pipeline.train.stats import StatsAccumulator, engine_scalars, gather_pair_stats, summarize
 from pipeline.train.workload import Models, RunContext, build_workload
 
 log = logging.getLogger("stages.train")
@@ -71,119 +70,38 @@ class Trainer:
         self.rank, self.world, _ = init_distributed("nccl" if self.device.type == "cuda" else "gloo")
         self.out = Path(cfg.output.dir)
         self.ckroot = self.out / "checkpoints"
-
+        self.workload.prepare(RunContext(self.rank, self.world, self.device, self.dtype))
         # resume: decided before any model loads, so a wrong config fails in seconds
-        self.tag = ckpt.latest_tag(self.ckroot)
-        self.resume_state = None
-        if self.tag:
-            self.resume_state = ckpt.read_state(self.ckroot, self.tag)
-            saved = yaml.safe_load((self.ckroot / self.tag / "config.yaml").read_text())
-            diffs = ckpt.config_differences(saved, to_dict(cfg), RESUMABLE_KEYS)
-            if diffs:
-                raise UserError(
-                    f"{self.ckroot / self.tag} was written by another config; refusing to resume "
-                    "(use a new output.dir, or restore these keys):\n  " + "\n  ".join(diffs)
-                )
+        self.resume = ckpt.find_resume(self.ckroot, to_dict(cfg), RESUMABLE_KEYS)
         if self.rank == 0:
             write_resolved(cfg, self.out / "config.yaml")
 
-        self.workload.prepare(RunContext(self.rank, self.world, self.device, self.dtype))
-        self._build_engine()
-        self._build_reference_and_ema()
+        built = build_models(
+            cfg,
+            lambda dtype: load_unet(self.info.path, dtype),
+            self.attention,
+            self.dtype,
+            self.device,
+            self.world,
+            self.objective.needs_reference,
+            load_universal=self.resume is not None and self.resume.state["world_size"] != self.world,
+        )
+        self.engine, self.layout, self.lora = built.engine, built.layout, built.lora
+        self.reference, self.ema, self.n_trainable = built.reference, built.ema, built.n_trainable
         self.models = Models(self.engine, self.reference, self.ema)
         self.micro_step = 0
         self.counters = {"nonfinite_skipped": 0, "substituted": 0}
-        if self.tag:
-            self._load_checkpoint()
+        if self.resume is not None:
+            ckpt.restore(self.resume, self.engine, self.ema, self.objective, self.world, self.rank)
+            self.counters = dict(self.resume.state["counters"])
+            self.micro_step = self.workload.resume_position(self.resume.state)
+            if self.rank == 0:
+                log.info("resumed from %s: micro-batch %d", self.resume.folder, self.micro_step)
         resume_step = self.engine.global_steps
         self.logger = MetricsLogger(self.out, resume_step, cfg.output.tensorboard) if self.rank == 0 else None
         self.recorder = PairRecorder(self.out, self.rank, resume_step, cfg.output.pair_records)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
-
-    def _new_unet(self, dtype: torch.dtype):
-        unet = load_unet(self.info.path, dtype)
-        if self.cfg.model.lora_rank:
-            unet.requires_grad_(False)
-            unet.add_adapter(self.lora_config)
-        apply_attention(unet, self.attention)
-        return unet
-
-    def _build_engine(self) -> None:
-        import deepspeed
-        from peft import LoraConfig
-
-        m = self.cfg.model
-        self.lora_config = None
-        if m.lora_rank:
-            self.lora_config = LoraConfig(
-                r=m.lora_rank,
-                lora_alpha=m.lora_alpha or m.lora_rank,
-                init_lora_weights="gaussian",
-                target_modules=list(m.lora_targets),
-            )
-        torch.manual_seed(self.cfg.train.seed)  # the same LoRA initialisation on every rank
-        unet = self._new_unet(torch.float32)
-        if m.gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
-        if m.channels_last:
-            unet.to(memory_format=torch.channels_last)
-        unet.to(self.device)
-        resume_universal = bool(self.tag) and self.resume_state["world_size"] != self.world
-        ds_cfg = build_ds_config(
-            self.cfg, self.world, self.device.type == "cuda", load_universal=resume_universal
-        )
-        params = [p for p in unet.parameters() if p.requires_grad]
-        self.engine, _, _, _ = deepspeed.initialize(model=unet, model_parameters=params, config=ds_cfg)
-        self.layout = FlatLayout(self.engine)
-        self.n_trainable = sum(p.numel() for p in params)
-
-    def _build_reference_and_ema(self) -> None:
-        cfg = self.cfg
-        if not self.objective.needs_reference:
-            self.reference = None
-        elif cfg.model.lora_rank:
-            self.reference = LoraReference(self.engine.module)
-        else:
-            rd = self.dtype if cfg.model.reference_dtype == "auto" else DTYPES[cfg.model.reference_dtype]
-            ref = load_unet(self.info.path, rd)
-            apply_attention(ref, self.attention)
-            if cfg.model.channels_last:
-                ref.to(memory_format=torch.channels_last)
-            self.reference = ref.to(self.device).eval().requires_grad_(False)
-        self.ema = None
-        if cfg.ema.all_decays:
-            self.ema = ShardedEMA(self.layout, cfg.ema.all_decays, cfg.ema.offload, self.device)
-            module = self._new_unet(torch.float32)
-            if self.dtype != torch.float32:
-                module.to(self.dtype)
-            if cfg.model.channels_last:
-                module.to(memory_format=torch.channels_last)
-            # a second buffer pays only where the gather is a collective that can overlap a forward
-            buffers = 2 if cfg.ema.overlap_gather and self.world > 1 else 1
-            self.ema.attach_module(module.to(self.device), self.dtype, buffers=buffers)
-
-    def _load_checkpoint(self) -> None:
-        st = self.resume_state
-        if st["world_size"] != self.world:
-            load_dir = ckpt.ensure_universal(self.ckroot, self.tag, self.rank)
-        else:
-            load_dir = self.ckroot
-        path, _ = self.engine.load_checkpoint(str(load_dir), tag=self.tag)
-        if path is None:
-            raise UserError(f"DeepSpeed could not load {load_dir / self.tag}")
-        if self.engine.global_steps != st["step"]:
-            raise RuntimeError(
-                f"checkpoint step {st['step']} but the engine restored {self.engine.global_steps}"
-            )
-        if self.ema is not None:
-            self.ema.load(self.ckroot / self.tag / "ema")
-        ckpt.load_rng(self.ckroot / self.tag / "rng", self.rank)
-        self.objective.load_state_dict(ckpt.load_objective_state(self.ckroot / self.tag))
-        self.counters = dict(st["counters"])
-        self.micro_step = self.workload.resume_position(st)
-        if self.rank == 0:
-            log.info("resumed from %s: step %d, micro-batch %d", self.tag, st["step"], self.micro_step)
 
     def _on_signal(self, signum, frame) -> None:
         self.stop_signal = signum
@@ -199,26 +117,15 @@ class Trainer:
     def _scalars(self, cat: dict[str, np.ndarray], dt: float, n_steps: int) -> tuple[dict, dict]:
         s, hists = summarize(cat, self.stat_names, self.objective.distributions)
         s.update(self.workload.summary(cat))
-        e = self.engine
+        s.update(engine_scalars(self.engine, self.cfg.train.precision, self.device))
         s.update(
-            lr=float(e.get_lr()[0]),
-            loss_scale=float(
-                getattr(e.optimizer, "loss_scale", 1.0) if self.cfg.train.precision == "fp16" else 1.0
-            ),
-            skipped_steps=int(e.skipped_steps),
             nonfinite_skipped=self.counters["nonfinite_skipped"],
             substituted=self.counters["substituted"],
             step_time_s=dt / max(n_steps, 1),
             pairs_per_s=self.workload.pairs_per_step(self.world) * n_steps / max(dt, 1e-9),
-            peak_mem_gb=self._peak_mem(),
             epoch=self.epoch,
         )
         return s, hists
-
-    def _peak_mem(self) -> float:
-        if self.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.device) / 2**30
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
     def on_step_end(self, step: int) -> None:
         """Hook after each optimizer step (tests use it to kill the run at a chosen step)."""
@@ -329,29 +236,17 @@ class Trainer:
 
     def export(self) -> Path:
         """The policy and every EMA model as loadable folders under ``<output.dir>/export``."""
-        from pipeline.export import export_full_unet, export_lora
-
-        out = self.out / "export"
-        models = [("unet", self.layout.new_flats(torch.float32, self.device))]
-        self.layout.gather_into(self.layout.local_partitions(), models[0][1])
-        models[0] = ("unet", [f.cpu() for f in models[0][1]])
-        for k, d in enumerate(self.cfg.ema.all_decays):
-            models.append((f"unet_ema_{d:g}", self.ema.full(k)))
-        if self.rank == 0:
-            for name, flats in models:
-                state = {n: t.clone() for n, t in self.layout.state_dict(flats).items()}
-                if self.cfg.model.lora_rank:
-                    export_lora(
-                        state,
-                        self.info.path,
-                        self.lora_config,
-                        self.info.family.pipeline_class,
-                        out / name.replace("unet", "lora"),
-                    )
-                else:
-                    export_full_unet(state, self.info.path, out / name)
-        barrier()
-        return out
+        return export_models(
+            self.layout,
+            self.ema,
+            self.cfg.ema.all_decays,
+            self.lora,
+            self.info.path,
+            self.info.family.pipeline_class,
+            self.out / "export",
+            self.rank,
+            self.device,
+        )
 
     def cleanup(self) -> None:
         if self.logger is not None:
@@ -363,11 +258,11 @@ def main(cfg: TrainConfig) -> int:
     t.setup()
     start = t.engine.global_steps
     if t.rank == 0:
-        tb = t.workload.pairs_per_step(t.world)
         log.info(
             "training %s (%s, %s trainable parameters) with %s on %d rank(s), total batch %d pairs, %s, attention %s",
             t.info.family.name, f"LoRA r={cfg.model.lora_rank}" if cfg.model.lora_rank else "full",
-            f"{t.n_trainable:,}", cfg.objective.name, t.world, tb, cfg.train.precision, t.attention,
+            f"{t.n_trainable:,}", cfg.objective.name, t.world, t.workload.pairs_per_step(t.world),
+            cfg.train.precision, t.attention,
         )  # fmt: skip
     rc = t.train()
     if rc == 0 and cfg.checkpoint.export:

@@ -80,14 +80,22 @@ def unet_forward_flops(unet, x, t, text) -> int:
 # ---------------------------------------------------------------------------------------------- step
 
 
-def bench_step(a) -> dict:
-    import deepspeed
+def _unet_factory(width: float, latent: int):
+    """factory(dtype): a randomly initialised SD1.5-shaped UNet, the same weights at every call."""
+    state = {k: v.clone() for k, v in sd15_unet(width, latent).state_dict().items()}
 
+    def factory(dtype: torch.dtype) -> torch.nn.Module:
+        m = sd15_unet(width, latent)
+        m.load_state_dict(state)
+        return m.to(dtype)
+
+    return factory
+
+
+def bench_step(a) -> dict:
+    from pipeline.engine.build import build_ema, build_models
     from pipeline.engine.dist import init_distributed
-    from pipeline.engine.ds_config import build_ds_config
-    from pipeline.engine.ema import ShardedEMA
-    from pipeline.engine.flat_layout import FlatLayout
-    from pipeline.engine.precision import COMPUTE_DTYPE, apply_attention
+    from pipeline.engine.precision import COMPUTE_DTYPE
     from pipeline.losses.objectives import build_objective
     from pipeline.schema.objective import ObjectiveConfig
     from pipeline.schema.train import TrainConfig, TrainData, TrainOutput
@@ -103,31 +111,16 @@ def bench_step(a) -> dict:
     torch.manual_seed(0)
     B, L = a.micro_batch, a.latent
     cfg = TrainConfig(data=TrainData(shards="-", micro_batch=B), output=TrainOutput(dir="-"))
-    cfg.train.precision = a.precision
-    unet = sd15_unet(a.width, L)
-    apply_attention(unet, a.attention)
-    if a.grad_ckpt:
-        unet.enable_gradient_checkpointing()
-    state = {k: v.clone() for k, v in unet.state_dict().items()}
-    engine, *_ = deepspeed.initialize(
-        model=unet.to(dev),
-        model_parameters=unet.parameters(),
-        config=build_ds_config(cfg, world, dev.type == "cuda"),
-    )
-
-    def twin():
-        m = sd15_unet(a.width, L)
-        m.load_state_dict(state)
-        apply_attention(m, a.attention)
-        return m.to(dev, dtype).eval().requires_grad_(False)
-
-    ref = twin()
-    layout = FlatLayout(engine)
-    emas = {}
-    for m in (2, 3):
-        e = ShardedEMA(layout, [0.9999, 0.5][: m - 1], offload=a.offload, device=dev)
-        e.attach_module(twin(), dtype, buffers=2 if a.overlap_gather else 1)
-        emas[m] = e
+    cfg.train.precision, cfg.model.gradient_checkpointing = a.precision, a.grad_ckpt
+    cfg.ema.offload, cfg.ema.overlap_gather = a.offload, a.overlap_gather
+    factory = _unet_factory(a.width, L)
+    # the trainer's own construction: engine, reference, EMA models (pipeline.engine.build)
+    built = build_models(cfg, factory, a.attention, dtype, dev, world, needs_reference=True)
+    engine, ref, layout = built.engine, built.reference, built.layout
+    emas = {
+        m: build_ema(cfg, factory, layout, None, a.attention, dtype, dev, [0.9999, 0.5][: m - 1])
+        for m in (2, 3)
+    }
     from diffusers import DDPMScheduler
 
     sched = DDPMScheduler(

@@ -26,9 +26,11 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 
 from pipeline.config import flatten
@@ -63,6 +65,51 @@ def config_differences(saved: dict, current: dict, allowed: tuple[str, ...]) -> 
         if a.get(k) != b.get(k) and not any(k == p or (p.endswith(".") and k.startswith(p)) for p in allowed):
             diff.append(f"{k}: {a.get(k)!r} in the checkpoint, {b.get(k)!r} now")
     return diff
+
+
+@dataclass
+class Resume:
+    root: Path  # <output.dir>/checkpoints
+    tag: str  # step_NNNNNNNN
+    state: dict  # its trainer_state.json
+
+    @property
+    def folder(self) -> Path:
+        return self.root / self.tag
+
+
+def find_resume(root: Path, config: dict, resumable: tuple[str, ...]) -> Resume | None:
+    """The latest complete checkpoint under ``root``, or None to start fresh. Decided from JSON and
+    YAML alone, before any model loads: a checkpoint written with another config (other than the
+    ``resumable`` keys) is refused with the differing keys named."""
+    tag = latest_tag(root)
+    if tag is None:
+        return None
+    saved = yaml.safe_load((root / tag / "config.yaml").read_text())
+    diffs = config_differences(saved, config, resumable)
+    if diffs:
+        raise UserError(
+            f"{root / tag} was written by another config; refusing to resume "
+            "(use a new output.dir, or restore these keys):\n  " + "\n  ".join(diffs)
+        )
+    return Resume(root, tag, read_state(root, tag))
+
+
+def restore(resume: Resume, engine, ema, objective, world: int, rank: int) -> None:
+    """Load a checkpoint into the engine (module, optimizer partitions, scheduler, loss scaler), the
+    EMA shards, this rank's RNG states and the objective's state. Another world size goes through
+    DeepSpeed's universal checkpoint (the engine must have been built with ``load_universal``)."""
+    st = resume.state
+    load_root = ensure_universal(resume.root, resume.tag, rank) if st["world_size"] != world else resume.root
+    path, _ = engine.load_checkpoint(str(load_root), tag=resume.tag)
+    if path is None:
+        raise UserError(f"DeepSpeed could not load {load_root / resume.tag}")
+    if engine.global_steps != st["step"]:
+        raise RuntimeError(f"checkpoint step {st['step']} but the engine restored {engine.global_steps}")
+    if ema is not None:
+        ema.load(resume.folder / "ema")
+    load_rng(resume.folder / "rng", rank)
+    objective.load_state_dict(load_objective_state(resume.folder))
 
 
 def save_rng(folder: Path, rank: int) -> None:
@@ -185,3 +232,36 @@ def ensure_universal(root: Path, tag: str, rank: int) -> Path:
         (out_root / tag / "done").write_text("ok\n")
     barrier()
     return out_root
+
+
+def load_checkpoint_unet(folder: Path, base_path: str, dtype: torch.dtype = torch.float32):
+    """The policy UNet of a ``checkpoints/step_N`` folder: its fp32 weights consolidated from the
+    ZeRO-2 partitions into the base model's UNet (with the run's LoRA adapters, per the checkpoint's
+    ``config.yaml``), in ``dtype``."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from pipeline.engine.build import lora_config
+    from pipeline.models import load_unet
+    from pipeline.schema.train import TrainModel
+
+    folder = Path(folder)
+    m = (yaml.safe_load((folder / "config.yaml").read_text()) or {}).get("model", {})
+    lora = lora_config(
+        TrainModel(
+            lora_rank=m.get("lora_rank", 0),
+            lora_alpha=m.get("lora_alpha"),
+            lora_targets=m.get("lora_targets", TrainModel().lora_targets),
+        ),
+        init=True,
+    )
+    state = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
+    unet = load_unet(base_path, torch.float32)
+    if lora is not None:
+        unet.add_adapter(lora)
+    missing, unexpected = unet.load_state_dict(state, strict=False)
+    if unexpected or missing:
+        raise UserError(
+            f"{folder}: the checkpoint's weights do not fit the UNet of {base_path} "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    return unet.to(dtype)

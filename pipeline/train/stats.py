@@ -87,3 +87,24 @@ def summarize(
             scalars[f"{k}_std"] = float(np.nanstd(v))
             hists[k] = cat[k]
     return scalars, hists
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak accelerator memory allocated (CUDA), else the process's peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def engine_scalars(engine, precision: str, device: torch.device) -> dict[str, float]:
+    """The optimizer's side of a log line: learning rate, fp16 loss scale, steps DeepSpeed skipped
+    on gradient overflow, peak memory."""
+    scale = getattr(engine.optimizer, "loss_scale", 1.0) if precision == "fp16" else 1.0
+    return {
+        "lr": float(engine.get_lr()[0]),
+        "loss_scale": float(scale),
+        "skipped_steps": int(engine.skipped_steps),
+        "peak_mem_gb": peak_memory_gb(device),
+    }
