@@ -5,8 +5,9 @@
     python -m tools.bench encode  [--model sd15|tiny] [--resolution 512] [--pairs 2]
     python -m tools.bench loader  --shards DIR | --synthetic sd15|sdxl [--workers 2] [--micro-batch 4] [--batches 200]
     python -m tools.bench memory  [--width 1.0] [--latent 64] [--precision fp16] [--memory-gb 16 32] [--grad-ckpt]  (CUDA)
+    python -m tools.bench export  [--width 0.25] [--latent 32]   (peak host memory per rank while exporting; CPU)
     ... --out bench/NAME.json
-    torchrun --standalone --nproc_per_node 2 -m tools.bench step ... [--overlap-gather]   (several ranks)
+    torchrun --standalone --nproc_per_node 2 -m tools.bench step|export ... [--overlap-gather]   (several ranks)
 
 ``step`` runs the real training step (PreferenceStep + DeepSpeed ZeRO-2 engine + sharded EMA) on a
 randomly initialised SD1.5-shaped UNet (``--width`` scales its channels; 1.0 is the real 860M) with
@@ -293,6 +294,76 @@ def breakdown(engine, ref, ema, batch, sched, dtype, dev, reps: int) -> dict:
     }
 
 
+def _rss_gb() -> float:
+    """This process's resident set size now (Linux /proc)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 2**20
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+class _PeakRSS:
+    """Samples the resident set size every 5 ms in a thread: the peak of a block of code."""
+
+    def __enter__(self):
+        import threading
+
+        self.peak, self._stop = _rss_gb(), threading.Event()
+
+        def run():
+            while not self._stop.wait(0.005):
+                self.peak = max(self.peak, _rss_gb())
+
+        self._t = threading.Thread(target=run, daemon=True)
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, _rss_gb())
+
+
+def bench_export(a) -> dict:
+    """Peak host memory of each rank while the trainer's export (``pipeline.export.export_models``)
+    writes the policy and two EMA models (decays 0.9999, 0.5) of an SD1.5-shaped UNet; CPU only."""
+    import tempfile
+
+    import torch.distributed as dist
+
+    from pipeline.engine.build import build_models
+    from pipeline.engine.dist import init_distributed
+    from pipeline.export import export_models
+    from pipeline.schema.train import TrainConfig, TrainData, TrainOutput
+
+    dev = torch.device("cpu")
+    rank, world, _ = init_distributed("gloo")
+    cfg = TrainConfig(data=TrainData(shards="-"), output=TrainOutput(dir="-"))
+    cfg.ema.decays = [0.9999, 0.5]
+    factory = _unet_factory(a.width, a.latent)
+    built = build_models(cfg, factory, "sdpa", torch.float32, dev, world, needs_reference=False)
+    tmp = Path(tempfile.mkdtemp(prefix="bench_export_"))
+    model = tmp / "model"  # the UNet config a real model folder would hold
+    factory(torch.float32).save_config(model / "unet")
+    dist.barrier()
+    before = _rss_gb()
+    t = time.perf_counter()
+    with _PeakRSS() as peak:
+        export_models(built.layout, built.ema, cfg.ema.decays, None, str(model), "StableDiffusionPipeline",
+                      tmp / "export", rank, dev)  # fmt: skip
+    mine = {"rank": rank, "rss_before_gb": before, "peak_gb": peak.peak, "peak_increase_gb": peak.peak - before,
+            "seconds": time.perf_counter() - t}  # fmt: skip
+    ranks: list = [None] * world
+    dist.all_gather_object(ranks, mine)
+    return {
+        "world_size": world,
+        "unet_params": built.n_trainable,
+        "model_fp32_gb": built.n_trainable * 4 / 2**30,
+        "models_exported": 1 + len(cfg.ema.decays),
+        "ranks": ranks,
+    }
+
+
 def bench_memory(a) -> dict:
     """The largest micro-batch whose Adaptive-DPO (M = 3) step fits, for each emulated memory size:
     ``torch.cuda.set_per_process_memory_fraction`` caps this process at GB / device total."""
@@ -454,7 +525,7 @@ def bench_loader(a) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=["step", "encode", "loader", "memory"])
+    p.add_argument("what", choices=["step", "encode", "loader", "memory", "export"])
     p.add_argument("--device", default="auto")
     p.add_argument("--width", type=float, default=0.25)
     p.add_argument("--latent", type=int, default=32)
@@ -503,7 +574,8 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.engine.precision import flush_denormals
 
         flush_denormals()
-    fn = {"step": bench_step, "encode": bench_encode, "loader": bench_loader, "memory": bench_memory}[a.what]
+    fn = {"step": bench_step, "encode": bench_encode, "loader": bench_loader, "memory": bench_memory,
+          "export": bench_export}[a.what]  # fmt: skip
     from pipeline.errors import UserError
 
     try:
