@@ -62,3 +62,35 @@ def export_lora(
     )
     _commit(tmp, out)
     return out
+
+
+def export_models(
+    layout,
+    ema,
+    decays: list[float],
+    lora,
+    model_path: str,
+    pipeline_class: str,
+    out: Path,
+    rank: int,
+    device: torch.device,
+) -> Path:
+    """Collective: the policy (``unet``) and every EMA model (``unet_ema_<decay>``) under ``out``, as
+    diffusers UNet folders of the UNet config in ``model_path``, or LoRA weights (``lora``,
+    ``lora_ema_<decay>``; ``pipeline_class`` writes them) for LoRA runs."""
+    from pipeline.engine.dist import barrier
+
+    models = [("unet", layout.new_flats(torch.float32, device))]
+    layout.gather_into(layout.local_partitions(), models[0][1])
+    models[0] = ("unet", [f.cpu() for f in models[0][1]])
+    for k, d in enumerate(decays):
+        models.append((f"unet_ema_{d:g}", ema.full(k)))
+    if rank == 0:
+        for name, flats in models:
+            state = {n: t.clone() for n, t in layout.state_dict(flats).items()}
+            if lora is not None:
+                export_lora(state, model_path, lora, pipeline_class, out / name.replace("unet", "lora"))
+            else:
+                export_full_unet(state, model_path, out / name)
+    barrier()
+    return out

@@ -74,17 +74,12 @@ class PairRecorder:
             for f in self.dir.glob(".*tmp*"):
                 f.unlink()
 
-    def add(self, step: int, batch: dict, stats: dict) -> None:
+    def add(self, step: int, columns: dict[str, list], stats: dict) -> None:
+        """``columns``: per-pair values of the batch (``key`` first); ``stats``: name -> [B] tensor."""
         if not self.enabled:
             return
-        b = len(batch["keys"])
-        cols = {
-            "step": [step] * b,
-            "key": list(batch["keys"]),
-            "user_id": batch["user_id"].tolist(),
-            "flipped": batch["flipped"].tolist(),
-            "true_agrees": batch["true_agrees"].tolist(),
-        }
+        b = len(columns["key"])
+        cols = {"step": [step] * b, **columns}
         for k, v in stats.items():
             cols[k] = v.detach().float().cpu().tolist()
         for k, v in cols.items():

@@ -97,7 +97,8 @@ class PreferenceStep:
         batch: dict,
         micro_step: int,
         metric_active: bool,
-    ) -> tuple[torch.Tensor, LossOutput]:
+    ) -> LossOutput:
+        """Per-pair losses [B] (the trainer backpropagates their mean) and per-pair statistics."""
         x = self.inputs(batch, micro_step)
         if not self.objective.needs_losers:
             x = x.first_half()
@@ -115,8 +116,8 @@ class PreferenceStep:
                         ema.prefetch(k + 1)  # into the other buffer, during this forward
                     ema_errs.append(self.errors(run_unet(module, x), x))
         pol_err = self.errors(run_unet(policy, x), x)
-        out = self.objective(ModelErrors(pol_err, ref_err, ema_errs), metric_active=metric_active)
-        return out.loss.mean(), out
+        fields = {k: batch[k].to(self.device) for k in self.objective.batch_fields}
+        return self.objective(ModelErrors(pol_err, ref_err, ema_errs, fields), metric_active=metric_active)
 
 
 @contextlib.contextmanager

@@ -6,17 +6,19 @@
 
 Kill it at any moment and start it again with the same command: it resumes from the latest complete
 checkpoint, exactly (also on another number of GPUs, through DeepSpeed's universal checkpoint).
+
+The recipe: setup (data checks, distributed, resume decision, models), train (the loop over the
+workload's micro-batches), checkpoint, export. The data and the step come from a workload chosen by
+the objective (``pipeline.train.workload``); everything else is library code in ``pipeline/``.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import resource
 import signal
 import sys
 import time
-from collections import deque
 from pathlib import Path
 
 if __package__ in (None, ""):  # `deepspeed stages/train.py` runs this file as a script
@@ -24,47 +26,23 @@ if __package__ in (None, ""):  # `deepspeed stages/train.py` runs this file as a
 
 import numpy as np
 import torch
-import yaml
 from tqdm import tqdm
 
 from pipeline import cli
 from pipeline.config import dump_yaml, to_dict, write_resolved
-from pipeline.data.loader import Layout, PairStream, make_loader
-from pipeline.data.shards import load_manifest, sha256_file
 from pipeline.engine import checkpoint as ckpt
-from pipeline.engine.dist import all_reduce_max, barrier, init_distributed
-from pipeline.engine.ds_config import build_ds_config
-from pipeline.engine.ema import ShardedEMA
-from pipeline.engine.flat_layout import FlatLayout
-from pipeline.engine.precision import apply_attention, check_precision, flush_denormals, resolve_attention
-from pipeline.errors import UserError
-from pipeline.evaluate.preference import accuracy as preference_accuracy
+from pipeline.engine.build import build_models
+from pipeline.engine.dist import all_reduce_max, init_distributed
+from pipeline.engine.precision import check_precision, flush_denormals, resolve_attention
+from pipeline.export import export_models
 from pipeline.losses.objectives import build_objective
 from pipeline.metrics_log import MetricsLogger, PairRecorder
-from pipeline.minority import auroc
-from pipeline.models import DTYPES, inspect_model, load_scheduler, load_unet, pick_device
+from pipeline.models import load_unet, pick_device
 from pipeline.schema.train import RESUMABLE_KEYS, TrainConfig
-from pipeline.step import LoraReference, PreferenceStep
+from pipeline.train.stats import StatsAccumulator, engine_scalars, gather_pair_stats, summarize
+from pipeline.train.workload import Models, RunContext, build_workload
 
 log = logging.getLogger("stages.train")
-
-
-def check_shards(cfg: TrainConfig, manifest: dict):
-    """The shards must come from the model being trained, at the configured resolution."""
-    info = inspect_model(cfg.model.path or manifest["model"]["path"])
-    if info.config_hash != manifest["model"]["config_hash"]:
-        raise UserError(
-            f"data.shards={cfg.data.shards} were encoded with {manifest['model']['path']} "
-            f"(config hash {manifest['model']['config_hash'][:12]}), not with model.path={info.path} "
-            f"({info.config_hash[:12]}): re-encode, or train the model the shards were made with"
-        )
-    if cfg.data.resolution is not None and cfg.data.resolution != manifest["resolution"]:
-        raise UserError(
-            f"data.resolution={cfg.data.resolution} but the shards are {manifest['resolution']} px"
-        )
-    if cfg.data.sample_latents and not manifest.get("store_std"):
-        raise UserError("data.sample_latents=true needs shards encoded with output.store_std=true")
-    return info
 
 
 class Trainer:
@@ -79,8 +57,9 @@ class Trainer:
 
     def setup(self) -> None:
         cfg = self.cfg
-        manifest = load_manifest(cfg.data.shards)
-        self.info = check_shards(cfg, manifest)
+        self.objective = build_objective(cfg.objective)
+        self.workload = build_workload(cfg, self.objective)  # checks the data before any model loads
+        self.info = self.workload.info
         local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
         self.device = pick_device(cfg.train.device, local_rank)
         self.dtype = check_precision(cfg.train.precision, self.device)
@@ -91,156 +70,38 @@ class Trainer:
         self.rank, self.world, _ = init_distributed("nccl" if self.device.type == "cuda" else "gloo")
         self.out = Path(cfg.output.dir)
         self.ckroot = self.out / "checkpoints"
-        shard_dir = Path(cfg.data.shards)
-        self.paths = [shard_dir / s["name"] for s in manifest["shards"]]
-        self.counts = [s["count"] for s in manifest["shards"]]
-        missing = [str(p) for p in self.paths if not p.is_file()]
-        if missing:
-            raise UserError(f"shards listed in the manifest are missing: {', '.join(missing[:5])}")
-        if cfg.data.verify_sha256 and self.rank == 0:
-            bad = [s["name"] for s, p in zip(manifest["shards"], self.paths) if sha256_file(p) != s["sha256"]]
-            if bad:
-                log.warning(
-                    "shards whose sha256 differs from the manifest (read with damage handling): %s", bad
-                )
-
+        self.workload.prepare(RunContext(self.rank, self.world, self.device, self.dtype))
         # resume: decided before any model loads, so a wrong config fails in seconds
-        self.tag = ckpt.latest_tag(self.ckroot)
-        self.resume_state = None
-        if self.tag:
-            self.resume_state = ckpt.read_state(self.ckroot, self.tag)
-            saved = yaml.safe_load((self.ckroot / self.tag / "config.yaml").read_text())
-            diffs = ckpt.config_differences(saved, to_dict(cfg), RESUMABLE_KEYS)
-            if diffs:
-                raise UserError(
-                    f"{self.ckroot / self.tag} was written by another config; refusing to resume "
-                    "(use a new output.dir, or restore these keys):\n  " + "\n  ".join(diffs)
-                )
+        self.resume = ckpt.find_resume(self.ckroot, to_dict(cfg), RESUMABLE_KEYS)
         if self.rank == 0:
             write_resolved(cfg, self.out / "config.yaml")
 
-        self.objective = build_objective(cfg.objective)
-        self._build_engine()
-        self._build_reference_and_ema()
-        self.step_fn = PreferenceStep(
-            self.objective,
-            load_scheduler(self.info),
-            self.info.prediction_type,
+        built = build_models(
+            cfg,
+            lambda dtype: load_unet(self.info.path, dtype),
+            self.attention,
             self.dtype,
             self.device,
-            cfg.train.seed,
-            self.rank,
-            cfg.data.sample_latents,
+            self.world,
+            self.objective.needs_reference,
+            load_universal=self.resume is not None and self.resume.state["world_size"] != self.world,
         )
+        self.engine, self.layout, self.lora = built.engine, built.layout, built.lora
+        self.reference, self.ema, self.n_trainable = built.reference, built.ema, built.n_trainable
+        self.models = Models(self.engine, self.reference, self.ema)
         self.micro_step = 0
         self.counters = {"nonfinite_skipped": 0, "substituted": 0}
-        if self.tag:
-            self._load_checkpoint()
+        if self.resume is not None:
+            ckpt.restore(self.resume, self.engine, self.ema, self.objective, self.world, self.rank)
+            self.counters = dict(self.resume.state["counters"])
+            self.micro_step = self.workload.resume_position(self.resume.state)
+            if self.rank == 0:
+                log.info("resumed from %s: micro-batch %d", self.resume.folder, self.micro_step)
         resume_step = self.engine.global_steps
-        self.stream = PairStream(
-            self.paths, self.counts, manifest, self.rank, self.world, cfg.data.micro_batch, cfg.data.num_workers,
-            cfg.data.seed, cfg.data.shuffle_buffer, cfg.data.flip_rate, cfg.data.flip_seed, cfg.data.flip_by,
-            start=self.micro_step,
-        )  # fmt: skip
-        self.loader = make_loader(self.stream, cfg.data.num_workers, pin_memory=self.device.type == "cuda")
         self.logger = MetricsLogger(self.out, resume_step, cfg.output.tensorboard) if self.rank == 0 else None
         self.recorder = PairRecorder(self.out, self.rank, resume_step, cfg.output.pair_records)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
-
-    def _new_unet(self, dtype: torch.dtype):
-        unet = load_unet(self.info.path, dtype)
-        if self.cfg.model.lora_rank:
-            unet.requires_grad_(False)
-            unet.add_adapter(self.lora_config)
-        apply_attention(unet, self.attention)
-        return unet
-
-    def _build_engine(self) -> None:
-        import deepspeed
-        from peft import LoraConfig
-
-        m = self.cfg.model
-        self.lora_config = None
-        if m.lora_rank:
-            self.lora_config = LoraConfig(
-                r=m.lora_rank,
-                lora_alpha=m.lora_alpha or m.lora_rank,
-                init_lora_weights="gaussian",
-                target_modules=list(m.lora_targets),
-            )
-        torch.manual_seed(self.cfg.train.seed)  # the same LoRA initialisation on every rank
-        unet = self._new_unet(torch.float32)
-        if m.gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
-        if m.channels_last:
-            unet.to(memory_format=torch.channels_last)
-        unet.to(self.device)
-        resume_universal = bool(self.tag) and self.resume_state["world_size"] != self.world
-        ds_cfg = build_ds_config(
-            self.cfg, self.world, self.device.type == "cuda", load_universal=resume_universal
-        )
-        params = [p for p in unet.parameters() if p.requires_grad]
-        self.engine, _, _, _ = deepspeed.initialize(model=unet, model_parameters=params, config=ds_cfg)
-        self.layout = FlatLayout(self.engine)
-        self.n_trainable = sum(p.numel() for p in params)
-
-    def _build_reference_and_ema(self) -> None:
-        cfg = self.cfg
-        if not self.objective.needs_reference:
-            self.reference = None
-        elif cfg.model.lora_rank:
-            self.reference = LoraReference(self.engine.module)
-        else:
-            rd = self.dtype if cfg.model.reference_dtype == "auto" else DTYPES[cfg.model.reference_dtype]
-            ref = load_unet(self.info.path, rd)
-            apply_attention(ref, self.attention)
-            if cfg.model.channels_last:
-                ref.to(memory_format=torch.channels_last)
-            self.reference = ref.to(self.device).eval().requires_grad_(False)
-        self.ema = None
-        if cfg.ema.all_decays:
-            self.ema = ShardedEMA(self.layout, cfg.ema.all_decays, cfg.ema.offload, self.device)
-            module = self._new_unet(torch.float32)
-            if self.dtype != torch.float32:
-                module.to(self.dtype)
-            if cfg.model.channels_last:
-                module.to(memory_format=torch.channels_last)
-            # a second buffer pays only where the gather is a collective that can overlap a forward
-            buffers = 2 if cfg.ema.overlap_gather and self.world > 1 else 1
-            self.ema.attach_module(module.to(self.device), self.dtype, buffers=buffers)
-
-    def _load_checkpoint(self) -> None:
-        st = self.resume_state
-        if st["world_size"] != self.world:
-            load_dir = ckpt.ensure_universal(self.ckroot, self.tag, self.rank)
-        else:
-            load_dir = self.ckroot
-        path, _ = self.engine.load_checkpoint(str(load_dir), tag=self.tag)
-        if path is None:
-            raise UserError(f"DeepSpeed could not load {load_dir / self.tag}")
-        if self.engine.global_steps != st["step"]:
-            raise RuntimeError(
-                f"checkpoint step {st['step']} but the engine restored {self.engine.global_steps}"
-            )
-        if self.ema is not None:
-            self.ema.load(self.ckroot / self.tag / "ema")
-        ckpt.load_rng(self.ckroot / self.tag / "rng", self.rank)
-        self.counters = dict(st["counters"])
-        old = Layout(tuple(self.counts), st["world_size"], st["data_workers"], st["micro_batch"])
-        new = Layout(
-            tuple(self.counts), self.world, max(self.cfg.data.num_workers, 1), self.cfg.data.micro_batch
-        )
-        if old == new:
-            self.micro_step = st["micro_step"]
-        else:  # another layout reads the data in another order: continue at the same share of the epoch
-            self.micro_step = st["micro_step"] * old.world * old.micro_batch // (new.world * new.micro_batch)
-            log.warning(
-                "data layout changed (world %d->%d, workers %d->%d): the sample order differs from here on; "
-                "resuming at micro-batch %d of this layout", old.world, new.world, old.workers, new.workers, self.micro_step,
-            )  # fmt: skip
-        if self.rank == 0:
-            log.info("resumed from %s: step %d, micro-batch %d", self.tag, st["step"], self.micro_step)
 
     def _on_signal(self, signum, frame) -> None:
         self.stop_signal = signum
@@ -253,80 +114,18 @@ class Trainer:
 
     # ------------------------------------------------------------------ train
 
-    def _gather_stats(self, out, batch) -> dict[str, np.ndarray]:
-        """All ranks' per-pair stats of this micro-step, on every rank (one all_gather)."""
-        import torch.distributed as dist
-
-        names = sorted(out.stats)
-        rows = [out.stats[k].float() for k in names]
-        rows += [
-            batch["flipped"].float().to(self.device),
-            batch["true_agrees"].to(self.device),
-            out.loss.detach().float(),
-        ]
-        mat = torch.stack([r.to(self.device) for r in rows])
-        if self.world > 1:
-            parts = [torch.empty_like(mat) for _ in range(self.world)]
-            dist.all_gather(parts, mat)
-            mat = torch.cat(parts, dim=1)
-        arr = mat.cpu().numpy()
-        res = {k: arr[i] for i, k in enumerate(names)}
-        res["flipped"], res["true_agrees"], res["loss"] = arr[-3] > 0.5, arr[-2], arr[-1]
-        return res
-
-    def _scalars(self, acc: dict[str, list[np.ndarray]], dt: float, n_steps: int) -> tuple[dict, dict]:
-        cat = {k: np.concatenate(v) for k, v in acc.items()}
-        s: dict[str, float] = {"loss": float(cat["loss"].mean())}
-        for k in (
-            "accuracy",
-            "h",
-            "logit",
-            "reward_w",
-            "reward_l",
-            "reward_margin",
-            "u",
-            "c",
-            "s",
-            "W",
-            "G",
-            "e_w",
-        ):
-            if k in cat and np.isfinite(cat[k]).any():
-                s[k] = float(np.nanmean(cat[k]))
-        if "u" in cat and np.isfinite(cat["u"]).any():
-            s["u_std"] = float(np.nanstd(cat["u"]))
-        fl = cat["flipped"]
-        if "W" in cat and fl.any() and (~fl).any():
-            s["W_flipped"], s["W_clean"] = float(cat["W"][fl].mean()), float(cat["W"][~fl].mean())
-        if "h" in cat and np.isfinite(cat["true_agrees"]).any():
-            s["accuracy_true"] = preference_accuracy(cat["h"], cat["true_agrees"])
-        if self.window and len({f for _, _, f in self.window}) == 2:
-            w = np.array(list(self.window), dtype=float)
-            if np.isfinite(w[:, 0]).any():
-                s["auroc_u_window"] = auroc(w[:, 0], w[:, 2] > 0.5)
-            s["auroc_neg_h_window"] = auroc(-w[:, 1], w[:, 2] > 0.5)
-        e = self.engine
-        total_batch = self.cfg.data.micro_batch * self.cfg.train.grad_accum * self.world
+    def _scalars(self, cat: dict[str, np.ndarray], dt: float, n_steps: int) -> tuple[dict, dict]:
+        s, hists = summarize(cat, self.stat_names, self.objective.distributions)
+        s.update(self.workload.summary(cat))
+        s.update(engine_scalars(self.engine, self.cfg.train.precision, self.device))
         s.update(
-            lr=float(e.get_lr()[0]),
-            loss_scale=float(
-                getattr(e.optimizer, "loss_scale", 1.0) if self.cfg.train.precision == "fp16" else 1.0
-            ),
-            skipped_steps=int(e.skipped_steps),
             nonfinite_skipped=self.counters["nonfinite_skipped"],
             substituted=self.counters["substituted"],
             step_time_s=dt / max(n_steps, 1),
-            pairs_per_s=total_batch * n_steps / max(dt, 1e-9),
-            peak_mem_gb=self._peak_mem(),
+            pairs_per_s=self.workload.pairs_per_step(self.world) * n_steps / max(dt, 1e-9),
             epoch=self.epoch,
         )
-        hists = {k: cat[k] for k in ("u", "W", "G", "h") if k in cat}
         return s, hists
-
-    def _peak_mem(self) -> float:
-        if self.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.device) / 2**30
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
     def on_step_end(self, step: int) -> None:
         """Hook after each optimizer step (tests use it to kill the run at a chosen step)."""
@@ -334,11 +133,10 @@ class Trainer:
     def train(self) -> int:
         cfg, e = self.cfg, self.engine
         max_steps = cfg.train.max_steps
-        self.window: deque = deque(maxlen=cfg.train.auroc_window)
         self.epoch = 0
-        acc: dict[str, list] = {}
+        acc = StatsAccumulator()
         consecutive_bad = 0
-        it = iter(self.loader)
+        it = self.workload.batches(self.micro_step)
         pbar = tqdm(
             total=max_steps, initial=e.global_steps, unit="step", disable=self.rank != 0, desc="train"
         )
@@ -353,7 +151,8 @@ class Trainer:
             self.epoch = batch["epoch"]
             self.counters["substituted"] += batch["substituted"]
             active = e.global_steps >= cfg.objective.adaptive.warmup_steps
-            loss, out = self.step_fn(e, self.reference, self.ema, batch, self.micro_step, active)
+            out = self.workload.step(self.models, batch, self.micro_step, active)
+            loss = out.loss.mean()
             self.micro_step += 1
             if all_reduce_max(0.0 if torch.isfinite(loss).item() else 1.0, self.device) > 0:
                 self.counters["nonfinite_skipped"] += 1
@@ -372,15 +171,14 @@ class Trainer:
             e.backward(loss)
             before = e.global_steps
             e.step()
-            st = self._gather_stats(out, batch)
+            stats = out.stats | {"loss": out.loss.detach()}
+            self.stat_names = list(stats)
+            fields = {k: batch[k] for k in self.workload.pair_fields}
+            gathered = gather_pair_stats(stats, fields, self.device, self.world)
+            self.objective.observe(gathered)  # the same values on every rank
             if self.rank == 0:
-                for k, v in st.items():
-                    acc.setdefault(k, []).append(v)
-                u = st.get("u", np.full_like(st["loss"], np.nan))
-                self.window.extend(zip(u, st.get("h", np.zeros_like(u)), st["flipped"]))
-            self.recorder.add(
-                before + 1, batch, out.stats | {"loss": out.loss.detach()}
-            )  # the step it counts for
+                acc.add(gathered)
+            self.recorder.add(before + 1, self.workload.records(batch), stats)  # the step it counts for
             if e.global_steps == before:
                 continue
             # ---- an optimizer step happened
@@ -390,14 +188,14 @@ class Trainer:
             steps_since_log += 1
             pbar.update(1)
             if self.rank == 0 and (step % cfg.train.log_every == 0 or step == max_steps):
-                scalars, hists = self._scalars(acc, time.time() - t_log, steps_since_log)
+                scalars, hists = self._scalars(acc.pop(), time.time() - t_log, steps_since_log)
                 self.logger.log(step, scalars, hists)
                 pbar.set_postfix(
                     loss=f"{scalars['loss']:.4f}",
                     acc=f"{scalars.get('accuracy', float('nan')):.2f}",
                     pairs_s=f"{scalars['pairs_per_s']:.1f}",
                 )
-                acc, t_log, steps_since_log = {}, time.time(), 0
+                t_log, steps_since_log = time.time(), 0
             signalled = all_reduce_max(float(self.stop_signal), self.device)
             if signalled or step % cfg.checkpoint.every == 0 or step == max_steps:
                 self.save_checkpoint()
@@ -420,8 +218,7 @@ class Trainer:
             "step": step,
             "micro_step": self.micro_step,
             "world_size": self.world,
-            "data_workers": max(self.cfg.data.num_workers, 1),
-            "micro_batch": self.cfg.data.micro_batch,
+            "data": self.workload.data_state(),
             "counters": self.counters,
             "time": time.time(),
         }
@@ -434,33 +231,22 @@ class Trainer:
             dump_yaml(self.cfg),
             self.cfg.checkpoint.keep,
             self.rank,
+            self.objective.state_dict(),
         )
 
     def export(self) -> Path:
         """The policy and every EMA model as loadable folders under ``<output.dir>/export``."""
-        from pipeline.export import export_full_unet, export_lora
-
-        out = self.out / "export"
-        models = [("unet", self.layout.new_flats(torch.float32, self.device))]
-        self.layout.gather_into(self.layout.local_partitions(), models[0][1])
-        models[0] = ("unet", [f.cpu() for f in models[0][1]])
-        for k, d in enumerate(self.cfg.ema.all_decays):
-            models.append((f"unet_ema_{d:g}", self.ema.full(k)))
-        if self.rank == 0:
-            for name, flats in models:
-                state = {n: t.clone() for n, t in self.layout.state_dict(flats).items()}
-                if self.cfg.model.lora_rank:
-                    export_lora(
-                        state,
-                        self.info.path,
-                        self.lora_config,
-                        self.info.family.pipeline_class,
-                        out / name.replace("unet", "lora"),
-                    )
-                else:
-                    export_full_unet(state, self.info.path, out / name)
-        barrier()
-        return out
+        return export_models(
+            self.layout,
+            self.ema,
+            self.cfg.ema.all_decays,
+            self.lora,
+            self.info.path,
+            self.info.family.pipeline_class,
+            self.out / "export",
+            self.rank,
+            self.device,
+        )
 
     def cleanup(self) -> None:
         if self.logger is not None:
@@ -472,11 +258,11 @@ def main(cfg: TrainConfig) -> int:
     t.setup()
     start = t.engine.global_steps
     if t.rank == 0:
-        tb = cfg.data.micro_batch * cfg.train.grad_accum * t.world
         log.info(
             "training %s (%s, %s trainable parameters) with %s on %d rank(s), total batch %d pairs, %s, attention %s",
             t.info.family.name, f"LoRA r={cfg.model.lora_rank}" if cfg.model.lora_rank else "full",
-            f"{t.n_trainable:,}", cfg.objective.name, t.world, tb, cfg.train.precision, t.attention,
+            f"{t.n_trainable:,}", cfg.objective.name, t.world, t.workload.pairs_per_step(t.world),
+            cfg.train.precision, t.attention,
         )  # fmt: skip
     rc = t.train()
     if rc == 0 and cfg.checkpoint.export:

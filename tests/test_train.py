@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -135,6 +136,39 @@ def test_sigkill_and_restart_matches_an_uninterrupted_run(where, shards64, tmp_p
     assert sorted(zip(pa["step"].to_pylist(), pa["key"].to_pylist())) == sorted(
         zip(pb["step"].to_pylist(), pb["key"].to_pylist())
     )
+
+
+def _objective_state(run: Path) -> dict[int, int]:
+    tag = (run / "checkpoints" / "latest").read_text().strip()
+    t = load_file(str(run / "checkpoints" / tag / "objective.safetensors"))
+    return dict(zip(t["user_id"].tolist(), t["count"].tolist()))
+
+
+@pytest.mark.parametrize("second", [2, 1])
+def test_a_stateful_objective_resumes_exactly(second, shards64, tmp_path):
+    """tests.helpers.train_stateful: DPO weighted by how often each annotator was seen, counted from
+    every rank's user_ids. 2 ranks x 4 pairs, checkpoints every 3 steps, 7 steps, killed after step 5
+    (latest = 3), resumed on ``second`` ranks. The final state counts exactly the pairs trained on
+    (the per-pair records of every rank); on the same world size the run equals an uninterrupted one."""
+    common = ["data.micro_batch=4", "checkpoint.every=3", "train.max_steps=7", "checkpoint.export=false"]
+    helper = "tests.helpers.train_stateful"
+    run = tmp_path / "killed"
+    p = train(shards64, run, *common, nproc=2, module=helper, extra_env={"KILL_AT_STEP": 5})
+    assert p.returncode != 0 and (run / "checkpoints" / "latest").read_text().strip() == "step_00000003"
+    check(train(shards64, run, *common, nproc=second, module=helper))
+    state = _objective_state(run)
+    rec = read_pair_records(run)
+    assert state == dict(Counter(rec["user_id"].to_pylist()))
+    assert sum(state.values()) == 3 * 8 + 4 * 4 * second  # steps 1-3 on 2 ranks, 4-7 on `second`
+    m = read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in m] == list(range(1, 8)) and m[-1]["W"] < 1.0  # the state weighs pairs
+    if second == 2:
+        ref = tmp_path / "uninterrupted"
+        check(train(shards64, ref, *common, nproc=2, module=helper))
+        assert _objective_state(ref) == state
+        for ra, rb in zip(read_metrics(ref / "metrics.jsonl"), m):
+            for k in ("loss", "W", "h"):
+                assert ra[k] == pytest.approx(rb[k], rel=1e-6, abs=1e-9), (ra["step"], k)
 
 
 @pytest.mark.parametrize("first,second", [(2, 1), (1, 2)])

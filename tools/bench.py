@@ -5,8 +5,9 @@
     python -m tools.bench encode  [--model sd15|tiny] [--resolution 512] [--pairs 2]
     python -m tools.bench loader  --shards DIR | --synthetic sd15|sdxl [--workers 2] [--micro-batch 4] [--batches 200]
     python -m tools.bench memory  [--width 1.0] [--latent 64] [--precision fp16] [--memory-gb 16 32] [--grad-ckpt]  (CUDA)
+    python -m tools.bench export  [--width 0.25] [--latent 32]   (peak host memory per rank while exporting; CPU)
     ... --out bench/NAME.json
-    torchrun --standalone --nproc_per_node 2 -m tools.bench step ... [--overlap-gather]   (several ranks)
+    torchrun --standalone --nproc_per_node 2 -m tools.bench step|export ... [--overlap-gather]   (several ranks)
 
 ``step`` runs the real training step (PreferenceStep + DeepSpeed ZeRO-2 engine + sharded EMA) on a
 randomly initialised SD1.5-shaped UNet (``--width`` scales its channels; 1.0 is the real 860M) with
@@ -80,14 +81,22 @@ def unet_forward_flops(unet, x, t, text) -> int:
 # ---------------------------------------------------------------------------------------------- step
 
 
-def bench_step(a) -> dict:
-    import deepspeed
+def _unet_factory(width: float, latent: int):
+    """factory(dtype): a randomly initialised SD1.5-shaped UNet, the same weights at every call."""
+    state = {k: v.clone() for k, v in sd15_unet(width, latent).state_dict().items()}
 
+    def factory(dtype: torch.dtype) -> torch.nn.Module:
+        m = sd15_unet(width, latent)
+        m.load_state_dict(state)
+        return m.to(dtype)
+
+    return factory
+
+
+def bench_step(a) -> dict:
+    from pipeline.engine.build import build_ema, build_models
     from pipeline.engine.dist import init_distributed
-    from pipeline.engine.ds_config import build_ds_config
-    from pipeline.engine.ema import ShardedEMA
-    from pipeline.engine.flat_layout import FlatLayout
-    from pipeline.engine.precision import COMPUTE_DTYPE, apply_attention
+    from pipeline.engine.precision import COMPUTE_DTYPE
     from pipeline.losses.objectives import build_objective
     from pipeline.schema.objective import ObjectiveConfig
     from pipeline.schema.train import TrainConfig, TrainData, TrainOutput
@@ -103,31 +112,16 @@ def bench_step(a) -> dict:
     torch.manual_seed(0)
     B, L = a.micro_batch, a.latent
     cfg = TrainConfig(data=TrainData(shards="-", micro_batch=B), output=TrainOutput(dir="-"))
-    cfg.train.precision = a.precision
-    unet = sd15_unet(a.width, L)
-    apply_attention(unet, a.attention)
-    if a.grad_ckpt:
-        unet.enable_gradient_checkpointing()
-    state = {k: v.clone() for k, v in unet.state_dict().items()}
-    engine, *_ = deepspeed.initialize(
-        model=unet.to(dev),
-        model_parameters=unet.parameters(),
-        config=build_ds_config(cfg, world, dev.type == "cuda"),
-    )
-
-    def twin():
-        m = sd15_unet(a.width, L)
-        m.load_state_dict(state)
-        apply_attention(m, a.attention)
-        return m.to(dev, dtype).eval().requires_grad_(False)
-
-    ref = twin()
-    layout = FlatLayout(engine)
-    emas = {}
-    for m in (2, 3):
-        e = ShardedEMA(layout, [0.9999, 0.5][: m - 1], offload=a.offload, device=dev)
-        e.attach_module(twin(), dtype, buffers=2 if a.overlap_gather else 1)
-        emas[m] = e
+    cfg.train.precision, cfg.model.gradient_checkpointing = a.precision, a.grad_ckpt
+    cfg.ema.offload, cfg.ema.overlap_gather = a.offload, a.overlap_gather
+    factory = _unet_factory(a.width, L)
+    # the trainer's own construction: engine, reference, EMA models (pipeline.engine.build)
+    built = build_models(cfg, factory, a.attention, dtype, dev, world, needs_reference=True)
+    engine, ref, layout = built.engine, built.reference, built.layout
+    emas = {
+        m: build_ema(cfg, factory, layout, None, a.attention, dtype, dev, [0.9999, 0.5][: m - 1])
+        for m in (2, 3)
+    }
     from diffusers import DDPMScheduler
 
     sched = DDPMScheduler(
@@ -146,7 +140,7 @@ def bench_step(a) -> dict:
         ms = [0]
 
         def one():
-            loss, _ = step(engine, ref, ema, batch, ms[0], metric_active=True)
+            loss = step(engine, ref, ema, batch, ms[0], metric_active=True).loss.mean()
             engine.backward(loss)
             engine.step()
             if ema is not None:
@@ -297,6 +291,76 @@ def breakdown(engine, ref, ema, batch, sched, dtype, dev, reps: int) -> dict:
     return {
         k: statistics.median(v) * (2 if k.startswith("EMA g") or k.startswith("EMA f") else 1)
         for k, v in phases.items()
+    }
+
+
+def _rss_gb() -> float:
+    """This process's resident set size now (Linux /proc)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 2**20
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+class _PeakRSS:
+    """Samples the resident set size every 5 ms in a thread: the peak of a block of code."""
+
+    def __enter__(self):
+        import threading
+
+        self.peak, self._stop = _rss_gb(), threading.Event()
+
+        def run():
+            while not self._stop.wait(0.005):
+                self.peak = max(self.peak, _rss_gb())
+
+        self._t = threading.Thread(target=run, daemon=True)
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, _rss_gb())
+
+
+def bench_export(a) -> dict:
+    """Peak host memory of each rank while the trainer's export (``pipeline.export.export_models``)
+    writes the policy and two EMA models (decays 0.9999, 0.5) of an SD1.5-shaped UNet; CPU only."""
+    import tempfile
+
+    import torch.distributed as dist
+
+    from pipeline.engine.build import build_models
+    from pipeline.engine.dist import init_distributed
+    from pipeline.export import export_models
+    from pipeline.schema.train import TrainConfig, TrainData, TrainOutput
+
+    dev = torch.device("cpu")
+    rank, world, _ = init_distributed("gloo")
+    cfg = TrainConfig(data=TrainData(shards="-"), output=TrainOutput(dir="-"))
+    cfg.ema.decays = [0.9999, 0.5]
+    factory = _unet_factory(a.width, a.latent)
+    built = build_models(cfg, factory, "sdpa", torch.float32, dev, world, needs_reference=False)
+    tmp = Path(tempfile.mkdtemp(prefix="bench_export_"))
+    model = tmp / "model"  # the UNet config a real model folder would hold
+    factory(torch.float32).save_config(model / "unet")
+    dist.barrier()
+    before = _rss_gb()
+    t = time.perf_counter()
+    with _PeakRSS() as peak:
+        export_models(built.layout, built.ema, cfg.ema.decays, None, str(model), "StableDiffusionPipeline",
+                      tmp / "export", rank, dev)  # fmt: skip
+    mine = {"rank": rank, "rss_before_gb": before, "peak_gb": peak.peak, "peak_increase_gb": peak.peak - before,
+            "seconds": time.perf_counter() - t}  # fmt: skip
+    ranks: list = [None] * world
+    dist.all_gather_object(ranks, mine)
+    return {
+        "world_size": world,
+        "unet_params": built.n_trainable,
+        "model_fp32_gb": built.n_trainable * 4 / 2**30,
+        "models_exported": 1 + len(cfg.ema.decays),
+        "ranks": ranks,
     }
 
 
@@ -461,7 +525,7 @@ def bench_loader(a) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=["step", "encode", "loader", "memory"])
+    p.add_argument("what", choices=["step", "encode", "loader", "memory", "export"])
     p.add_argument("--device", default="auto")
     p.add_argument("--width", type=float, default=0.25)
     p.add_argument("--latent", type=int, default=32)
@@ -510,7 +574,8 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.engine.precision import flush_denormals
 
         flush_denormals()
-    fn = {"step": bench_step, "encode": bench_encode, "loader": bench_loader, "memory": bench_memory}[a.what]
+    fn = {"step": bench_step, "encode": bench_encode, "loader": bench_loader, "memory": bench_memory,
+          "export": bench_export}[a.what]  # fmt: skip
     from pipeline.errors import UserError
 
     try:

@@ -218,9 +218,8 @@ def _run_stats(run: Path) -> dict:
 
 def evaluate(a, model: Path, heldout: Path, names: list[str]) -> dict[str, dict]:
     """Held-out accuracy against the truth of every run's export (and checkpoints, with --curve)."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
     from pipeline.data.shards import load_manifest
+    from pipeline.engine.checkpoint import load_checkpoint_unet
     from pipeline.evaluate.preference import accuracy, implicit_margins, iter_pairs
     from pipeline.models import inspect_model, load_scheduler, load_unet
 
@@ -243,15 +242,7 @@ def evaluate(a, model: Path, heldout: Path, names: list[str]) -> dict[str, dict]
             for ck in sorted((run / "checkpoints").glob("step_*")):
                 key = f"{name}@{int(ck.name.split('_')[1])}"
                 if key not in cache and int(ck.name.split("_")[1]) < a.steps:
-
-                    def load_ck(ck=ck):
-                        u = load_unet(info.path)
-                        u.load_state_dict(
-                            get_fp32_state_dict_from_zero_checkpoint(str(ck.parent), tag=ck.name)
-                        )
-                        return u
-
-                    todo.append((key, load_ck))
+                    todo.append((key, lambda ck=ck: load_checkpoint_unet(ck, info.path)))
     for i in tqdm(range(0, len(todo), 8), desc="evaluate", unit="x8 models"):
         chunk = todo[i : i + 8]
         models = {key: load().eval() for key, load in chunk}

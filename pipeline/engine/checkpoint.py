@@ -6,7 +6,8 @@ Layout under ``<output.dir>/checkpoints/``:
         <DeepSpeed engine files>   module, ZeRO-2 optimizer partitions, lr scheduler, loss scaler
         ema/rank_00000.safetensors EMA shards of each rank (pipeline.engine.ema)
         rng/rank_00000.safetensors torch CPU/CUDA RNG states of each rank
-        trainer_state.json         step, micro-step (the data position), layout, counters
+        objective.safetensors      a stateful objective's state (identical on every rank; rank 0's)
+        trainer_state.json         step, micro-step and the workload's data state, counters
         config.yaml                the resolved config of the run
     latest                         name of the newest complete checkpoint
     universal/step_00001000/       made on demand when the world size changed (ds_to_universal)
@@ -18,15 +19,18 @@ itself loads: resume only from checkpoints your own runs wrote.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 
 from pipeline.config import flatten
@@ -63,6 +67,51 @@ def config_differences(saved: dict, current: dict, allowed: tuple[str, ...]) -> 
     return diff
 
 
+@dataclass
+class Resume:
+    root: Path  # <output.dir>/checkpoints
+    tag: str  # step_NNNNNNNN
+    state: dict  # its trainer_state.json
+
+    @property
+    def folder(self) -> Path:
+        return self.root / self.tag
+
+
+def find_resume(root: Path, config: dict, resumable: tuple[str, ...]) -> Resume | None:
+    """The latest complete checkpoint under ``root``, or None to start fresh. Decided from JSON and
+    YAML alone, before any model loads: a checkpoint written with another config (other than the
+    ``resumable`` keys) is refused with the differing keys named."""
+    tag = latest_tag(root)
+    if tag is None:
+        return None
+    saved = yaml.safe_load((root / tag / "config.yaml").read_text())
+    diffs = config_differences(saved, config, resumable)
+    if diffs:
+        raise UserError(
+            f"{root / tag} was written by another config; refusing to resume "
+            "(use a new output.dir, or restore these keys):\n  " + "\n  ".join(diffs)
+        )
+    return Resume(root, tag, read_state(root, tag))
+
+
+def restore(resume: Resume, engine, ema, objective, world: int, rank: int) -> None:
+    """Load a checkpoint into the engine (module, optimizer partitions, scheduler, loss scaler), the
+    EMA shards, this rank's RNG states and the objective's state. Another world size goes through
+    DeepSpeed's universal checkpoint (the engine must have been built with ``load_universal``)."""
+    st = resume.state
+    load_root = ensure_universal(resume.root, resume.tag, rank) if st["world_size"] != world else resume.root
+    path, _ = engine.load_checkpoint(str(load_root), tag=resume.tag)
+    if path is None:
+        raise UserError(f"DeepSpeed could not load {load_root / resume.tag}")
+    if engine.global_steps != st["step"]:
+        raise RuntimeError(f"checkpoint step {st['step']} but the engine restored {engine.global_steps}")
+    if ema is not None:
+        ema.load(resume.folder / "ema")
+    load_rng(resume.folder / "rng", rank)
+    objective.load_state_dict(load_objective_state(resume.folder))
+
+
 def save_rng(folder: Path, rank: int) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     t = {"cpu": torch.get_rng_state()}
@@ -83,10 +132,53 @@ def load_rng(folder: Path, rank: int) -> None:
             torch.cuda.set_rng_state_all(states)
 
 
+def check_same_on_all_ranks(state: dict[str, torch.Tensor], what: str) -> None:
+    """Collective: raise on every rank if ``state`` differs between ranks (one all-gather of a hash)."""
+    import torch.distributed as dist
+
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    h = hashlib.sha256()
+    for k in sorted(state):
+        t = state[k].detach().cpu().contiguous()
+        h.update(f"{k}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
+    mine = torch.tensor([int.from_bytes(h.digest()[:8], "little", signed=True)], dtype=torch.int64)
+    parts = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, mine)
+    if len({int(p) for p in parts}) != 1:
+        raise RuntimeError(
+            f"{what} differs between ranks: its updates must depend only on the all-rank values they get"
+        )
+
+
+def save_objective_state(folder: Path, state: dict[str, torch.Tensor]) -> None:
+    if state:
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in state.items()},
+            str(folder / "objective.safetensors"),
+        )
+
+
+def load_objective_state(folder: Path) -> dict[str, torch.Tensor]:
+    f = folder / "objective.safetensors"
+    return load_file(str(f)) if f.is_file() else {}
+
+
 def save_checkpoint(
-    engine, ema, root: Path, step: int, state: dict, config_yaml: str, keep: int, rank: int
+    engine,
+    ema,
+    root: Path,
+    step: int,
+    state: dict,
+    config_yaml: str,
+    keep: int,
+    rank: int,
+    objective_state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Collective: every rank calls it. Returns the final checkpoint folder."""
+    objective_state = objective_state or {}
+    check_same_on_all_ranks(objective_state, "the objective's state")
     tag = tag_for(step)
     tmp_tag = f".tmp-{tag}"
     if rank == 0 and (root / tmp_tag).exists():
@@ -100,6 +192,7 @@ def save_checkpoint(
     final = root / tag
     if rank == 0:
         (root / tmp_tag / "config.yaml").write_text(config_yaml)
+        save_objective_state(root / tmp_tag, objective_state)
         (root / tmp_tag / "trainer_state.json").write_text(json.dumps(state, indent=1, sort_keys=True))
         if final.exists():  # a checkpoint of this step from a run that was killed right after it
             shutil.rmtree(final)
@@ -139,3 +232,36 @@ def ensure_universal(root: Path, tag: str, rank: int) -> Path:
         (out_root / tag / "done").write_text("ok\n")
     barrier()
     return out_root
+
+
+def load_checkpoint_unet(folder: Path, base_path: str, dtype: torch.dtype = torch.float32):
+    """The policy UNet of a ``checkpoints/step_N`` folder: its fp32 weights consolidated from the
+    ZeRO-2 partitions into the base model's UNet (with the run's LoRA adapters, per the checkpoint's
+    ``config.yaml``), in ``dtype``."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from pipeline.engine.build import lora_config
+    from pipeline.models import load_unet
+    from pipeline.schema.train import TrainModel
+
+    folder = Path(folder)
+    m = (yaml.safe_load((folder / "config.yaml").read_text()) or {}).get("model", {})
+    lora = lora_config(
+        TrainModel(
+            lora_rank=m.get("lora_rank", 0),
+            lora_alpha=m.get("lora_alpha"),
+            lora_targets=m.get("lora_targets", TrainModel().lora_targets),
+        ),
+        init=True,
+    )
+    state = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
+    unet = load_unet(base_path, torch.float32)
+    if lora is not None:
+        unet.add_adapter(lora)
+    missing, unexpected = unet.load_state_dict(state, strict=False)
+    if unexpected or missing:
+        raise UserError(
+            f"{folder}: the checkpoint's weights do not fit the UNet of {base_path} "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    return unet.to(dtype)

@@ -64,25 +64,6 @@ def load(spec: UNetSpec, info: ModelInfo, dtype: torch.dtype):
         cls.load_lora_into_unet(state, alphas, unet)
         return unet.to(dtype)
     # a DeepSpeed checkpoint: consolidate the fp32 weights from the ZeRO partitions
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from pipeline.engine.checkpoint import load_checkpoint_unet
 
-    state = get_fp32_state_dict_from_zero_checkpoint(str(spec.path.parent), tag=spec.path.name)
-    unet = load_unet(info.path, torch.float32)
-    lora_rank = (spec.run_config or {}).get("model", {}).get("lora_rank", 0)
-    if lora_rank:
-        from peft import LoraConfig
-
-        m = spec.run_config["model"]
-        unet.add_adapter(
-            LoraConfig(
-                r=lora_rank,
-                lora_alpha=m.get("lora_alpha") or lora_rank,
-                target_modules=list(m["lora_targets"]),
-            )
-        )
-    missing, unexpected = unet.load_state_dict(state, strict=False)
-    if unexpected:
-        raise UserError(
-            f"{spec.path}: checkpoint weights do not fit {info.path} (unexpected {unexpected[:3]})"
-        )
-    return unet.to(dtype)
+    return load_checkpoint_unet(spec.path, info.path, dtype)

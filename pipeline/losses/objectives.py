@@ -4,12 +4,21 @@ An objective takes the per-pair errors of the models the step ran (policy, refer
 and returns per-pair losses plus per-pair statistics to log; the trainer takes the mean. It also
 says what it needs, so the trainer runs only those forwards: ``needs_reference``, ``needs_losers``,
 ``uses_ema``.
+
+Stateful objectives (e.g. one that estimates label-flip rates per annotator during training) use
+three hooks, no-ops here: ``batch_fields`` names the per-pair batch fields the loss reads (they
+arrive in ``ModelErrors.fields``, e.g. ``user_id`` [B] int64); ``observe(stats)`` is called after
+every micro-step on every rank with the same all-rank per-pair values, so the state stays identical
+across ranks without a collective of its own; ``state_dict()`` / ``load_state_dict()`` carry the
+state through checkpoints (tensors, written with safetensors: a resume is exact, also on another
+number of ranks, since the state does not depend on the rank).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from pipeline.losses import adaptive as A
@@ -24,6 +33,7 @@ class ModelErrors:
     policy: PairErrors
     ref: PairErrors | None = None
     ema: list[PairErrors] = field(default_factory=list)
+    fields: dict[str, torch.Tensor] = field(default_factory=dict)  # Objective.batch_fields, [B] each
 
 
 @dataclass
@@ -36,6 +46,12 @@ class Objective:
     needs_reference = True
     needs_losers = True
     uses_ema = False
+    # which workload feeds it (pipeline/train/workload.py): "pairs" = encoded pair shards
+    data_kind = "pairs"
+    # per-pair stats that are logged as distributions too (std and histogram), when present
+    distributions: tuple[str, ...] = ("h", "u", "W", "G")
+    # per-pair batch fields the loss reads (e.g. "user_id"), given in ModelErrors.fields on the device
+    batch_fields: tuple[str, ...] = ()
 
     def __init__(self, cfg: ObjectiveConfig):
         self.cfg = cfg
@@ -58,6 +74,23 @@ class Objective:
 
     def __call__(self, errors: ModelErrors, metric_active: bool = True) -> LossOutput:
         raise NotImplementedError
+
+    def observe(self, stats: dict[str, np.ndarray]) -> None:
+        """After every micro-step whose loss was finite, on every rank with the same values: every
+        rank's per-pair values of that micro-step, concatenated in rank order (read-only): the stats
+        ``__call__`` returned, ``loss``, and the workload's per-pair fields (pairs: ``user_id``
+        int64, exact; ``flipped`` bool and ``true_agrees`` float are the synthetic ground truth, for
+        logs only: an objective must not learn from them). Update the state here."""
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The state a checkpoint must hold for an exact resume (CPU tensors; empty: stateless)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if state:
+            raise ValueError(
+                f"objective {self.cfg.name} keeps no state; the checkpoint holds {sorted(state)}"
+            )
 
 
 class DPO(Objective):

@@ -22,7 +22,7 @@ def env(**extra) -> dict:
 
 
 def train(shards, out, *overrides, nproc: int = 1, launcher: str = "torchrun", module: str = "stages.train",
-          extra_env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:  # fmt: skip
+          extra_env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:  # fmt: skip
     args = ["--config", TRAIN_CFG, f"data.shards={shards}", f"output.dir={out}", *overrides]
     if nproc == 1:
         cmd = [sys.executable, "-m", module, *args]

@@ -9,24 +9,26 @@ import sys
 from pipeline.engine import ema
 from stages import train
 
-_at = int(os.environ["KILL_AT_STEP"])
-_in_ckpt = os.environ.get("KILL_IN_CHECKPOINT") == "1"
 
-if _in_ckpt:
-    _save = ema.ShardedEMA.save
+def install_kill(at: int, in_checkpoint: bool) -> None:
+    if in_checkpoint:
+        _save = ema.ShardedEMA.save
 
-    def _dying_save(self, folder):
-        if folder.parent.name == f".tmp-step_{_at:08d}":
-            os.kill(os.getpid(), signal.SIGKILL)
-        _save(self, folder)
+        def _dying_save(self, folder):
+            if folder.parent.name == f".tmp-step_{at:08d}":
+                os.kill(os.getpid(), signal.SIGKILL)
+            _save(self, folder)
 
-    ema.ShardedEMA.save = _dying_save
-else:
+        ema.ShardedEMA.save = _dying_save
+    else:
 
-    def _die(self, step):
-        if step == _at:
-            os.kill(os.getpid(), signal.SIGKILL)
+        def _die(self, step):
+            if step == at:
+                os.kill(os.getpid(), signal.SIGKILL)
 
-    train.Trainer.on_step_end = _die
+        train.Trainer.on_step_end = _die
 
-sys.exit(train.cli_main(sys.argv[1:]))
+
+if __name__ == "__main__":
+    install_kill(int(os.environ["KILL_AT_STEP"]), os.environ.get("KILL_IN_CHECKPOINT") == "1")
+    sys.exit(train.cli_main(sys.argv[1:]))

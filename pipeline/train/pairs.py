@@ -1,0 +1,152 @@
+"""The pair workload: encoded preference-pair shards (``stages.encode``) and ``PreferenceStep``.
+
+Data position: the micro-step counter alone, given the layout (shard counts, world size, data
+workers, micro-batch; ``pipeline.data.loader``). A resume on another layout continues at the same
+share of the epoch (the sample order differs from there on, with a warning).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.data.loader import Layout, PairStream, make_loader
+from pipeline.data.shards import load_manifest, sha256_file
+from pipeline.errors import UserError
+from pipeline.evaluate.preference import accuracy as preference_accuracy
+from pipeline.minority import auroc
+from pipeline.models import ModelInfo, inspect_model, load_scheduler
+from pipeline.step import PreferenceStep
+from pipeline.train.workload import Models, RunContext, Workload, register
+
+log = logging.getLogger(__name__)
+
+
+def check_shards(cfg, manifest: dict) -> ModelInfo:
+    """The shards must come from the model being trained, at the configured resolution."""
+    info = inspect_model(cfg.model.path or manifest["model"]["path"])
+    if info.config_hash != manifest["model"]["config_hash"]:
+        raise UserError(
+            f"data.shards={cfg.data.shards} were encoded with {manifest['model']['path']} "
+            f"(config hash {manifest['model']['config_hash'][:12]}), not with model.path={info.path} "
+            f"({info.config_hash[:12]}): re-encode, or train the model the shards were made with"
+        )
+    if cfg.data.resolution is not None and cfg.data.resolution != manifest["resolution"]:
+        raise UserError(
+            f"data.resolution={cfg.data.resolution} but the shards are {manifest['resolution']} px"
+        )
+    if cfg.data.sample_latents and not manifest.get("store_std"):
+        raise UserError("data.sample_latents=true needs shards encoded with output.store_std=true")
+    return info
+
+
+class PairWorkload(Workload):
+    pair_fields = {"user_id": torch.int64, "flipped": torch.bool, "true_agrees": torch.float32}
+
+    def __init__(self, cfg, objective):
+        super().__init__(cfg, objective)
+        self.manifest = load_manifest(cfg.data.shards)
+        self.info = check_shards(cfg, self.manifest)
+        shard_dir = Path(cfg.data.shards)
+        self.paths = [shard_dir / s["name"] for s in self.manifest["shards"]]
+        self.counts = [s["count"] for s in self.manifest["shards"]]
+        missing = [str(p) for p in self.paths if not p.is_file()]
+        if missing:
+            raise UserError(f"shards listed in the manifest are missing: {', '.join(missing[:5])}")
+        # (u, h, flipped) of the most recent pairs, for the AUROCs of u and -h against the flips
+        self.window: deque = deque(maxlen=max(cfg.train.auroc_window, 0))
+
+    def prepare(self, ctx: RunContext) -> None:
+        super().prepare(ctx)
+        cfg = self.cfg
+        if cfg.data.verify_sha256 and ctx.rank == 0:
+            bad = [
+                s["name"]
+                for s, p in zip(self.manifest["shards"], self.paths)
+                if sha256_file(p) != s["sha256"]
+            ]
+            if bad:
+                log.warning(
+                    "shards whose sha256 differs from the manifest (read with damage handling): %s", bad
+                )
+        self.step_fn = PreferenceStep(
+            self.objective,
+            load_scheduler(self.info),
+            self.info.prediction_type,
+            ctx.dtype,
+            ctx.device,
+            cfg.train.seed,
+            ctx.rank,
+            cfg.data.sample_latents,
+        )
+
+    def layout(self, world: int) -> Layout:
+        d = self.cfg.data
+        return Layout(tuple(self.counts), world, max(d.num_workers, 1), d.micro_batch)
+
+    def batches(self, start: int):
+        d, ctx = self.cfg.data, self.ctx
+        stream = PairStream(
+            self.paths, self.counts, self.manifest, ctx.rank, ctx.world, d.micro_batch, d.num_workers,
+            d.seed, d.shuffle_buffer, d.flip_rate, d.flip_seed, d.flip_by, start=start,
+        )  # fmt: skip
+        return iter(make_loader(stream, d.num_workers, pin_memory=ctx.device.type == "cuda"))
+
+    def step(self, models: Models, batch: dict, micro_step: int, metric_active: bool):
+        return self.step_fn(models.policy, models.reference, models.ema, batch, micro_step, metric_active)
+
+    def pairs_per_step(self, world: int) -> int:
+        return self.cfg.data.micro_batch * self.cfg.train.grad_accum * world
+
+    def data_state(self) -> dict:
+        lay = self.layout(self.ctx.world)
+        return {"world_size": lay.world, "workers": lay.workers, "micro_batch": lay.micro_batch}
+
+    def resume_position(self, state: dict) -> int:
+        micro_step = state["micro_step"]
+        d = state.get("data") or {  # checkpoints written before the data state had its own entry
+            "world_size": state["world_size"], "workers": state["data_workers"], "micro_batch": state["micro_batch"]
+        }  # fmt: skip
+        old = Layout(tuple(self.counts), d["world_size"], d["workers"], d["micro_batch"])
+        new = self.layout(self.ctx.world)
+        if old == new:
+            return micro_step
+        # another layout reads the data in another order: continue at the same share of the epoch
+        pos = micro_step * old.world * old.micro_batch // (new.world * new.micro_batch)
+        log.warning(
+            "data layout changed (world %d->%d, workers %d->%d): the sample order differs from here on; "
+            "resuming at micro-batch %d of this layout", old.world, new.world, old.workers, new.workers, pos,
+        )  # fmt: skip
+        return pos
+
+    def records(self, batch: dict) -> dict[str, list]:
+        return {
+            "key": list(batch["keys"]),
+            "user_id": batch["user_id"].tolist(),
+            "flipped": batch["flipped"].tolist(),
+            "true_agrees": batch["true_agrees"].tolist(),
+        }
+
+    def summary(self, cat: dict[str, np.ndarray]) -> dict[str, float]:
+        """Statistics against the flipped labels and the recorded true preferences."""
+        s: dict[str, float] = {}
+        fl = cat["flipped"]
+        if "W" in cat and fl.any() and (~fl).any():
+            s["W_flipped"], s["W_clean"] = float(cat["W"][fl].mean()), float(cat["W"][~fl].mean())
+        if "h" in cat and np.isfinite(cat["true_agrees"]).any():
+            s["accuracy_true"] = preference_accuracy(cat["h"], cat["true_agrees"])
+        u = cat.get("u", np.full(len(fl), np.nan))
+        self.window.extend(zip(u, cat.get("h", np.zeros_like(u)), fl))
+        if self.window and len({f for _, _, f in self.window}) == 2:
+            w = np.array(list(self.window), dtype=float)
+            if np.isfinite(w[:, 0]).any():
+                s["auroc_u_window"] = auroc(w[:, 0], w[:, 2] > 0.5)
+            s["auroc_neg_h_window"] = auroc(-w[:, 1], w[:, 2] > 0.5)
+        return s
+
+
+register("pairs", PairWorkload)
