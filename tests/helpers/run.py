@@ -11,6 +11,8 @@ from pipeline.engine.dist import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN_CFG = "configs/train/tiny_dpo.yaml"
+# the tests' budget, smaller than the toy study's in tiny_base.yaml; a test's own overrides come after
+TEST_DEFAULTS = ("data.micro_batch=4", "train.max_steps=20", "checkpoint.every=10")
 
 
 def env(**extra) -> dict:
@@ -23,7 +25,7 @@ def env(**extra) -> dict:
 
 def train(shards, out, *overrides, nproc: int = 1, launcher: str = "torchrun", module: str = "stages.train",
           extra_env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:  # fmt: skip
-    args = ["--config", TRAIN_CFG, f"data.shards={shards}", f"output.dir={out}", *overrides]
+    args = ["--config", TRAIN_CFG, f"data.shards={shards}", f"output.dir={out}", *TEST_DEFAULTS, *overrides]
     if nproc == 1:
         cmd = [sys.executable, "-m", module, *args]
     elif launcher == "deepspeed":
