@@ -49,7 +49,7 @@ def serve(cfg: LabelConfig) -> int:
         ).fetchone()[0]
     db.close()
     checks = sum(x.is_check for x in src.items)
-    url = f"http://{cfg.server.host}:{cfg.server.port}{cfg.server.root_path}/"
+    url = f"http://{cfg.server.host}:{cfg.server.port}/"
     print(
         f"campaign {cfg.db}: {counts['items']} items ({counts['new']} new, {checks} checks) from {src.kind} "
         f"source {cfg.source}"
@@ -64,7 +64,6 @@ def serve(cfg: LabelConfig) -> int:
     options = dict(
         host=cfg.server.host,
         port=cfg.server.port,
-        root_path=cfg.server.root_path,
         proxy_headers=cfg.server.forwarded_allow_ips is not None,
         forwarded_allow_ips=cfg.server.forwarded_allow_ips,
         log_level=cfg.server.log_level,

@@ -19,10 +19,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
 from typing import Annotated
 
+import anyio.to_thread
 from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
@@ -33,10 +35,11 @@ from pipeline.errors import UserError
 from pipeline.label import assignment, audit
 from pipeline.label.people import Person, authenticate
 from pipeline.label.sources import ImageReader, media_type
-from pipeline.label.storage import Database
+from pipeline.label.storage import Database, Unavailable
 
 log = logging.getLogger("pipeline.label")
 COOKIE = "label_token"
+THREADS = 16  # request threads per app process, so at most 16 database connections each
 ITEM_KEY = r"^[A-Za-z0-9]{1,64}$"
 STATIC = {"app.js": "text/javascript", "admin.js": "text/javascript", "style.css": "text/css"}
 PAGES = {"/": "index.html", "/admin": "admin.html"}
@@ -149,7 +152,14 @@ Admin = Annotated[Person, Depends(_admin)]
 
 def create_app(db: Database, policy: assignment.Policy, preload: int = 1, max_body_bytes: int = 16384,
                images: ImageReader | None = None) -> FastAPI:  # fmt: skip
-    app = FastAPI(title="labelling", docs_url=None, redoc_url=None, openapi_url=None)
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        # requests run in a thread pool, each thread with its own database connection: bound both
+        anyio.to_thread.current_default_thread_limiter().total_tokens = THREADS
+        yield
+        db.close()
+
+    app = FastAPI(title="labelling", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.db = db
     app.add_middleware(_BodyLimit, max_bytes=max_body_bytes)
     app.add_middleware(_SecurityHeaders)
@@ -166,6 +176,13 @@ def create_app(db: Database, policy: assignment.Policy, preload: int = 1, max_bo
             loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
             parts.append(f"{loc or 'body'}: {e.get('msg', 'invalid')}")
         return JSONResponse({"detail": "; ".join(parts)[:1000]}, 422)
+
+    @app.exception_handler(Unavailable)
+    async def _unavailable(request: Request, exc: Unavailable):
+        log.error("%s %s: %s", request.method, request.url.path, exc)
+        return JSONResponse(
+            {"detail": "the database is unavailable: try again"}, 503, headers={"retry-after": "2"}
+        )
 
     @app.exception_handler(assignment.Refused)
     async def _refused(request: Request, exc: assignment.Refused):

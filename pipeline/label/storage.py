@@ -83,6 +83,10 @@ CREATE INDEX IF NOT EXISTS labels_item ON labels (item_id);
 """
 
 
+class Unavailable(Exception):
+    """The database could not be reached (or stayed locked): nothing was written, a retry may work."""
+
+
 def is_postgres(url: str) -> bool:
     return url.startswith(("postgresql://", "postgres://"))
 
@@ -151,22 +155,44 @@ class Database:
 
     @contextmanager
     def tx(self, write: bool = False) -> Iterator[Cursor]:
-        """A transaction; ``write=True`` serialises it with every other writing transaction."""
+        """A transaction; ``write=True`` serialises it with every other writing transaction. A lost
+        PostgreSQL connection or a SQLite file locked for too long raises ``Unavailable`` (the request
+        may be retried) and the connection is replaced on the next call."""
         conn = self._conn()
-        if self.postgres:
-            with conn.transaction():
-                cur = Cursor(conn.cursor(), True)
-                if write:
-                    cur.execute("SELECT pg_advisory_xact_lock(?)", (_LOCK_KEY,))
-                yield cur
-            return
-        conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
         try:
-            yield Cursor(conn.cursor(), False)
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
+            if self.postgres:
+                with conn.transaction():
+                    cur = Cursor(conn.cursor(), True)
+                    if write:
+                        cur.execute("SELECT pg_advisory_xact_lock(?)", (_LOCK_KEY,))
+                    yield cur
+                return
+            conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            try:
+                yield Cursor(conn.cursor(), False)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        except Exception as e:
+            if not self._transient(e):
+                raise
+            self._local.conn = None
+            with self._all_lock:
+                if conn in self._all:
+                    self._all.remove(conn)
+            try:
+                conn.close()
+            except Exception:  # noqa: BLE001 - the connection is already broken
+                pass
+            raise Unavailable(f"database unavailable: {str(e).strip()}") from e
+
+    def _transient(self, e: Exception) -> bool:
+        if self.postgres:
+            import psycopg
+
+            return isinstance(e, psycopg.OperationalError)
+        return isinstance(e, sqlite3.OperationalError) and ("locked" in str(e) or "busy" in str(e))
 
     def close(self) -> None:
         with self._all_lock:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -55,7 +54,6 @@ class LabelServer:
     workers: int = 1  # app processes (uvicorn workers); they share the database
     max_body_bytes: int = 16384  # larger request bodies get 413
     forwarded_allow_ips: str | None = None  # proxy address(es) whose X-Forwarded-* headers are trusted
-    root_path: str = ""  # URL prefix when the proxy serves the app under a sub-path, e.g. /label
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
 
     def check(self) -> list[str]:
@@ -66,8 +64,6 @@ class LabelServer:
             errors.append(f"workers: must be >= 1, got {self.workers}")
         if self.max_body_bytes < 1024:
             errors.append(f"max_body_bytes: must be >= 1024, got {self.max_body_bytes}")
-        if self.root_path and not re.fullmatch(r"(/[A-Za-z0-9._~-]+)+", self.root_path):
-            errors.append(f"root_path: expected a path such as /label, got {self.root_path!r}")
         return errors
 
 
