@@ -126,6 +126,7 @@ def check_stored(db_url: str, res: LoadResult) -> dict:
     from pipeline.label.storage import Database
 
     db = Database(db_url, create=False)
+    per_item = int(db.get_meta("per_item", 3))
     with db.tx() as c:
         rows = c.execute(
             "SELECT l.submission_id, a.name, i.key, l.choice FROM labels l JOIN annotators a ON a.id = l.annotator_id "
@@ -134,7 +135,7 @@ def check_stored(db_url: str, res: LoadResult) -> dict:
         over = c.execute(
             "SELECT COUNT(*) FROM (SELECT item_id FROM labels WHERE choice != 'skip' GROUP BY item_id "
             "HAVING COUNT(*) > ?) x",
-            (int(db.get_meta("per_item", 3)),),
+            (per_item,),
         ).fetchone()[0]
     db.close()
     stored: dict[str, list] = {}

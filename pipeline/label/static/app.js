@@ -85,6 +85,11 @@ async function flush() {
           renderProgress(S.progress);
         }
       } catch (e) {
+        if (e.status === 401) {
+          // signed out (cookie gone): keep the label, it goes out after signing in again
+          S.flushing = false;
+          return start();
+        }
         if (!e.status || e.status >= 500 || e.status === 429) {
           // the server is unreachable or busy: keep the label and try again shortly
           $("sync").textContent = `${list.length} label(s) waiting for the server…`;
