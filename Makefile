@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-fast lint fmt bench clean
+.PHONY: setup system-deps demo test test-fast lint fmt bench clean
 
 setup: $(VENV)/.installed
 
@@ -17,13 +17,28 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q "$(TORCH)" -e ".[dev]"
 	touch $@
 
+# The labelling service's tests drive Debian's chromium (through the playwright package; no browser
+# download) and start their own PostgreSQL server. Installed once when missing and possible (root with
+# apt-get); otherwise those tests are skipped with the reason.
+system-deps:
+	@missing=""; \
+	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing$$missing (apt-get; log in /tmp/system-deps.log)"; \
+	    { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; } \
+	      >/tmp/system-deps.log 2>&1 || echo "could not install$$missing: their tests will be skipped"; \
+	  else echo "missing$$missing and not root: their tests will be skipped"; fi; \
+	fi
+
 demo: setup
 	$(BIN)/python -m tools.demo
 
-test: setup
+test: setup system-deps
 	$(BIN)/python -m pytest -q
 
-test-fast: setup
+test-fast: setup system-deps
 	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: setup

@@ -19,9 +19,10 @@ import typing
 from pipeline.config import _type_name
 from pipeline.schema.encode import EncodeConfig
 from pipeline.schema.evaluate import EvalConfig
+from pipeline.schema.label import LabelConfig
 from pipeline.schema.train import TrainConfig
 
-STAGES = {"encode": EncodeConfig, "train": TrainConfig, "evaluate": EvalConfig}
+STAGES = {"encode": EncodeConfig, "train": TrainConfig, "evaluate": EvalConfig, "label serve": LabelConfig}
 
 
 def _comments(cls) -> dict[str, str]:

@@ -32,28 +32,40 @@ def latest_per_pair(table, last_epochs: int = 1) -> dict[str, np.ndarray]:
     return out
 
 
-def per_annotator(rec: dict[str, np.ndarray], high_q: float, min_pairs: int) -> list[dict]:
-    if "h" not in rec:
-        return []  # an objective without a preference margin (SFT)
-    score = rec["u"] if "u" in rec and np.isfinite(rec["u"]).any() else -rec["h"]
+def rank_annotators(
+    users: np.ndarray, score: np.ndarray, high_q: float, min_pairs: int, extra: dict[str, np.ndarray] | None = None
+) -> list[dict]:
+    """Per annotator: pairs, mean score, share of their pairs above the ``high_q`` quantile of the score
+    over everyone, and the mean of each ``extra`` column (same length as ``users``). The annotators
+    furthest from the consensus (highest share, then highest mean) come first; those with fewer than
+    ``min_pairs`` pairs come last. ``score`` is any per-pair "disagrees with the rest" measure: here
+    a trained run's u or -h, in the labelling service the raw labels' disagreement with the majority."""
     thr = float(np.nanquantile(score, high_q))
-    users = rec["user_id"].astype(int)
     rows = []
     for u in np.unique(users):
         m = users == u
         s = score[m]
-        rows.append(
-            {
-                "user_id": int(u),
-                "pairs": int(m.sum()),
-                "mean_score": float(np.nanmean(s)),
-                "high_share": float(np.mean(s > thr)),
-                "policy_disagrees": float(np.mean(rec["h"][m] < 0)),  # the model prefers the other image
-                "flipped_share": float(rec["flipped"][m].mean()),
-            }
-        )
+        row = {
+            "user_id": int(u),
+            "pairs": int(m.sum()),
+            "mean_score": float(np.nanmean(s)),
+            "high_share": float(np.mean(s > thr)),
+        }
+        row.update({k: float(np.mean(v[m])) for k, v in (extra or {}).items()})
+        rows.append(row)
     rows.sort(key=lambda r: (r["pairs"] < min_pairs, -r["high_share"], -r["mean_score"]))
     return rows
+
+
+def per_annotator(rec: dict[str, np.ndarray], high_q: float, min_pairs: int) -> list[dict]:
+    if "h" not in rec:
+        return []  # an objective without a preference margin (SFT)
+    score = rec["u"] if "u" in rec and np.isfinite(rec["u"]).any() else -rec["h"]
+    extra = {
+        "policy_disagrees": rec["h"] < 0,  # the model prefers the other image
+        "flipped_share": rec["flipped"],
+    }
+    return rank_annotators(rec["user_id"].astype(int), score, high_q, min_pairs, extra)
 
 
 def run_report(

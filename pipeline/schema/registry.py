@@ -19,4 +19,8 @@ def schema_for(path: str | Path) -> type:
         from pipeline.schema.evaluate import EvalConfig
 
         return EvalConfig
+    if stage == "label":
+        from pipeline.schema.label import LabelConfig
+
+        return LabelConfig
     raise KeyError(f"{path}: no schema for configs/{stage}/")
