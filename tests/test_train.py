@@ -252,10 +252,12 @@ def test_sharded_ema_equals_a_full_parameter_reference(nproc, shards64, tmp_path
     p = train(shards64, tmp_path / "run", "ema.decays=[0.9,0.5]", "ema.overlap_gather=true", "data.micro_batch=4", "train.max_steps=3",
               "checkpoint.export=false", nproc=nproc, module="tests.helpers.ema_check")  # fmt: skip
     check(p)
-    line = next(x for x in p.stdout.splitlines() if x.startswith("EMACHECK "))
-    r = json.loads(line.split(" ", 1)[1])
+    lines = [x.split(" ", 2) for x in p.stdout.splitlines() if x.startswith("EMACHECK ")]
+    assert sorted(int(rank) for _, rank, _ in lines) == list(range(nproc)), p.stdout[-2000:]
     want = {"shards": True, "module": True, "coverage": True, "world": nproc, "steps": 3, "buffers": nproc}
-    assert r == {**r, **want}, r
+    for _, rank, line in lines:
+        r = json.loads(line)
+        assert r == {**r, **want}, (rank, r)
 
 
 def test_reference_stays_bit_identical_to_the_starting_unet(shards16, tmp_path):

@@ -1,13 +1,13 @@
 """Under torchrun with 2 ranks: train a few steps with two EMA models while keeping a reference EMA
 of the *full* fp32 parameters (gathered with DeepSpeed's safe_get_full_fp32_param); then check that
 each rank's shard equals its slice of the reference, that the gathered EMA module equals the
-reference, and that the ranks' partitions cover every parameter element exactly once."""
+reference, and that the ranks' partitions cover every parameter element exactly once (checked
+against DeepSpeed's own gather). Every rank prints its result."""
 
 import json
 import sys
 
 import torch
-import torch.distributed as dist
 from deepspeed.utils import safe_get_full_fp32_param
 
 from pipeline import cli
@@ -67,18 +67,22 @@ def main(cfg: TrainConfig) -> int:
         params = dict(ema.gather(k).named_parameters())
         for name, ref in REF[k].items():
             ok_module &= torch.allclose(params[name].float(), ref, atol=1e-6, rtol=0)
-    # coverage: every element of every parameter is in exactly one rank's partition
-    counts = []
+    # coverage, against DeepSpeed's own fragment mapping rather than the layout's formula: each rank
+    # fills its fp32 master partition with rank + 1, DeepSpeed gathers each full parameter, and every
+    # element must hold the owner the layout predicts (so each element lives in exactly one partition)
+    for flat in t.engine.optimizer.single_partition_of_fp32_groups:
+        flat.data.fill_(lay.rank + 1)
+    params = dict(t.engine.module.named_parameters())
+    coverage = True
     for g in lay.groups:
-        cover = torch.zeros(g.partition * lay.world, dtype=torch.int64)
-        cover[g.partition * lay.rank : g.partition * (lay.rank + 1)] = 1
-        dist.all_reduce(cover)
-        elems = torch.cat([torch.arange(o, o + s.numel()) for o, s in zip(g.offsets, g.shapes)])
-        counts.append(bool((cover[elems] == 1).all()) and elems.numel() == g.numel)
-    if lay.rank == 0:
-        print("EMACHECK " + json.dumps({"shards": ok_shards, "module": ok_module, "coverage": all(counts),
-                                         "max_err": max_err, "world": lay.world, "steps": t.engine.global_steps,
-                                         "buffers": ema.buffers}))  # fmt: skip
+        for name, off, shape in zip(g.names, g.offsets, g.shapes):
+            owner = safe_get_full_fp32_param(params[name]).reshape(-1).round().long() - 1
+            want = torch.div(torch.arange(off, off + shape.numel()), g.partition, rounding_mode="floor")
+            coverage &= bool(torch.equal(owner, want))
+    # every rank reports, so a wrong shard on rank 1 fails the test too
+    print(f"EMACHECK {lay.rank} " + json.dumps({"shards": ok_shards, "module": ok_module, "coverage": coverage,
+                                                 "max_err": max_err, "world": lay.world, "steps": t.engine.global_steps,
+                                                 "buffers": ema.buffers}), flush=True)  # fmt: skip
     return 0
 
 
