@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup system-deps demo test test-fast lint fmt bench clean
+.PHONY: setup system-deps demo test test-fast lint fmt clean
 
 setup: $(VENV)/.installed
 
@@ -35,11 +35,14 @@ system-deps:
 demo: setup
 	$(BIN)/python -m tools.demo
 
+# Both tiers (fast + slow: multi-process DeepSpeed, browser, subprocess stages); prints the slowest
+# tests so the suite's growth is seen before it reaches CI's limit.
 test: setup system-deps
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
+# The developer's tier: no subprocesses, a minute or two.
 test-fast: setup system-deps
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow" --durations=10
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
