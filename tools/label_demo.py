@@ -1,7 +1,9 @@
 """The whole loop of collecting your own preferences, on the toy world: two annotators label pairs
 through the labelling service's HTTP API, one following the true preference and one against it on
-purpose; export, encode, train Adaptive-DPO, evaluate; the evaluation's per-annotator audit (from the
-trained run's per-pair records) must list the disagreeing annotator first.
+purpose; export, encode, train Adaptive-DPO (the calibrated variant: with the paper's settings the
+minority score does not see flipped labels here, FINDINGS.md), evaluate; the evaluation's
+per-annotator audit (from the trained run's per-pair records) must list the disagreeing annotator
+first.
 
     python -m tools.label_demo [--out label_demo] [--pairs 400] [--against 0.25] [--steps 100] [--model DIR]
 
@@ -72,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
         "--against", type=float, default=0.25, help="share of the items mallory labels (against the truth)"
     )
     p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--train-config", default="configs/train/tiny_adaptive_dpo.yaml")
+    # the calibrated variant: with the paper's settings u is blind to flipped labels on the toy worlds
+    # (FINDINGS.md), so its audit orders the annotators by chance
+    p.add_argument("--train-config", default="configs/train/tiny_adaptive_dpo_calibrated.yaml")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", default=None, help="a tiny model folder to reuse (default: made under --out)")
     a = p.parse_args(argv)
