@@ -37,5 +37,14 @@ def run(
         cfg = load_config(cfg_cls, path, overrides)
         return int(main(cfg) or 0)
     except UserError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
+        _leave_process_group()
         return 2
+
+
+def _leave_process_group() -> None:
+    """A rank that refuses leaves its process group in order: exiting with a live gloo/NCCL group can
+    abort (SIGABRT) in the backend's destructor, which reads like a crash next to the one-line error."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

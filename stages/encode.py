@@ -183,6 +183,10 @@ def main(cfg: EncodeConfig) -> int:
                 start, end = ranges[i]
                 rows = pickapic.read_rows(files, scan.kept[start:end], ROW_COLUMNS + cfg.data.extra_columns)
                 samples, sk, sk_ids = encode_shard(i, rows, encoder, cfg, pool, pbar)
+                if len(samples) + sum(sk.values()) != end - start:
+                    raise RuntimeError(  # a bug, not bad input: never write a shard that loses rows silently
+                        f"shard {i}: {len(samples)} pairs + {sum(sk.values())} skipped != {end - start} rows"
+                    )
                 rec = write_shard(
                     out / shard_name(i),
                     samples,

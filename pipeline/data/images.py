@@ -1,4 +1,11 @@
-"""Decode JPEG bytes, resize the shorter side and centre-crop, keeping SDXL's size/crop ids."""
+"""Decode JPEG bytes, resize the shorter side and centre-crop, keeping SDXL's size/crop ids.
+
+Two limits keep one hostile row from taking a 959k-row job down: a source image may hold at most
+``MAX_SOURCE_PIXELS`` pixels (read from the header, before anything is decoded; PIL's own
+decompression-bomb check is caught as well), and the resized image before the crop at most
+``MAX_RESIZED_AREA`` times the output square (a 1x20000 PNG at 512 px would otherwise be resized to
+512 x 10,240,000 px, about 15 GB). Either is a counted skip (``image_too_large``, ``extreme_aspect``).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+MAX_SOURCE_PIXELS = 8192 * 8192  # Pick-a-Pic's images are at most a few megapixels
+MAX_RESIZED_AREA = 16  # resized image <= 16 output squares: aspect ratios up to 16:1 are kept
 
 
 class ImageDecodeError(ValueError):
@@ -28,9 +38,19 @@ def decode(data: bytes | None) -> Image.Image:
     if not data:
         raise ImageDecodeError("empty_image", "no image bytes")
     try:
-        img = Image.open(io.BytesIO(data))
-        img.load()  # forces the full decode: a truncated file raises here, not later
+        img = Image.open(io.BytesIO(data))  # reads the header only
+    except Image.DecompressionBombError as e:
+        raise ImageDecodeError("image_too_large", str(e)) from e
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ImageDecodeError("corrupt_image", str(e)) from e
+    w, h = img.size
+    if w * h > MAX_SOURCE_PIXELS:
+        raise ImageDecodeError("image_too_large", f"{w}x{h} px declared, more than {MAX_SOURCE_PIXELS} px")
+    try:
+        img.load()  # forces the full decode: a truncated file raises here, not later
+    except Image.DecompressionBombError as e:
+        raise ImageDecodeError("image_too_large", str(e)) from e
+    except (OSError, SyntaxError, ValueError) as e:
         raise ImageDecodeError("corrupt_image", str(e)) from e
     return img.convert("RGB")
 
@@ -41,6 +61,11 @@ def resize_center_crop(img: Image.Image, resolution: int) -> Prepared:
     w, h = img.size
     scale = resolution / min(w, h)
     nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    if nw * nh > MAX_RESIZED_AREA * resolution * resolution:
+        raise ImageDecodeError(
+            "extreme_aspect",
+            f"{w}x{h} px would be resized to {nw}x{nh} px before the crop (aspect > {MAX_RESIZED_AREA}:1)",
+        )
     img = img.resize((nw, nh), Image.Resampling.BILINEAR)
     top = max(0, int(round((nh - resolution) / 2.0)))
     left = max(0, int(round((nw - resolution) / 2.0)))

@@ -198,12 +198,36 @@ class PairStream(IterableDataset):
         self.latent_shape = tuple(manifest["latent_shape"])
         self.text_shape = tuple(manifest["text_shape"])
         self.pooled_dim = manifest.get("pooled_dim")
+        self.latent_dtype = {"fp16": np.float16, "fp32": np.float32}[manifest["dtypes"]["latents"]]
+        self.store_std = bool(manifest.get("store_std"))
 
     def _check(self, s: dict) -> dict:
-        if tuple(s["lat_w"].shape) != self.latent_shape or tuple(s["lat_l"].shape) != self.latent_shape:
-            raise ValueError(f"latent shape {s['lat_w'].shape} != manifest {self.latent_shape}")
-        if tuple(s["txt"].shape) != self.text_shape:
-            raise ValueError(f"text shape {s['txt'].shape} != manifest {self.text_shape}")
+        """Refuse (so the reader substitutes and counts) a sample whose arrays or meta would break the
+        collate or the step: every array the manifest promises, with its shape and dtype."""
+        want = {
+            "lat_w": (self.latent_shape, self.latent_dtype),
+            "lat_l": (self.latent_shape, self.latent_dtype),
+        }
+        want["txt"] = (self.text_shape, np.float16)
+        if self.pooled_dim is not None:
+            want["pooled"] = ((self.pooled_dim,), np.float16)
+        if self.store_std:
+            want["std_w"] = want["std_l"] = (self.latent_shape, self.latent_dtype)
+        for name, (shape, dtype) in want.items():
+            a = s.get(name)
+            if a is None:
+                raise ValueError(f"no {name}.npy member")
+            if tuple(a.shape) != shape or a.dtype != dtype:
+                raise ValueError(
+                    f"{name}.npy is {a.dtype} {list(a.shape)}, the manifest says {np.dtype(dtype)} {list(shape)}"
+                )
+        meta = s["meta"]
+        if (
+            not isinstance(meta, dict)
+            or meta.get("winner") not in (0, 1)
+            or not isinstance(meta.get("user_id"), int)
+        ):
+            raise ValueError("json member lacks an integer user_id or a winner of 0 or 1")
         return s
 
     def _flipped(self, s: dict) -> bool:

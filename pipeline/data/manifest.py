@@ -53,7 +53,21 @@ def merge_manifest(out_dir: Path, verify: bool = False) -> dict | None:
         skipped.update(rec["skipped"])
         for reason, ids in rec["skipped_ids"].items():
             skipped_ids.setdefault(reason, []).extend(ids)
+    for rec in records:
+        start, end = rec["rows"]
+        if rec["count"] + sum(rec["skipped"].values()) != end - start:
+            raise UserError(
+                f"{out_dir / rec['name']}: its record says {rec['count']} pairs + "
+                f"{sum(rec['skipped'].values())} skipped rows, but the shard covers {end - start} rows; delete "
+                "the shard and its .json and run the encode again"
+            )
     kept = sum(r["count"] for r in records)
+    if kept + sum(skipped.values()) != plan["scan"]["rows_read"]:
+        raise UserError(
+            f"{out_dir}: the shard records do not add up: {kept} pairs + {sum(skipped.values())} skipped rows "
+            f"!= {plan['scan']['rows_read']} rows read; a shard record was edited or written by another "
+            "version: delete the shards whose counts are wrong and run the encode again"
+        )
     manifest = {
         "format": FORMAT,
         "version": VERSION,

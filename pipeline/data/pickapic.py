@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import UserError
@@ -25,7 +26,32 @@ REQUIRED_COLUMNS = (
     "user_id", "ranking_id", "image_0_uid", "image_1_uid",
 )  # fmt: skip
 OPTIONAL_COLUMNS = ("model_0", "model_1", "best_image_uid")
+# Arrow types each column may have (Pick-a-Pic v2's own types first); a column of only nulls is fine
+# where the scan turns nulls into a counted skip.
+_STRING, _BINARY = (
+    (pa.types.is_string, pa.types.is_large_string),
+    (pa.types.is_binary, pa.types.is_large_binary),
+)
+_NUMBER, _INTEGER = (pa.types.is_floating, pa.types.is_integer), (pa.types.is_integer,)
+_FLAG = (pa.types.is_boolean, pa.types.is_integer)
+COLUMN_TYPES = {
+    "caption": ("a string", _STRING, True),
+    "jpg_0": ("binary (image bytes)", _BINARY, True),
+    "jpg_1": ("binary (image bytes)", _BINARY, True),
+    "label_0": ("a number", _NUMBER, True),
+    "label_1": ("a number", _NUMBER, True),
+    "has_label": ("a bool", _FLAG, True),
+    "are_different": ("a bool", _FLAG, True),
+    "user_id": ("an integer", _INTEGER, False),
+    "ranking_id": ("an integer", _INTEGER, False),
+    "image_0_uid": ("a string", _STRING, False),
+    "image_1_uid": ("a string", _STRING, False),
+    "model_0": ("a string", _STRING, True),
+    "model_1": ("a string", _STRING, True),
+    "best_image_uid": ("a string", _STRING, True),
+}
 SCAN_COLUMNS = ("caption", "label_0", "label_1", "has_label", "are_different", "ranking_id")
+ID_COLUMNS = ("ranking_id", "user_id", "image_0_uid", "image_1_uid")  # a null one makes the row unusable
 
 
 def list_sources(source: str) -> list[Path]:
@@ -48,15 +74,27 @@ def check_columns(files: list[Path], extra: list[str] = ()) -> None:
     problems = []
     for f in files:
         try:
-            names = set(pq.read_schema(f).names)
+            schema = pq.read_schema(f)
         except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a bad file
             problems.append(f"{f}: not a readable parquet file ({e})")
             continue
-        missing = [c for c in (*REQUIRED_COLUMNS, *extra) if c not in names]
+        missing = [c for c in (*REQUIRED_COLUMNS, *extra) if c not in schema.names]
         if missing:
             problems.append(f"{f}: missing column(s) {', '.join(missing)}")
+        problems += [f"{f}: {p}" for p in _type_problems(schema)]
     if problems:
         raise UserError("bad Pick-a-Pic input:\n  " + "\n  ".join(problems))
+
+
+def _type_problems(schema: pa.Schema) -> list[str]:
+    out = []
+    for name, (want, checks, null_ok) in COLUMN_TYPES.items():
+        if name not in schema.names:
+            continue
+        t = schema.field(name).type
+        if not (any(check(t) for check in checks) or (null_ok and pa.types.is_null(t))):
+            out.append(f"column {name} has type {t}, expected {want}")
+    return out
 
 
 @dataclass
@@ -73,10 +111,10 @@ class ScanResult:
 
 
 def scan(files: list[Path]) -> ScanResult:
-    """Drop unlabelled rows, ties, identical images, malformed labels and null captions."""
+    """Drop unlabelled rows, ties, identical images, malformed labels, null captions and null ids."""
     res = ScanResult(files=files, rows_per_file=[], kept=[])
     for fi, f in enumerate(files):
-        t = pq.read_table(f, columns=list(SCAN_COLUMNS))
+        t = pq.read_table(f, columns=list(dict.fromkeys(SCAN_COLUMNS + ID_COLUMNS)))
         n = t.num_rows
         res.rows_per_file.append(n)
         cap_null = np.asarray(t["caption"].is_null().to_numpy(zero_copy_only=False))
@@ -84,7 +122,7 @@ def scan(files: list[Path]) -> ScanResult:
         different = np.asarray(t["are_different"].fill_null(True).to_numpy(zero_copy_only=False), dtype=bool)
         l0 = np.asarray(t["label_0"].fill_null(np.nan).to_numpy(zero_copy_only=False), dtype=float)
         l1 = np.asarray(t["label_1"].fill_null(np.nan).to_numpy(zero_copy_only=False), dtype=float)
-        rid = np.asarray(t["ranking_id"].to_numpy(zero_copy_only=False))
+        rid = t["ranking_id"].to_pylist()  # None where null
         reason = np.full(n, "", dtype=object)
         decisive = ((l0 == 1) & (l1 == 0)) | ((l0 == 0) & (l1 == 1))
         reason[~decisive] = "bad_label"
@@ -92,12 +130,17 @@ def scan(files: list[Path]) -> ScanResult:
         reason[~different] = "identical_images"
         reason[cap_null] = "null_caption"
         reason[~has_label] = "unlabelled"
+        id_null = np.zeros(n, dtype=bool)
+        for c in ID_COLUMNS:
+            id_null |= np.asarray(t[c].is_null().to_numpy(zero_copy_only=False))
+        reason[id_null] = "null_id"
         for r in range(n):
             why = reason[r]
             if why:
                 res.skipped[why] += 1
-                if why in ("null_caption", "bad_label"):
-                    res.skipped_ids.setdefault(why, []).append(int(rid[r]))
+                if why in ("null_caption", "bad_label", "null_id"):
+                    if rid[r] is not None:
+                        res.skipped_ids.setdefault(why, []).append(int(rid[r]))
                     log.warning("skipping %s row %d (ranking_id %s): %s", f.name, r, rid[r], why)
             else:
                 res.kept.append((fi, r))

@@ -18,6 +18,7 @@ Tar members carry fixed metadata (mtime 0, fixed owner), so the same pairs give 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -81,12 +82,30 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def _mount_point(path: Path) -> Path:
+    path = path.resolve()
+    while not path.is_mount():
+        path = path.parent
+    return path
+
+
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary name, fsync, rename. A full disk or quota is one line naming the file
+    system (the temporary is removed; finished shards are kept, so the same command resumes)."""
     tmp = path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise UserError(
+                f"writing {path}: {os.strerror(e.errno).lower()} on the file system at {_mount_point(path.parent)}; "
+                "free space and run the same command again (finished shards are kept)"
+            ) from e
+        raise
     tmp.replace(path)
 
 

@@ -46,7 +46,7 @@ class TrainData:
     flip_seed: NonNegInt = 0
     flip_by: Literal["pair", "user", "prompt"] = "pair"  # unit of flipping
     sample_latents: bool = False  # z = mean + std * eps (needs shards encoded with output.store_std)
-    verify_sha256: bool = False  # hash every shard against the manifest before training
+    verify_sha256: bool = False  # hash every shard (each rank its share) before training; refuse on a mismatch
 
 
 @dataclass

@@ -63,16 +63,8 @@ class PairWorkload(Workload):
     def prepare(self, ctx: RunContext) -> None:
         super().prepare(ctx)
         cfg = self.cfg
-        if cfg.data.verify_sha256 and ctx.rank == 0:
-            bad = [
-                s["name"]
-                for s, p in zip(self.manifest["shards"], self.paths)
-                if sha256_file(p) != s["sha256"]
-            ]
-            if bad:
-                log.warning(
-                    "shards whose sha256 differs from the manifest (read with damage handling): %s", bad
-                )
+        if cfg.data.verify_sha256:
+            self._verify_shards(ctx)
         self.step_fn = PreferenceStep(
             self.objective,
             load_scheduler(self.info),
@@ -83,6 +75,28 @@ class PairWorkload(Workload):
             ctx.rank,
             cfg.data.sample_latents,
         )
+
+    def _verify_shards(self, ctx: RunContext) -> None:
+        """Every rank hashes its share of the shards; all ranks learn the mismatches and refuse together
+        (a shard that differs from its manifest entry is not what was encoded: training on it would
+        not be the run the manifest describes)."""
+        mine = [
+            s["name"]
+            for i, (s, p) in enumerate(zip(self.manifest["shards"], self.paths))
+            if i % ctx.world == ctx.rank and sha256_file(p) != s["sha256"]
+        ]
+        bad = mine
+        if ctx.world > 1 and torch.distributed.is_initialized():
+            parts: list = [None] * ctx.world
+            torch.distributed.all_gather_object(parts, mine)
+            bad = sorted(n for part in parts for n in part)
+        if bad:
+            more = f" and {len(bad) - 8} more" if len(bad) > 8 else ""
+            raise UserError(
+                f"data.verify_sha256: {len(bad)} shard(s) in {self.cfg.data.shards} differ from the manifest: "
+                f"{', '.join(bad[:8])}{more}; re-encode them (delete each with its .json and run the same "
+                "encode command), or train with data.verify_sha256=false to read them with damage handling"
+            )
 
     def layout(self, world: int) -> Layout:
         d = self.cfg.data
@@ -139,13 +153,16 @@ class PairWorkload(Workload):
             s["W_flipped"], s["W_clean"] = float(cat["W"][fl].mean()), float(cat["W"][~fl].mean())
         if "h" in cat and np.isfinite(cat["true_agrees"]).any():
             s["accuracy_true"] = preference_accuracy(cat["h"], cat["true_agrees"])
-        u = cat.get("u", np.full(len(fl), np.nan))
-        self.window.extend(zip(u, cat.get("h", np.zeros_like(u)), fl))
+        if "u" not in cat and "h" not in cat:
+            return s  # no score to rank pairs by (SFT): an AUROC would be a constant 0.5
+        nan = np.full(len(fl), np.nan)
+        self.window.extend(zip(cat.get("u", nan), cat.get("h", nan), fl))
         if self.window and len({f for _, _, f in self.window}) == 2:
             w = np.array(list(self.window), dtype=float)
             if np.isfinite(w[:, 0]).any():
                 s["auroc_u_window"] = auroc(w[:, 0], w[:, 2] > 0.5)
-            s["auroc_neg_h_window"] = auroc(-w[:, 1], w[:, 2] > 0.5)
+            if np.isfinite(w[:, 1]).any():
+                s["auroc_neg_h_window"] = auroc(-w[:, 1], w[:, 2] > 0.5)
         return s
 
 
