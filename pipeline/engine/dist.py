@@ -7,6 +7,8 @@ import socket
 
 import torch
 
+from pipeline.dist_env import job_info
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -24,16 +26,11 @@ def init_distributed(backend: str | None = None) -> tuple[int, int, int]:
     import deepspeed
     import torch.distributed as dist
 
-    if "SLURM_PROCID" in os.environ and "RANK" not in os.environ:  # srun without torchrun
-        os.environ.update(
-            RANK=os.environ["SLURM_PROCID"],
-            WORLD_SIZE=os.environ["SLURM_NTASKS"],
-            LOCAL_RANK=os.environ.get("SLURM_LOCALID", "0"),
-        )
-    if "RANK" not in os.environ:
-        os.environ.update(
-            RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
-        )
+    if "RANK" not in os.environ:  # srun without torchrun, or no launcher at all: one parser for both
+        job = job_info()
+        os.environ.update(RANK=str(job.rank), WORLD_SIZE=str(job.world_size), LOCAL_RANK=str(job.local_rank))
+        if job.world_size == 1:
+            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if backend is None:

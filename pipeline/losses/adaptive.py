@@ -1,4 +1,4 @@
-"""Adaptive-DPO (Zhang et al., 2025, "When Preferences Diverge"), SPEC section 3.
+"""Adaptive-DPO (Zhang et al., 2025, "When Preferences Diverge") (docs/method.md).
 
 M models: the policy theta and M-1 EMA copies of it. For each pair and model, h_m = d_ref - d_m and
 g_m = rho * h_m (no gradient; ``g_scale`` also offers rho * beta * h_m, the logit scale, and

@@ -1,4 +1,4 @@
-"""Baselines trained by the same trainer (SPEC section 4), in the ``logit = beta * h`` convention.
+"""Baselines trained by the same trainer (docs/method.md, "Baselines"), in the ``logit = beta * h`` convention.
 
 Robust-DPO (Chowdhury et al. 2024), assumed flip rate eps:
     L = ((1 - eps) * -log sig(logit) - eps * -log sig(-logit)) / (1 - 2 eps)

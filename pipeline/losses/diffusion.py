@@ -1,4 +1,4 @@
-"""The diffusion error ``e_m`` shared by every model and every objective (SPEC section 2).
+"""The diffusion error ``e_m`` shared by every model and every objective (docs/method.md, "Notation").
 
 A batch of B pairs goes through each model as one batch of 2B: winners first, then losers, with the
 same timestep and the same noise for a pair's winner and loser. For model m,

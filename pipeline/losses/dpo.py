@@ -1,4 +1,4 @@
-"""Diffusion-DPO (Wallace et al., CVPR 2024), in the ``logit = beta * h`` convention (SPEC section 2).
+"""Diffusion-DPO (Wallace et al., CVPR 2024), in the ``logit = beta * h`` convention (docs/method.md, "Notation").
 
     d_m    = e_m(z_w) - e_m(z_l)
     h      = d_ref - d_theta        > 0: the policy prefers the winner more than the reference does
