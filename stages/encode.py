@@ -27,6 +27,8 @@ from pipeline.data import pickapic
 from pipeline.data.images import ImageDecodeError, prepare
 from pipeline.data.manifest import check_or_write_plan, merge_manifest, shard_ranges
 from pipeline.data.shards import (
+    FORMAT,
+    VERSION,
     encode_sample,
     finished_record,
     pair_key,
@@ -51,8 +53,8 @@ def make_plan(cfg: EncodeConfig, info: ModelInfo, scan: pickapic.ScanResult) -> 
     enc_cfg.pop("run")  # batch size and threads do not change the output
     enc_cfg["output"].pop("dir")  # the manifest lives there; keeps manifests comparable across copies
     return {
-        "format": "pickapic-dpo-shards",
-        "version": 1,
+        "format": FORMAT,
+        "version": VERSION,
         "model": info.as_dict(),
         "resolution": cfg.data.resolution,
         "latent_shape": [info.latent_channels, latent, latent],

@@ -21,7 +21,7 @@ import numpy as np
 from pipeline import cli
 from pipeline.config import to_dict, write_resolved
 from pipeline.data.flips import flipped_mask, unit_key
-from pipeline.data.shards import load_manifest
+from pipeline.data.shards import label_agrees_with_truth, load_manifest
 from pipeline.engine.precision import flush_denormals
 from pipeline.errors import UserError
 from pipeline.evaluate import models as evmodels
@@ -49,10 +49,7 @@ def preference_section(cfg: EvalConfig, specs, info, device, dtype, rows: dict, 
     if manifest["model"]["config_hash"] != info.config_hash:
         raise UserError(f"preference.shards={p.shards} were encoded with another model than {info.path}")
     samples = list(iter_pairs(p.shards, p.max_pairs))
-    truth = np.array(
-        [np.nan if s["meta"].get("extra", {}).get("true_label_0") is None
-         else float((s["meta"]["winner"] == 0) == (s["meta"]["extra"]["true_label_0"] == 1.0)) for s in samples]
-    )  # fmt: skip
+    truth = np.array([label_agrees_with_truth(s["meta"]) for s in samples])
     ref = load_unet(info.path, dtype).to(device).eval()
     sched = load_scheduler(info)
     sec = {"pairs": len(samples), "draws": p.draws, "models": {}}

@@ -218,7 +218,7 @@ def _run_stats(run: Path) -> dict:
 
 def evaluate(a, model: Path, heldout: Path, names: list[str]) -> dict[str, dict]:
     """Held-out accuracy against the truth of every run's export (and checkpoints, with --curve)."""
-    from pipeline.data.shards import load_manifest
+    from pipeline.data.shards import label_agrees_with_truth, load_manifest
     from pipeline.engine.checkpoint import load_checkpoint_unet
     from pipeline.evaluate.preference import accuracy, implicit_margins, iter_pairs
     from pipeline.models import inspect_model, load_scheduler, load_unet
@@ -226,9 +226,7 @@ def evaluate(a, model: Path, heldout: Path, names: list[str]) -> dict[str, dict]
     info = inspect_model(model)
     manifest = load_manifest(heldout)
     samples = list(iter_pairs(heldout))
-    truth = np.array(
-        [float((s["meta"]["winner"] == 0) == (s["meta"]["extra"]["true_label_0"] == 1.0)) for s in samples]
-    )
+    truth = np.array([label_agrees_with_truth(s["meta"]) for s in samples])
     ref = load_unet(info.path).eval()
     sched = load_scheduler(info)
     cache_path = a.out / "eval_cache.json"

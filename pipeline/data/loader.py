@@ -31,7 +31,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from pipeline.data.flips import is_flipped, unit_key
-from pipeline.data.shards import decode_sample, iter_tar_samples
+from pipeline.data.shards import decode_sample, iter_tar_samples, label_agrees_with_truth
 
 log = logging.getLogger(__name__)
 
@@ -301,10 +301,9 @@ def collate_pairs(samples: list[dict], flips: list[bool], resolution: int, sdxl:
         "keys": [s["__key__"] for s in samples],
     }
     truth = []
-    for s, f in zip(samples, flips):
-        t = s["meta"].get("extra", {}).get("true_label_0")
-        # does the label trained on (after a flip) agree with the recorded true preference?
-        truth.append(float("nan") if t is None else float(((s["meta"]["winner"] == 0) == (t == 1.0)) != f))
+    for s, f in zip(samples, flips):  # does the label trained on (after a flip) agree with the truth?
+        t = label_agrees_with_truth(s["meta"])
+        truth.append(t if np.isnan(t) else float(bool(t) != f))
     batch["true_agrees"] = torch.tensor(truth, dtype=torch.float32)
     if "std_w" in samples[0]:
         sw = [s["std_l"] if f else s["std_w"] for s, f in zip(samples, flips)]

@@ -74,6 +74,13 @@ def decode_sample(raw: dict) -> dict:
     return out
 
 
+def label_agrees_with_truth(meta: dict) -> float:
+    """1.0 if the pair's recorded label (``winner``) agrees with the source's true preference
+    (``extra.true_label_0``, the toy worlds' ground truth), 0.0 if not, NaN where none was recorded."""
+    t = meta.get("extra", {}).get("true_label_0")
+    return float("nan") if t is None else float((meta["winner"] == 0) == (t == 1.0))
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
