@@ -478,9 +478,8 @@ def synthetic_shards(out: Path, family: str, pairs: int, shard_size: int = 500) 
             meta = {"caption": "a red cat", "user_id": i % 97, "winner": 0, "original_size_w": [1024, 1024], "original_size_l": [1024, 1024],
                     "crop_top_left_w": [0, 0], "crop_top_left_l": [0, 0], "extra": {}}  # fmt: skip
             samples.append(encode_sample(f"{i:020d}", arrays, meta))
-        write_shard(
-            out / shard_name(s), samples, {"index": s, "rows": [0, 0], "skipped": {}, "skipped_ids": {}}
-        )
+        rows = [s * shard_size, s * shard_size + len(samples)]
+        write_shard(out / shard_name(s), samples, {"index": s, "rows": rows, "skipped": {}, "skipped_ids": {}})
     merge_manifest(out)
     return out
 
