@@ -62,7 +62,7 @@ class Trainer:
         self.info = self.workload.info
         local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
         self.device = pick_device(cfg.train.device, local_rank)
-        self.dtype = check_precision(cfg.train.precision, self.device)
+        self.dtype = check_precision(cfg.train.precision, self.device, cfg.train.fp16_on_cpu)
         flush_denormals()
         self.attention = resolve_attention(cfg.model.attention, self.device)
         if self.device.type == "cuda":
@@ -182,7 +182,8 @@ class Trainer:
             if e.global_steps == before:
                 continue
             # ---- an optimizer step happened
-            if self.ema is not None:
+            # an fp16 overflow skips the step (global_steps still counts it): that is no EMA step
+            if self.ema is not None and e.was_step_applied():
                 self.ema.update()
             step = e.global_steps
             steps_since_log += 1

@@ -8,11 +8,12 @@ from pipeline.schema.train import TrainConfig
 def build_ds_config(cfg: TrainConfig, world_size: int, on_cuda: bool, load_universal: bool = False) -> dict:
     """ZeRO stage 2; total batch = micro_batch x grad_accum x world_size (in pairs).
 
-    Precision: fp16 with dynamic loss scaling (V100), bf16, or fp32. Optimizer: AdamW (DeepSpeed's
-    FusedAdam on CUDA unless ``optim.impl=torch``; torch's AdamW on the CPU, which avoids a JIT build).
+    Precision: fp16 with dynamic loss scaling (V100; the scaler's settings: ``train.loss_scale``), bf16,
+    or fp32. Optimizer: AdamW (DeepSpeed's FusedAdam on CUDA unless ``optim.impl=torch``; torch's AdamW
+    on the CPU, which avoids a JIT build).
     Schedule: linear warm-up to ``optim.lr`` over ``optim.warmup_steps``, then constant.
     """
-    o = cfg.optim
+    o, ls = cfg.optim, cfg.train.loss_scale
     fused = o.impl == "fused" or (o.impl == "auto" and on_cuda)
     ds: dict = {
         "train_micro_batch_size_per_gpu": cfg.data.micro_batch,
@@ -51,11 +52,11 @@ def build_ds_config(cfg: TrainConfig, world_size: int, on_cuda: bool, load_unive
         },
         "fp16": {
             "enabled": cfg.train.precision == "fp16",
-            "loss_scale": 0,
-            "initial_scale_power": 16,
-            "loss_scale_window": 1000,
-            "hysteresis": 2,
-            "min_loss_scale": 1,
+            "loss_scale": 0,  # dynamic
+            "initial_scale_power": ls.initial_power,
+            "loss_scale_window": ls.window,
+            "hysteresis": ls.hysteresis,
+            "min_loss_scale": ls.min_scale,
         },
         "bf16": {"enabled": cfg.train.precision == "bf16"},
         "steps_per_print": 10**9,

@@ -28,19 +28,33 @@ from pipeline.errors import UserError
 
 
 class ShardedEMA:
-    def __init__(self, layout: FlatLayout, decays: list[float], offload: bool, device: torch.device):
+    """``staging``: copy the master slice once into a host staging buffer shared by every decay, then
+    update each shard from it; None (default): where it pays, offloaded shards of a CUDA run (the
+    buffers pinned, the copy asynchronous). True elsewhere runs the same path with plain CPU buffers
+    (for tests: torch without an accelerator has no pinned memory allocator)."""
+
+    def __init__(
+        self,
+        layout: FlatLayout,
+        decays: list[float],
+        offload: bool,
+        device: torch.device,
+        staging: bool | None = None,
+    ):
         self.layout = layout
         self.decays = list(decays)
         self.device = device
         self.offload = offload
         store = torch.device("cpu") if offload else device
         pin = offload and device.type == "cuda"
+        stage = pin if staging is None else (staging and offload)
         parts = layout.local_partitions()
         # shards[k][g]: decay k, group g, this rank's fp32 slice; initialised to the starting weights
         self.shards = [[p.detach().float().to(store).clone() for p in parts] for _ in self.decays]
         if pin:
             self.shards = [[s.pin_memory() for s in row] for row in self.shards]
-            self._staging = [torch.empty_like(s).pin_memory() for s in self.shards[0]]
+        if stage:
+            self._staging = [torch.empty_like(s, pin_memory=pin) for s in self.shards[0]]
         else:
             self._staging = None
         self.module: torch.nn.Module | None = None
@@ -58,9 +72,10 @@ class ShardedEMA:
         """After an optimizer step: ema_k <- decay_k * ema_k + (1 - decay_k) * theta, on this rank's slice."""
         self._finish_pending()  # an all-gather in flight may still read the shards
         for g, theta in enumerate(self.layout.local_partitions()):
-            if self._staging is not None:  # one device -> pinned host copy, shared by every decay
+            if self._staging is not None:  # one device -> (pinned) host copy, shared by every decay
                 self._staging[g].copy_(theta, non_blocking=True)
-                torch.cuda.current_stream().synchronize()
+                if theta.device.type == "cuda":
+                    torch.cuda.current_stream(theta.device).synchronize()
                 src = self._staging[g]
             else:
                 src = theta.detach().to(self.shards[0][g].device, torch.float32)

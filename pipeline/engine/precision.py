@@ -10,16 +10,33 @@ from pipeline.errors import UserError
 from pipeline.models import DTYPES as COMPUTE_DTYPE  # the configs' one vocabulary: fp32, fp16, bf16
 
 
-def check_precision(precision: str, device: torch.device) -> torch.dtype:
+def check_precision(precision: str, device: torch.device, fp16_on_cpu: bool = False) -> torch.dtype:
+    """The compute dtype of ``train.precision`` on ``device``. fp16 on the CPU only with
+    ``train.fp16_on_cpu`` (tests of the V100 path: DeepSpeed's fp16 engine and dynamic loss scaling)."""
     if precision == "fp16" and device.type == "cpu":
-        raise UserError(
-            "train.precision=fp16 on the CPU: use fp32 or bf16 there (fp16 is for GPUs such as the V100)"
-        )
+        if not fp16_on_cpu:
+            raise UserError(
+                "train.precision=fp16 on the CPU: use fp32 or bf16 there (fp16 is for GPUs such as the V100;"
+                " train.fp16_on_cpu=true runs it anyway, for tests)"
+            )
+        allow_fp16_on_the_cpu_accelerator()
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise UserError(
             f"train.precision=bf16 but {torch.cuda.get_device_name(device)} has no bf16: use fp16"
         )
     return COMPUTE_DTYPE[precision]
+
+
+def allow_fp16_on_the_cpu_accelerator() -> None:
+    """DeepSpeed's CPU accelerator calls fp16 supported only where oneDNN has fp16 kernels (CPUs with
+    AVX512-FP16 or AMX-FP16), and its engine then refuses ``fp16.enabled``. PyTorch runs the UNet's
+    fp16 ops on any CPU, slowly, which is all the tests of the fp16 path need: declare fp16 supported,
+    in this process only."""
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    if acc.device_name() == "cpu" and not acc.is_fp16_supported():
+        acc.is_fp16_supported = lambda: True
 
 
 def flush_denormals() -> None:

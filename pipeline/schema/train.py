@@ -46,7 +46,7 @@ class TrainData:
     flip_seed: NonNegInt = 0
     flip_by: Literal["pair", "user", "prompt"] = "pair"  # unit of flipping
     sample_latents: bool = False  # z = mean + std * eps (needs shards encoded with output.store_std)
-    verify_sha256: bool = False  # hash every shard (each rank its share) before training; refuse on a mismatch
+    verify_sha256: bool = False  # hash each shard before training (ranks share the work); refuse a mismatch
 
 
 @dataclass
@@ -63,6 +63,17 @@ class Optim:
 
 
 @dataclass
+class LossScaling:
+    """fp16's dynamic loss scaling (DeepSpeed's): on a gradient overflow the step is skipped and,
+    after ``hysteresis`` overflows, the scale halves; after ``window`` clean steps it doubles."""
+
+    initial_power: NonNegInt = 16  # fp16: the scale starts at 2**initial_power
+    window: Count = 1000  # fp16: steps without an overflow before the scale doubles
+    hysteresis: Count = 2  # fp16: the n-th overflow within a window halves the scale (earlier: skip only)
+    min_scale: Positive = 1.0  # fp16: the scale never goes below it
+
+
+@dataclass
 class TrainLoop:
     max_steps: Count = 100  # optimizer steps
     grad_accum: Count = 1  # micro-steps per optimizer step; total batch = micro_batch * grad_accum * world
@@ -72,6 +83,8 @@ class TrainLoop:
     log_every: Count = 1
     max_nonfinite: Count = 5  # consecutive non-finite losses (steps skipped) before the run stops
     auroc_window: Count = 2048  # pairs in the sliding window of the AUROC of u against flips
+    fp16_on_cpu: bool = False  # allow fp16 on the CPU: for tests of the V100 path (slow, not for training)
+    loss_scale: LossScaling = field(default_factory=LossScaling)
 
 
 @dataclass
@@ -138,6 +151,7 @@ RESUMABLE_KEYS = (
     "train.device",
     "train.max_nonfinite",
     "train.auroc_window",
+    "train.fp16_on_cpu",
     "data.num_workers",
     "data.shards",
     "data.verify_sha256",
