@@ -3,16 +3,25 @@
 Full fine-tuning: a diffusers UNet folder (``config.json`` + safetensors) per model.
 LoRA: ``pytorch_lora_weights.safetensors`` in the diffusers LoRA format, loaded with
 ``pipe.load_lora_weights(folder)``.
+
+Memory: only rank 0 ever holds a whole model. Each model (the policy's fp32 master partitions, each
+EMA model's shards) is streamed to rank 0 in chunks of every rank's slice (``stream_to_rank0``): the
+other ranks hold one chunk at a time on top of what training already held, rank 0 the destination
+model (one fp32 UNet, reused for every model it writes) plus one chunk per rank.
 """
 
 from __future__ import annotations
 
+import bisect
 import shutil
 from pathlib import Path
 
 import torch
 
 from pipeline.models import load_unet
+
+# elements per rank and collective: 16 MiB of fp32 from each rank, world x that on rank 0
+CHUNK = 1 << 22
 
 
 def _atomic_dir(final: Path) -> Path:
@@ -27,34 +36,53 @@ def _commit(tmp: Path, final: Path) -> None:
     tmp.rename(final)
 
 
-def export_full_unet(state: dict[str, torch.Tensor], model_path: str, out: Path) -> Path:
-    """``state``: every UNet parameter (fp32). Written as a diffusers UNet folder."""
+def new_export_unet(model_path: str) -> torch.nn.Module:
+    """An fp32 UNet of the config in ``model_path`` (random weights, to be overwritten)."""
     from diffusers import UNet2DConditionModel
 
     config = UNet2DConditionModel.load_config(model_path, subfolder="unet")
-    unet = UNet2DConditionModel.from_config(config)
-    missing, unexpected = unet.load_state_dict(state, strict=False)
-    if unexpected or missing:
-        raise RuntimeError(
-            f"export: state does not match the UNet (missing {missing[:3]}, unexpected {unexpected[:3]})"
-        )
+    return UNet2DConditionModel.from_config(config)
+
+
+def save_unet(unet: torch.nn.Module, out: Path) -> Path:
+    """``unet`` as a diffusers UNet folder at ``out`` (written next to it, then renamed)."""
     tmp = _atomic_dir(out)
     unet.save_pretrained(tmp, safe_serialization=True)
     _commit(tmp, out)
     return out
 
 
+def export_full_unet(state: dict[str, torch.Tensor], model_path: str, out: Path) -> Path:
+    """``state``: every UNet parameter (fp32). Written as a diffusers UNet folder."""
+    unet = new_export_unet(model_path)
+    missing, unexpected = unet.load_state_dict(state, strict=False)
+    if unexpected or missing:
+        raise RuntimeError(
+            f"export: state does not match the UNet (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    return save_unet(unet, out)
+
+
 def export_lora(
     state: dict[str, torch.Tensor], model_path: str, lora_config, pipeline_class: str, out: Path
 ) -> Path:
-    """``state``: the LoRA parameters by their names in the training module."""
+    """``state``: the LoRA parameters by their names in the training module. Every LoRA parameter
+    of the adapted UNet must be in it, and nothing else: a name mismatch would otherwise export the
+    adapters' initial weights without a word."""
     import diffusers
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
     unet = load_unet(model_path, torch.float32)
     unet.add_adapter(lora_config)
-    unet.load_state_dict(state, strict=False)
+    missing, unexpected = unet.load_state_dict(state, strict=False)
+    missing_lora = [k for k in missing if "lora_" in k]  # the base UNet's weights are missing by design
+    if unexpected or missing_lora:
+        raise RuntimeError(
+            f"LoRA export to {out}: the trained LoRA weights do not match the adapters of the UNet in "
+            f"{model_path} ({len(missing_lora)} LoRA parameters missing, e.g. {missing_lora[:3]}; "
+            f"{len(unexpected)} unexpected, e.g. {unexpected[:3]})"
+        )
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
     tmp = _atomic_dir(out)
     getattr(diffusers, pipeline_class).save_lora_weights(
@@ -62,6 +90,57 @@ def export_lora(
     )
     _commit(tmp, out)
     return out
+
+
+@torch.no_grad()
+def stream_to_rank0(
+    layout,
+    parts: list[torch.Tensor],
+    dest: dict[str, torch.Tensor] | None,
+    device: torch.device,
+    chunk: int = CHUNK,
+) -> None:
+    """Collective (every rank calls it, in the same order): copy the full model whose rank slices are
+    ``parts`` (this rank's slice of each flat group, as ``layout.local_partitions()`` or an EMA
+    shard row; any device, cast to fp32) into ``dest`` on rank 0 (name -> contiguous fp32 CPU tensor
+    of the parameter's shape; every layout name). Other ranks pass ``dest=None`` and hold one chunk
+    of ``chunk`` elements at a time; rank 0 receives one chunk per rank per collective."""
+    import torch.distributed as dist
+
+    world, rank = layout.world, layout.rank
+    if (rank == 0) != (dest is not None):
+        raise ValueError("stream_to_rank0: dest on rank 0 only")
+    for lay, part in zip(layout.groups, parts):
+        P = lay.partition
+        if part.numel() != P:
+            raise ValueError(f"stream_to_rank0: a slice of {part.numel()} elements, the layout says {P}")
+        if rank == 0:
+            order = sorted(range(len(lay.names)), key=lambda i: lay.offsets[i])
+            starts = [lay.offsets[i] for i in order]
+            views = [dest[lay.names[i]].view(-1) for i in order]
+            bufs = [torch.empty(min(chunk, P), dtype=torch.float32, device=device) for _ in range(world)]
+        for lo in range(0, P, chunk):
+            n = min(chunk, P - lo)
+            mine = part[lo : lo + n].to(device=device, dtype=torch.float32)
+            if world == 1:
+                got = [mine]
+            else:
+                got = [b[:n] for b in bufs] if rank == 0 else None
+                dist.gather(mine, got, dst=0)
+            del mine
+            if rank != 0:
+                continue
+            for r, piece in enumerate(got):
+                a0 = r * P + lo  # flat position of piece[0]
+                b0 = min(a0 + n, lay.numel)
+                piece = piece.cpu()
+                i = max(bisect.bisect_right(starts, a0) - 1, 0)
+                while i < len(starts) and starts[i] < b0:
+                    v = views[i]
+                    a, b = max(a0, starts[i]), min(b0, starts[i] + v.numel())
+                    if a < b:
+                        v[a - starts[i] : b - starts[i]].copy_(piece[a - a0 : b - a0])
+                    i += 1
 
 
 def export_models(
@@ -77,20 +156,43 @@ def export_models(
 ) -> Path:
     """Collective: the policy (``unet``) and every EMA model (``unet_ema_<decay>``) under ``out``, as
     diffusers UNet folders of the UNet config in ``model_path``, or LoRA weights (``lora``,
-    ``lora_ema_<decay>``; ``pipeline_class`` writes them) for LoRA runs."""
+    ``lora_ema_<decay>``; ``pipeline_class`` writes them) for LoRA runs. One model at a time, streamed
+    to rank 0 (``stream_to_rank0``): no rank but 0 holds a whole model."""
     from pipeline.engine.dist import barrier
 
-    models = [("unet", layout.new_flats(torch.float32, device))]
-    layout.gather_into(layout.local_partitions(), models[0][1])
-    models[0] = ("unet", [f.cpu() for f in models[0][1]])
-    for k, d in enumerate(decays):
-        models.append((f"unet_ema_{d:g}", ema.full(k)))
+    models = [("unet", lambda: layout.local_partitions())]
+    models += [(f"unet_ema_{d:g}", lambda k=k: ema.shards[k]) for k, d in enumerate(decays)]
+    unet = None
     if rank == 0:
-        for name, flats in models:
-            state = {n: t.clone() for n, t in layout.state_dict(flats).items()}
-            if lora is not None:
-                export_lora(state, model_path, lora, pipeline_class, out / name.replace("unet", "lora"))
-            else:
-                export_full_unet(state, model_path, out / name)
+        if lora is not None:  # the LoRA parameters alone, by their names in the training module
+            dest = {
+                n: torch.zeros(s, dtype=torch.float32)
+                for g in layout.groups
+                for n, s in zip(g.names, g.shapes)
+            }
+        else:  # stream straight into one UNet's parameters, reused for every model
+            unet = new_export_unet(model_path)
+            params = dict(unet.named_parameters())
+            shapes = {n: s for g in layout.groups for n, s in zip(g.names, g.shapes)}
+            names = list(shapes)
+            missing = sorted(set(params) - set(names))
+            unexpected = sorted(set(names) - set(params))
+            wrong = [n for n in names if n in params and params[n].shape != shapes[n]]
+            if missing or unexpected or wrong:
+                raise RuntimeError(
+                    f"export: state does not match the UNet (missing {missing[:3]}, unexpected {unexpected[:3]}, "
+                    f"other shapes {wrong[:3]})"
+                )
+            dest = {n: params[n].data for n in names}
+    else:
+        dest = None
+    for name, parts in models:
+        stream_to_rank0(layout, parts(), dest, device)
+        if rank != 0:
+            continue
+        if lora is not None:
+            export_lora(dest, model_path, lora, pipeline_class, out / name.replace("unet", "lora"))
+        else:
+            save_unet(unet, out / name)
     barrier()
     return out

@@ -7,17 +7,17 @@ import numpy as np
 
 
 def _rank_average(x: np.ndarray) -> np.ndarray:
-    """1-based ranks, ties given their average rank."""
+    """1-based ranks, ties given their average rank (scipy's ``rankdata(method="average")``)."""
+    n = len(x)
     order = np.argsort(x, kind="mergesort")
-    ranks = np.empty(len(x), dtype=np.float64)
     sx = x[order]
-    i = 0
-    while i < len(x):
-        j = i
-        while j + 1 < len(x) and sx[j + 1] == sx[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2.0 + 1.0
-        i = j + 1
+    first = np.empty(n, dtype=bool)  # where a run of equal values starts, in sorted order
+    first[:1] = True
+    np.not_equal(sx[1:], sx[:-1], out=first[1:])
+    starts = np.flatnonzero(first)
+    ends = np.append(starts[1:], n) - 1  # last sorted position of each run
+    ranks = np.empty(n, dtype=np.float64)
+    ranks[order] = ((starts + ends) / 2.0 + 1.0)[np.cumsum(first) - 1]
     return ranks
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from pipeline.data.flips import flip_uniform, flipped_mask, is_flipped, unit_key
-from pipeline.minority import auroc, flipped_share_by_bin
+from pipeline.minority import _rank_average, auroc, flipped_share_by_bin
 
 
 def _brute_auroc(s, y):
@@ -21,6 +21,31 @@ def test_auroc_matches_brute_force_with_ties(seed):
     s = rng.integers(0, 12, 300).astype(float)  # many ties
     y = rng.random(300) < 0.3
     assert auroc(s, y) == pytest.approx(_brute_auroc(s, y), abs=1e-12)
+
+
+def _brute_ranks(s):
+    """1-based ranks by definition: 1 + (number below) + (number of others equal) / 2."""
+    below = (s[None, :] < s[:, None]).sum(axis=1)
+    equal = (s[None, :] == s[:, None]).sum(axis=1) - 1
+    return 1.0 + below + equal / 2.0
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_vectorised_auroc_and_ranks_match_the_pairwise_definition_on_random_ties(seed):
+    """Random sizes (2..400), tie densities from all-distinct to all-equal, NaN scores, both signs."""
+    rng = np.random.default_rng(100 + seed)
+    for _ in range(20):
+        n = int(rng.integers(2, 400))
+        levels = int(rng.choice([1, 2, 5, 50, 10**9]))
+        s = rng.integers(-levels, levels + 1, n).astype(float) * rng.choice([1.0, 0.25])
+        assert np.array_equal(_rank_average(s), _brute_ranks(s))
+        y = rng.random(n) < rng.uniform(0.05, 0.95)
+        s[rng.random(n) < 0.1] = np.nan
+        ok = ~np.isnan(s)
+        if y[ok].all() or not y[ok].any():
+            assert np.isnan(auroc(s, y))
+            continue
+        assert auroc(s, y) == pytest.approx(_brute_auroc(s[ok], y[ok]), abs=1e-12)
 
 
 def test_auroc_edge_cases():

@@ -95,3 +95,23 @@ def test_every_rank_gets_every_ranks_values_and_a_diverged_state_is_caught():
     for r in (0, 1):
         assert {k: res[r][k] for k in want} == want, r
         assert "the objective's state differs between ranks" in res[r]["raised"], r
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective", ["sft", "adaptive_dpo"])
+def test_minority_aurocs_are_logged_only_for_objectives_with_a_score(objective, shards16, tmp_path):
+    """SFT has no margin h and no minority score u: its AUROC of "-h" was a constant 0.5 (h filled with
+    zeros). Adaptive-DPO logs the AUROC of -h (u is NaN during its EMA warm-up, so no AUROC of u yet)."""
+    from pipeline.metrics_log import read_metrics
+    from tests.helpers.run import check, train
+
+    out = tmp_path / objective
+    check(train(shards16, out, f"objective.name={objective}", "ema.decays=[0.5]", "data.flip_rate=0.5",
+                "train.max_steps=2", "checkpoint.export=false", "output.pair_records=false"))  # fmt: skip
+    m = read_metrics(out / "metrics.jsonl")
+    assert len(m) == 2
+    aurocs = {k for r in m for k in r if k.startswith("auroc")}
+    if objective == "sft":
+        assert aurocs == set()
+    else:
+        assert "auroc_neg_h_window" in aurocs and all(0.0 <= r["auroc_neg_h_window"] <= 1.0 for r in m)

@@ -157,12 +157,6 @@ class ShardedEMA:
         return self.module
 
     @torch.no_grad()
-    def full(self, k: int) -> list[torch.Tensor]:
-        """EMA model k's full fp32 flat weights on the CPU (a collective: every rank must call it)."""
-        flats = self.layout.new_flats(torch.float32, self.device)
-        self.layout.gather_into([s.to(self.device) for s in self.shards[k]], flats)
-        return [f.cpu() for f in flats]
-
     # ------------------------------------------------------------------ checkpoints
 
     def save(self, folder: Path) -> None:
