@@ -36,6 +36,7 @@ from pipeline.data.shards import (
     shard_name,
     write_shard,
 )
+from pipeline.data.text_store import plan_texts, pooled_name, text_name, write_texts
 from pipeline.dist_env import job_info
 from pipeline.encode import Encoder
 from pipeline.errors import UserError
@@ -61,6 +62,7 @@ def make_plan(cfg: EncodeConfig, info: ModelInfo, scan: pickapic.ScanResult) -> 
         "text_shape": [77, info.text_dim],
         "pooled_dim": info.pooled_dim,
         "dtypes": {"latents": cfg.output.latent_dtype, "text": "fp16"},
+        "text_store": "per caption, in the shard where it first occurs (text-NNNNNN.npy)",
         "store_std": cfg.output.store_std,
         "scaling_factor": info.scaling_factor,
         "encode_config": enc_cfg,
@@ -76,10 +78,33 @@ def make_plan(cfg: EncodeConfig, info: ModelInfo, scan: pickapic.ScanResult) -> 
     }
 
 
+def encode_texts(
+    captions: list[str], encoder: Encoder, bs: int, info: ModelInfo
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Text embeddings (float16) of ``captions``, in batches; empty arrays for no captions."""
+    txts, pooleds = (
+        [np.zeros((0, 77, info.text_dim), np.float16)],
+        [np.zeros((0, info.pooled_dim or 0), np.float16)],
+    )
+    for b in range(0, len(captions), bs):
+        txt, pooled = encoder.encode_text(captions[b : b + bs])
+        txts.append(txt.cpu().numpy().astype(np.float16))
+        if pooled is not None:
+            pooleds.append(pooled.cpu().numpy().astype(np.float16))
+    return np.concatenate(txts), (np.concatenate(pooleds) if info.pooled_dim else None)
+
+
 def encode_shard(
-    index: int, rows: list[dict], encoder: Encoder, cfg: EncodeConfig, pool: ThreadPoolExecutor, pbar: tqdm
+    index: int,
+    rows: list[dict],
+    text_refs: list[tuple[int, int]],
+    encoder: Encoder,
+    cfg: EncodeConfig,
+    pool: ThreadPoolExecutor,
+    pbar: tqdm,
 ) -> tuple[list[dict], Counter, dict[str, list[int]]]:
-    """Decode, preprocess and encode the rows of one shard; bad rows are skipped and counted."""
+    """Decode, preprocess and VAE-encode the rows of one shard; bad rows are skipped and counted.
+    Each pair's json points at its caption's text embedding (``text_refs``)."""
     res = cfg.data.resolution
     skipped, skipped_ids = Counter(), {}
 
@@ -92,26 +117,28 @@ def encode_shard(
 
     prepared = list(pool.map(prep, rows))
     good = []
-    for row, p in zip(rows, prepared):
+    for row, ref, p in zip(rows, text_refs, prepared):
         if isinstance(p, ImageDecodeError):
             skipped[p.reason] += 1
             skipped_ids.setdefault(p.reason, []).append(int(row["ranking_id"]))
             log.warning("shard %d: skipping ranking_id %s: %s", index, row["ranking_id"], p)
             pbar.update(1)
         else:
-            good.append((row, p))
+            good.append((row, ref, p))
     lat_dtype = {"fp16": np.float16, "fp32": np.float32}[cfg.output.latent_dtype]
     samples = []
     bs = cfg.run.batch_size
     for b in range(0, len(good), bs):
         chunk = good[b : b + bs]
-        pix = torch.from_numpy(np.stack([p[1].pixels for _, p in chunk] + [p[2].pixels for _, p in chunk]))
+        pix = torch.from_numpy(
+            np.stack([p[1].pixels for _, _, p in chunk] + [p[2].pixels for _, _, p in chunk])
+        )
         mean, std = encoder.encode_images(pix, with_std=cfg.output.store_std)
-        txt, pooled = encoder.encode_text([row["caption"] for row, _ in chunk])
         n = len(chunk)
-        for i, (row, (w, pw, pl)) in enumerate(chunk):
+        for i, (row, ref, (w, pw, pl)) in enumerate(chunk):
             meta = {
                 "caption": row["caption"],
+                "text": list(ref),  # [shard, row] of the caption's embedding in the text files
                 "ranking_id": int(row["ranking_id"]),
                 "user_id": int(row["user_id"]),
                 "image_uids": [row["image_0_uid"], row["image_1_uid"]],
@@ -126,8 +153,6 @@ def encode_shard(
             arrays = {
                 "lat_w": mean[i].cpu().numpy().astype(lat_dtype),
                 "lat_l": mean[n + i].cpu().numpy().astype(lat_dtype),
-                "txt": txt[i].cpu().numpy().astype(np.float16),
-                "pooled": None if pooled is None else pooled[i].cpu().numpy().astype(np.float16),
                 "std_w": None if std is None else std[i].cpu().numpy().astype(lat_dtype),
                 "std_l": None if std is None else std[n + i].cpu().numpy().astype(lat_dtype),
             }
@@ -163,7 +188,7 @@ def main(cfg: EncodeConfig) -> int:
     write_resolved(cfg, out / "jobs" / f"job-{job.rank:05d}-of-{job.world_size:05d}.yaml")
     ranges = shard_ranges(len(scan.kept), cfg.output.shard_size)
     mine = [i for i in range(len(ranges)) if i % job.world_size == job.rank]
-    stale = remove_stale_tmp(out, [shard_name(i) for i in mine])
+    stale = remove_stale_tmp(out, [n for i in mine for n in (shard_name(i), text_name(i), pooled_name(i))])
     todo = [i for i in mine if finished_record(out / shard_name(i), verify=cfg.run.verify_existing) is None]
     log.info(
         "job %d/%d (%s): %d of %d shards are this job's; %d already finished, %d to encode%s",
@@ -171,7 +196,8 @@ def main(cfg: EncodeConfig) -> int:
         f"; removed {stale} stale temporaries" if stale else "",
     )  # fmt: skip
 
-    written, pairs_done, bytes_done, skipped = 0, 0, 0, Counter()
+    texts = plan_texts(scan.kept_captions, ranges)
+    written, pairs_done, bytes_done, captions_done, skipped = 0, 0, 0, 0, Counter()
     t_enc = time.time()
     if todo:
         device = pick_device(cfg.model.device, job.local_rank)
@@ -184,7 +210,15 @@ def main(cfg: EncodeConfig) -> int:
             for i in todo:
                 start, end = ranges[i]
                 rows = pickapic.read_rows(files, scan.kept[start:end], ROW_COLUMNS + cfg.data.extra_columns)
-                samples, sk, sk_ids = encode_shard(i, rows, encoder, cfg, pool, pbar)
+                if [pickapic.caption_key(r["caption"]) for r in rows] != scan.kept_captions[start:end]:
+                    raise UserError(
+                        f"data.source={cfg.data.source} changed while this job read it: run it again"
+                    )
+                new = [rows[k - start]["caption"] for k in texts.first_seen[i]]
+                txt, pooled = encode_texts(new, encoder, cfg.run.batch_size, info)
+                text_files = write_texts(out, i, txt, pooled)
+                captions_done += len(new)
+                samples, sk, sk_ids = encode_shard(i, rows, texts.refs[start:end], encoder, cfg, pool, pbar)
                 if len(samples) + sum(sk.values()) != end - start:
                     raise RuntimeError(  # a bug, not bad input: never write a shard that loses rows silently
                         f"shard {i}: {len(samples)} pairs + {sum(sk.values())} skipped != {end - start} rows"
@@ -192,11 +226,17 @@ def main(cfg: EncodeConfig) -> int:
                 rec = write_shard(
                     out / shard_name(i),
                     samples,
-                    {"index": i, "rows": [start, end], "skipped": dict(sk), "skipped_ids": sk_ids},
+                    {
+                        "index": i,
+                        "rows": [start, end],
+                        "skipped": dict(sk),
+                        "skipped_ids": sk_ids,
+                        "text_files": text_files,
+                    },  # fmt: skip
                 )
                 written += 1
                 pairs_done += rec["count"]
-                bytes_done += rec["bytes"]
+                bytes_done += rec["bytes"] + sum(t["bytes"] for t in text_files)
                 skipped.update(sk)
     dt = time.time() - t_enc
     manifest = merge_manifest(out)
@@ -208,7 +248,8 @@ def main(cfg: EncodeConfig) -> int:
     ]
     if written:
         lines.append(
-            f"  this job   {pairs_done} pairs, {pairs_done / max(dt, 1e-9):.2f} pairs/s, {bytes_done / max(pairs_done, 1) / 1024:.1f} KiB/pair"
+            f"  this job   {pairs_done} pairs, {pairs_done / max(dt, 1e-9):.2f} pairs/s, {bytes_done / max(pairs_done, 1) / 1024:.1f} KiB/pair, "
+            f"{captions_done} distinct captions encoded"
         )
     if skipped:
         lines.append(f"  bad rows   {dict(skipped)}")

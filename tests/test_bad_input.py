@@ -173,6 +173,6 @@ def test_verify_sha256_refuses_a_changed_shard_on_every_rank(shards16, tmp_path)
     t.write_bytes(bytes(data))
     p = train(d, tmp_path / "run", "data.verify_sha256=true", nproc=2, timeout=300)
     assert p.returncode != 0
-    assert p.stderr.count("data.verify_sha256: 1 shard(s)") == 2, p.stderr[-3000:]  # both ranks refuse
+    assert p.stderr.count("data.verify_sha256: 1 file(s)") == 2, p.stderr[-3000:]  # both ranks refuse
     assert "shard-000000.tar; re-encode them" in p.stderr and "SIGABRT" not in p.stderr
     assert not re.search(r'File ".*/(pipeline|stages)/', p.stderr)  # torchrun's own report, no trace of ours

@@ -17,7 +17,8 @@ import webdataset as wds
 
 from pipeline.data import pickapic
 from pipeline.data.images import prepare
-from pipeline.data.shards import decode_sample
+from pipeline.data.shards import decode_sample, tar_member_names
+from pipeline.data.text_store import TextStore
 from stages.encode import cli_main
 from tests.conftest import encode_args
 
@@ -32,17 +33,39 @@ def encoded(tiny_sd15, pickapic_dir, tmp_path_factory):
 
 
 def _tars(d: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(d.glob("shard-*.tar"))}
+    """Every output file but the logs: shard tars and text files."""
+    return {p.name: p.read_bytes() for p in sorted([*d.glob("shard-*.tar"), *d.glob("text-*.npy")])}
 
 
-def test_shards_round_trip_through_webdataset(encoded):
+def test_shards_round_trip_through_webdataset(encoded, tiny_sd15):
     manifest = json.loads((encoded / "manifest.json").read_text())
     urls = [str(encoded / s["name"]) for s in manifest["shards"]]
-    ds = wds.WebDataset(urls, shardshuffle=False).map(decode_sample)
+    assert not [n for u in urls for n in tar_member_names(Path(u)) if n.endswith(".txt.npy")]
+    texts = TextStore(encoded, manifest)
+    ds = wds.WebDataset(urls, shardshuffle=False).map(lambda raw: decode_sample(raw, texts))
     samples = list(ds)
     assert len(samples) == manifest["counts"]["pairs"] == sum(s["count"] for s in manifest["shards"])
     s = samples[0]
     assert {"__key__", "lat_w", "lat_l", "txt", "meta"} <= set(s) and "pooled" not in s and "std_w" not in s
+    # each distinct caption's embedding is stored once, and a pair's reference finds its own caption's
+    by_caption = {}
+    for x in samples:
+        by_caption.setdefault(x["meta"]["caption"], []).append(x)
+    assert manifest["counts"]["captions"] == sum(
+        len(np.load(encoded / t["name"])) for t in manifest["text_files"]
+    )
+    assert manifest["counts"]["captions"] >= len(by_caption) and len(by_caption) < len(samples)
+    for xs in by_caption.values():
+        assert len({tuple(x["meta"]["text"]) for x in xs}) == 1 and all(
+            (x["txt"] == xs[0]["txt"]).all() for x in xs
+        )
+    from pipeline.encode import Encoder
+    from pipeline.models import inspect_model
+
+    enc = Encoder(inspect_model(str(tiny_sd15)), torch.device("cpu"), torch.float32, torch.float32)
+    for caption in list(by_caption)[:3]:
+        direct = enc.encode_text([caption])[0][0].numpy().astype(np.float16)
+        np.testing.assert_array_equal(by_caption[caption][0]["txt"], direct)
     assert s["lat_w"].dtype == np.float16 and s["lat_w"].shape == (4, 8, 8)
     assert s["lat_l"].shape == (4, 8, 8) and s["txt"].dtype == np.float16 and s["txt"].shape == (77, 32)
     assert {
@@ -156,7 +179,14 @@ def test_sdxl_encodes_pooled_and_size_ids(tiny_sdxl, pickapic_dir, tmp_path):
     assert cli_main(encode_args(tiny_sdxl, pickapic_dir, out, "output.store_std=true")) == 0
     m = json.loads((out / "manifest.json").read_text())
     assert m["model"]["family"] == "sdxl" and m["text_shape"] == [77, 64] and m["pooled_dim"] == 32
-    s = next(iter(wds.WebDataset(str(out / "shard-000000.tar"), shardshuffle=False).map(decode_sample)))
+    texts = TextStore(out, m)
+    s = next(
+        iter(
+            wds.WebDataset(str(out / "shard-000000.tar"), shardshuffle=False).map(
+                lambda r: decode_sample(r, texts)
+            )
+        )
+    )
     assert s["txt"].shape == (77, 64) and s["pooled"].shape == (32,) and s["std_w"].shape == (4, 8, 8)
     h, w = s["meta"]["original_size_w"]
     top, left = s["meta"]["crop_top_left_w"]

@@ -48,10 +48,12 @@ def _direct_margins(model_dir, base_dir, shards, draws, seed, batch_size):
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
     from pipeline.data.shards import decode_sample, iter_tar_samples, load_manifest
+    from pipeline.data.text_store import TextStore
     from pipeline.step import step_seed
 
     m = load_manifest(shards)
-    samples = [decode_sample(r) for s in m["shards"] for r in iter_tar_samples(shards / s["name"])]
+    texts = TextStore(shards, m)
+    samples = [decode_sample(r, texts) for s in m["shards"] for r in iter_tar_samples(shards / s["name"])]
     pol = UNet2DConditionModel.from_pretrained(model_dir).eval()
     ref = UNet2DConditionModel.from_pretrained(base_dir, subfolder="unet").eval()
     abar = DDPMScheduler.from_pretrained(base_dir, subfolder="scheduler").alphas_cumprod

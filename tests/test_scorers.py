@@ -88,13 +88,17 @@ def test_imagereward_is_the_standardised_head_on_the_cls_state(scorers_dir, imag
     proc = BlipProcessor.from_pretrained(d / "blip")
     with torch.no_grad():
         px = proc(images=images, return_tensors="pt")["pixel_values"]
-        tx = proc.tokenizer(PROMPTS, padding="max_length", max_length=35, truncation=True, return_tensors="pt")
+        tx = proc.tokenizer(
+            PROMPTS, padding="max_length", max_length=35, truncation=True, return_tensors="pt"
+        )
         img = blip.vision_model(pixel_values=px).last_hidden_state
         cls = blip.text_encoder(input_ids=tx["input_ids"], attention_mask=tx["attention_mask"],
                                 encoder_hidden_states=img).last_hidden_state[:, 0]  # fmt: skip
         raw = _head(load_file(str(d / "head.safetensors")), cls)
     got = _score(scorers_dir, "imagereward", images)
-    np.testing.assert_allclose(got, ((raw - IMAGEREWARD_MEAN) / IMAGEREWARD_STD).numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        got, ((raw - IMAGEREWARD_MEAN) / IMAGEREWARD_STD).numpy(), rtol=1e-5, atol=1e-5
+    )
     # the prompt matters: the same images under other prompts score differently
     (s,), _ = build_scorers(EvalScorers(imagereward=str(d)), torch.device("cpu"), torch.float32)
     assert not np.allclose(s.score(images, PROMPTS[::-1]), got)

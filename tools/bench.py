@@ -302,6 +302,16 @@ def _rss_gb() -> float:
     raise RuntimeError("no VmRSS in /proc/self/status")
 
 
+def _return_freed_heap() -> None:
+    """Hand memory freed to glibc's heap back to the kernel (``malloc_trim``), so that RSS counts live data."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 class _PeakRSS:
     """Samples the resident set size every 5 ms in a thread: the peak of a block of code."""
 
@@ -327,6 +337,7 @@ class _PeakRSS:
 def bench_export(a) -> dict:
     """Peak host memory of each rank while the trainer's export (``pipeline.export.export_models``)
     writes the policy and two EMA models (decays 0.9999, 0.5) of an SD1.5-shaped UNet; CPU only."""
+    import shutil
     import tempfile
 
     import torch.distributed as dist
@@ -345,6 +356,7 @@ def bench_export(a) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="bench_export_"))
     model = tmp / "model"  # the UNet config a real model folder would hold
     factory(torch.float32).save_config(model / "unet")
+    _return_freed_heap()  # else the baseline counts freed heap the export then reuses unseen
     dist.barrier()
     before = _rss_gb()
     t = time.perf_counter()
@@ -355,6 +367,7 @@ def bench_export(a) -> dict:
             "seconds": time.perf_counter() - t}  # fmt: skip
     ranks: list = [None] * world
     dist.all_gather_object(ranks, mine)
+    shutil.rmtree(tmp, ignore_errors=True)  # each rank's own folder
     return {
         "world_size": world,
         "unet_params": built.n_trainable,
@@ -395,6 +408,7 @@ def bench_encode(a) -> dict:
     import numpy as np
 
     from pipeline.data.shards import encode_sample
+    from pipeline.data.text_store import npy_bytes
 
     dev = _device(a.device)
     dtype = torch.float32
@@ -412,21 +426,26 @@ def bench_encode(a) -> dict:
     pix = torch.randn(2 * N, 3, R, R, device=dev, dtype=dtype)
     ids = torch.randint(0, te.config.vocab_size, (N, 77), device=dev)
 
-    def enc():
+    def enc_images():
         with torch.no_grad():
-            mean = vae.encode(pix).latent_dist.mean * 0.18215
-            txt = te(ids)[0]
-        return mean, txt
+            return vae.encode(pix).latent_dist.mean * 0.18215
 
-    enc()
-    t = statistics.median(_timeit(enc, dev, a.steps))
-    mean, txt = enc()
-    s = encode_sample("0" * 20, {"lat_w": mean[0].cpu().numpy().astype(np.float16), "lat_l": mean[N].cpu().numpy().astype(np.float16),
-                                 "txt": txt[0].cpu().numpy().astype(np.float16)}, {"caption": "x" * 60, "ranking_id": 1})  # fmt: skip
+    def enc_text():
+        with torch.no_grad():
+            return te(ids)[0]
+
+    enc_images(), enc_text()
+    t_img = statistics.median(_timeit(enc_images, dev, a.steps))
+    t_txt = statistics.median(_timeit(enc_text, dev, a.steps))
+    t = t_img + t_txt  # the old layout: one text encode per pair
+    mean, txt = enc_images(), enc_text()
+    meta = {"caption": "x" * 60, "ranking_id": 1, "text": [0, 0]}
+    s = encode_sample("0" * 20, {"lat_w": mean[0].cpu().numpy().astype(np.float16),
+                                 "lat_l": mean[N].cpu().numpy().astype(np.float16)}, meta)  # fmt: skip
     payload = sum(len(v) for k, v in s.items() if k != "__key__")
-    tar_bytes = sum(
-        512 + -(-len(v) // 512) * 512 for k, v in s.items() if k != "__key__"
-    )  # header + padded data
+    tar_bytes = sum(512 + -(-len(v) // 512) * 512 for k, v in s.items() if k != "__key__")  # header + padding
+    text_bytes = len(npy_bytes(txt[:1].cpu().numpy().astype(np.float16))) - 128  # one row of text-N.npy
+    ppc = a.pairs_per_caption
     from torch.utils.flop_counter import FlopCounterMode
 
     with torch.no_grad(), FlopCounterMode(display=False) as fc:
@@ -439,12 +458,19 @@ def bench_encode(a) -> dict:
         "peak_tflops": peak,
         "utilisation": (2 * N * vae_flops) / t / 1e12 / peak,
         "pairs_per_call": N,
-        "seconds_per_call": t,
-        "pairs_per_s": N / t,
+        "seconds_per_call_one_text_per_pair": t,
+        "seconds_per_call_images": t_img,
+        "seconds_per_call_text": t_txt,
+        "pairs_per_s_one_text_per_pair": N / t,
+        "pairs_per_caption": ppc,
+        "pairs_per_s_one_text_per_caption": N / (t_img + t_txt / ppc),
+        "encode_time_saved": 1 - (t_img + t_txt / ppc) / t,
         "vae_encoder_tflop_per_image": vae_flops / 1e12,
         "achieved_tflops": (2 * N * vae_flops) / t / 1e12,
         "bytes_per_pair_payload": payload,
         "bytes_per_pair_in_tar": tar_bytes,
+        "text_bytes_per_caption": text_bytes,
+        "bytes_per_pair_with_text": tar_bytes + text_bytes / ppc,
         "vae_params": n_params(vae.encoder) + n_params(vae.quant_conv),
     }
 
@@ -452,36 +478,74 @@ def bench_encode(a) -> dict:
 # ---------------------------------------------------------------------------------------------- loader
 
 
+PICKAPIC_V2_PAIRS = 959_000  # Pick-a-Pic v2: "959k preference data" (the Adaptive-DPO paper)
 SHAPES = {"sd15": ((4, 64, 64), (77, 768), None), "sdxl": ((4, 128, 128), (77, 2048), 1280)}
 
 
-def synthetic_shards(out: Path, family: str, pairs: int, shard_size: int = 500) -> Path:
-    """Shards with the real SD1.5 / SDXL shapes and random float16 content, and their manifest."""
+def synthetic_shards(
+    out: Path, family: str, pairs: int, shard_size: int = 500, pairs_per_caption: float = 14.3
+) -> Path:
+    """Shards with the real SD1.5 / SDXL shapes and random float16 content, and their manifest; each
+    pair's caption drawn uniformly from ``pairs / pairs_per_caption`` captions, each caption's text
+    stored once (shard format v2), as ``stages.encode`` writes them."""
     import numpy as np
 
-    from pipeline.data.manifest import merge_manifest
-    from pipeline.data.shards import encode_sample, shard_name, write_json_atomic, write_shard
+    from pipeline.data.manifest import merge_manifest, shard_ranges
+    from pipeline.data.shards import (
+        FORMAT,
+        VERSION,
+        encode_sample,
+        shard_name,
+        write_json_atomic,
+        write_shard,
+    )
+    from pipeline.data.text_store import plan_texts, write_texts
 
     lat, txt, pooled = SHAPES[family]
     rng = np.random.default_rng(0)
-    n_shards = -(-pairs // shard_size)
-    write_json_atomic(out / "plan.json", {"model": {"path": "-", "family": family, "config_hash": "-"}, "resolution": 8 * lat[1],
+    ranges = shard_ranges(pairs, shard_size)
+    n_captions = max(1, int(pairs // pairs_per_caption))
+    captions = rng.integers(n_captions, size=pairs)
+    texts = plan_texts([int(c).to_bytes(8, "little") for c in captions], ranges)
+    write_json_atomic(out / "plan.json", {"format": FORMAT, "version": VERSION, "resolution": 8 * lat[1],
+                                          "model": {"path": "-", "family": family, "config_hash": "-"},
                                           "latent_shape": list(lat), "text_shape": list(txt), "pooled_dim": pooled,
-                                          "n_shards": n_shards, "scan": {"rows_read": pairs, "skipped": {}, "skipped_ids": {}}})  # fmt: skip
-    for s in range(n_shards):
+                                          "dtypes": {"latents": "fp16", "text": "fp16"}, "store_std": False,
+                                          "n_shards": len(ranges), "scan": {"rows_read": pairs, "skipped": {}, "skipped_ids": {}}})  # fmt: skip
+    for s, (start, end) in enumerate(ranges):
+        n_new = len(texts.first_seen[s])
+        text_files = write_texts(out, s, rng.standard_normal((n_new, *txt)).astype(np.float16),
+                                 rng.standard_normal((n_new, pooled)).astype(np.float16) if pooled else None)  # fmt: skip
         samples = []
-        for i in range(s * shard_size, min(pairs, (s + 1) * shard_size)):
-            arrays = {"lat_w": rng.standard_normal(lat).astype(np.float16), "lat_l": rng.standard_normal(lat).astype(np.float16),
-                      "txt": rng.standard_normal(txt).astype(np.float16)}  # fmt: skip
-            if pooled:
-                arrays["pooled"] = rng.standard_normal(pooled).astype(np.float16)
-            meta = {"caption": "a red cat", "user_id": i % 97, "winner": 0, "original_size_w": [1024, 1024], "original_size_l": [1024, 1024],
+        for i in range(start, end):
+            arrays = {"lat_w": rng.standard_normal(lat).astype(np.float16), "lat_l": rng.standard_normal(lat).astype(np.float16)}  # fmt: skip
+            meta = {"caption": f"caption {captions[i]}", "text": list(texts.refs[i]), "user_id": i % 97, "winner": 0,
+                    "original_size_w": [1024, 1024], "original_size_l": [1024, 1024],
                     "crop_top_left_w": [0, 0], "crop_top_left_l": [0, 0], "extra": {}}  # fmt: skip
             samples.append(encode_sample(f"{i:020d}", arrays, meta))
-        rows = [s * shard_size, s * shard_size + len(samples)]
-        write_shard(out / shard_name(s), samples, {"index": s, "rows": rows, "skipped": {}, "skipped_ids": {}})
+        record = {
+            "index": s,
+            "rows": [start, end],
+            "skipped": {},
+            "skipped_ids": {},
+            "text_files": text_files,
+        }
+        write_shard(out / shard_name(s), samples, record)
     merge_manifest(out)
     return out
+
+
+def _evict_page_cache(folder: Path) -> None:
+    """Drop every file of ``folder`` from the page cache (``posix_fadvise(DONTNEED)``; no root needed,
+    the files are clean), so the next read comes from the disk: the loader from cold cache."""
+    for f in folder.iterdir():
+        if f.is_file():
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
 
 
 def bench_loader(a) -> dict:
@@ -492,13 +556,20 @@ def bench_loader(a) -> dict:
 
     if a.synthetic:
         a.shards = str(
-            synthetic_shards(Path(tempfile.mkdtemp(prefix="bench_shards_")), a.synthetic, a.pairs_synthetic)
+            synthetic_shards(
+                Path(tempfile.mkdtemp(prefix="bench_shards_")),
+                a.synthetic,
+                a.pairs_synthetic,
+                pairs_per_caption=a.pairs_per_caption,
+            )
         )
     m = load_manifest(a.shards)
     paths = [Path(a.shards) / s["name"] for s in m["shards"]]
     counts = [s["count"] for s in m["shards"]]
     out = {}
     for workers in sorted({0, a.workers}):
+        if a.cold:
+            _evict_page_cache(Path(a.shards))
         stream = PairStream(paths, counts, m, 0, 1, a.micro_batch, workers, 0, 256)
         it = iter(make_loader(stream, workers, pin_memory=False))
         next(it)
@@ -516,6 +587,8 @@ def bench_loader(a) -> dict:
     out["resume_last_batch_of_epoch_s"] = time.perf_counter() - t
     out["pairs"] = sum(counts)
     out["bytes_per_pair"] = m["total_bytes"] / max(sum(counts), 1)
+    out["captions"] = m["counts"].get("captions")
+    out["gb_for_pickapic_v2"] = out["bytes_per_pair"] * PICKAPIC_V2_PAIRS / 1e9
     return out
 
 
@@ -562,6 +635,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pairs-synthetic", type=int, default=2000)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--batches", type=int, default=200)
+    p.add_argument("--cold", action="store_true", help="loader: evict the shards from the page cache first")
+    p.add_argument(
+        "--pairs-per-caption",
+        type=float,
+        default=14.3,
+        help="encode/loader: mean pairs per distinct caption (Pick-a-Pic: over 500k pairs over 35k prompts)",
+    )
     p.add_argument(
         "--memory-gb", type=float, nargs="+", default=[16, 32], help="memory: emulated sizes (V100: 16, 32)"
     )

@@ -104,10 +104,13 @@ def make_rows(
     truncated: int = 0,
     empty: int = 0,
     null_caption: int = 0,
+    pairs_per_caption: float = 3.0,
 ) -> list[dict]:
     rng = np.random.default_rng(seed)
     n_users = max(2, pairs // 6)
-    n_captions = max(1, pairs // 3)
+    # each row's caption is drawn uniformly from pairs / pairs_per_caption captions (Pick-a-Pic: over
+    # 500,000 examples over 35,000 distinct prompts in v1, i.e. about 14.3; the toy worlds use 3)
+    n_captions = max(1, int(pairs // pairs_per_caption))
     captions = []
     for _ in range(n_captions):
         colour = str(rng.choice(COLOURS))
@@ -226,10 +229,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--truncated", type=int, default=0, help="rows with truncated JPEG bytes")
     p.add_argument("--empty", type=int, default=0, help="rows with empty image bytes")
     p.add_argument("--null-caption", type=int, default=0, help="rows with a null caption")
+    p.add_argument(
+        "--pairs-per-caption",
+        type=float,
+        default=3.0,
+        help="mean rows per distinct caption (Pick-a-Pic v1: over 500k examples over 35k prompts, ~14.3)",
+    )
     a = p.parse_args(argv)
     rows = make_rows(
         a.pairs, a.seed, a.min_size, a.max_size, a.tie_rate, a.unlabelled_rate, a.identical_rate,
-        a.annotator_noise, a.world, a.corrupt, a.truncated, a.empty, a.null_caption,
+        a.annotator_noise, a.world, a.corrupt, a.truncated, a.empty, a.null_caption, a.pairs_per_caption,
     )  # fmt: skip
     paths = write_parquet(rows, Path(a.out), a.rows_per_file)
     print(f"wrote {len(rows)} rows in {len(paths)} parquet file(s) to {a.out}")

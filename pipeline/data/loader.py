@@ -32,6 +32,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from pipeline.data.flips import is_flipped, unit_key
 from pipeline.data.shards import decode_sample, iter_tar_samples, label_agrees_with_truth
+from pipeline.data.text_store import TextStore
 
 log = logging.getLogger(__name__)
 
@@ -92,9 +93,9 @@ class _UnitReader:
     starting at the shard that holds the smallest one; decodes only the positions asked for."""
 
     def __init__(
-        self, paths: list[Path], counts: tuple[int, ...], order: np.ndarray, wanted: np.ndarray, check
+        self, paths: list[Path], counts: tuple[int, ...], order: np.ndarray, wanted: np.ndarray, decode
     ):
-        self.paths, self.check = paths, check
+        self.paths, self.decode = paths, decode
         starts = np.concatenate([[0], np.cumsum([counts[i] for i in order])])
         self.order, self.starts = order, starts
         self.wanted = set(int(x) for x in wanted)
@@ -148,7 +149,7 @@ class _UnitReader:
             self._pos += 1
             if pos in self.wanted:
                 try:
-                    self.pending[pos] = self.check(decode_sample(raw))
+                    self.pending[pos] = self.decode(raw)
                 except Exception as e:  # noqa: BLE001
                     log.warning(
                         "shard %s: sample %s unreadable (%s); substituting", self._name, raw.get("__key__"), e
@@ -198,8 +199,12 @@ class PairStream(IterableDataset):
         self.latent_shape = tuple(manifest["latent_shape"])
         self.text_shape = tuple(manifest["text_shape"])
         self.pooled_dim = manifest.get("pooled_dim")
+        self.texts = TextStore(self.paths[0].parent, manifest) if self.paths else None
         self.latent_dtype = {"fp16": np.float16, "fp32": np.float32}[manifest["dtypes"]["latents"]]
         self.store_std = bool(manifest.get("store_std"))
+
+    def _decode(self, raw: dict) -> dict:
+        return self._check(decode_sample(raw, self.texts))
 
     def _check(self, s: dict) -> dict:
         """Refuse (so the reader substitutes and counts) a sample whose arrays or meta would break the
@@ -253,7 +258,7 @@ class PairStream(IterableDataset):
                 order = shard_order(len(self.paths), self.seed, epoch)
                 uorder = unit_order(lay, self.seed, self.buffer, epoch, unit)
                 reader = _UnitReader(
-                    self.paths, lay.counts, order, uorder[i * lay.micro_batch :], self._check
+                    self.paths, lay.counts, order, uorder[i * lay.micro_batch :], self._decode
                 )
                 cur_epoch = epoch
             samples, substituted = [], 0

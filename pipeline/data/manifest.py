@@ -79,7 +79,12 @@ def merge_manifest(out_dir: Path, verify: bool = False) -> dict | None:
         },
         "skipped_ranking_ids": {k: sorted(v) for k, v in sorted(skipped_ids.items())},
         "shards": [{k: r[k] for k in ("name", "count", "bytes", "sha256")} for r in records],
-        "total_bytes": sum(r["bytes"] for r in records),
+        "text_files": [t for r in records for t in r.get("text_files", [])],
     }
+    manifest["counts"]["captions"] = sum(
+        t["count"] for t in manifest["text_files"] if t["name"].startswith("text-")
+    )
+    manifest["text_bytes"] = sum(t["bytes"] for t in manifest["text_files"])
+    manifest["total_bytes"] = sum(r["bytes"] for r in records) + manifest["text_bytes"]
     write_json_atomic(out_dir / "manifest.json", manifest)
     return manifest

@@ -8,6 +8,7 @@ list is a pure function of the input, so every job of an encode array computes t
 from __future__ import annotations
 
 import glob
+import hashlib
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -52,6 +53,11 @@ COLUMN_TYPES = {
 }
 SCAN_COLUMNS = ("caption", "label_0", "label_1", "has_label", "are_different", "ranking_id")
 ID_COLUMNS = ("ranking_id", "user_id", "image_0_uid", "image_1_uid")  # a null one makes the row unusable
+
+
+def caption_key(caption: str) -> bytes:
+    """What identifies a caption's text embedding: the same string gives the same embedding."""
+    return hashlib.blake2b(caption.encode(), digest_size=16).digest()
 
 
 def list_sources(source: str) -> list[Path]:
@@ -102,6 +108,7 @@ class ScanResult:
     files: list[Path]
     rows_per_file: list[int]
     kept: list[tuple[int, int]]  # (file index, row in file) of usable rows, source order
+    kept_captions: list[bytes] = field(default_factory=list)  # caption_key of each kept row
     skipped: Counter = field(default_factory=Counter)
     skipped_ids: dict[str, list[int]] = field(default_factory=dict)  # reason -> ranking ids (bad rows only)
 
@@ -123,6 +130,7 @@ def scan(files: list[Path]) -> ScanResult:
         l0 = np.asarray(t["label_0"].fill_null(np.nan).to_numpy(zero_copy_only=False), dtype=float)
         l1 = np.asarray(t["label_1"].fill_null(np.nan).to_numpy(zero_copy_only=False), dtype=float)
         rid = t["ranking_id"].to_pylist()  # None where null
+        captions = t["caption"].to_pylist()
         reason = np.full(n, "", dtype=object)
         decisive = ((l0 == 1) & (l1 == 0)) | ((l0 == 0) & (l1 == 1))
         reason[~decisive] = "bad_label"
@@ -144,6 +152,7 @@ def scan(files: list[Path]) -> ScanResult:
                     log.warning("skipping %s row %d (ranking_id %s): %s", f.name, r, rid[r], why)
             else:
                 res.kept.append((fi, r))
+                res.kept_captions.append(caption_key(captions[r]))
     return res
 
 

@@ -1,19 +1,22 @@
-"""The shard format: webdataset tar shards of preference pairs, their sidecar records and the manifest.
+"""The shard format (v2): webdataset tar shards of preference pairs, per-shard text files, their
+sidecar records and the manifest.
 
 Per pair ``KEY`` (stable: a hash of ranking_id and the two image uids) a shard holds:
 
     KEY.lat_w.npy   float16 [C, R/f, R/f]  VAE latent mean of the preferred image, times the scaling factor
     KEY.lat_l.npy   float16 [C, R/f, R/f]  the same for the rejected image
-    KEY.txt.npy     float16 [77, D]        text encoder hidden states (SDXL: both encoders concatenated)
-    KEY.pooled.npy  float16 [P]            SDXL only: pooled text embedding
     KEY.std_w.npy / KEY.std_l.npy          optional (output.store_std): latent std, for sampling
     KEY.json        caption, ranking_id, user_id, image uids, winner (index in the source row),
-                    original sizes and crop offsets per image, extra columns
+                    original sizes and crop offsets per image, extra columns, and ``text: [i, row]``:
+                    where the caption's text embedding lies (``pipeline.data.text_store``)
 
-Each ``shard-NNNNNN.tar`` is written under a temporary name and renamed when complete; its sidecar
-``shard-NNNNNN.json`` (count, sha256, skipped rows) is written the same way afterwards, so a shard
-with a sidecar whose sha256 matches is finished. ``manifest.json`` merges the sidecars.
-Tar members carry fixed metadata (mtime 0, fixed owner), so the same pairs give the same bytes.
+Each caption's embedding is stored once, in ``text-NNNNNN.npy`` (float16 [n, 77, D]; SDXL also
+``pooled-NNNNNN.npy``, float16 [n, P]) of the shard where the caption first occurs. Shard *i*'s text
+files, then ``shard-NNNNNN.tar``, are written under temporary names and renamed when complete; its
+sidecar ``shard-NNNNNN.json`` (count, sha256 of the tar and of its text files, skipped rows) is
+written the same way last, so a shard with a sidecar whose hashes match is finished.
+``manifest.json`` merges the sidecars. Tar members carry fixed metadata (mtime 0, fixed owner), so
+the same pairs give the same bytes. Format v1 (the embedding in every pair) is refused: re-encode.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import numpy as np
 from pipeline.errors import UserError
 
 FORMAT = "pickapic-dpo-shards"
-VERSION = 1
+VERSION = 2
 ARRAY_FIELDS = ("lat_w", "lat_l", "txt", "pooled", "std_w", "std_l")
 
 
@@ -61,8 +64,9 @@ def encode_sample(key: str, arrays: dict[str, np.ndarray], meta: dict) -> dict[s
     return {"__key__": key, **members}
 
 
-def decode_sample(raw: dict) -> dict:
-    """webdataset raw sample (bytes per member) -> numpy arrays + meta; never unpickles."""
+def decode_sample(raw: dict, texts=None) -> dict:
+    """webdataset raw sample (bytes per member) -> numpy arrays + meta; never unpickles. With
+    ``texts`` (a ``TextStore``) the caption's ``txt`` (and SDXL's ``pooled``) are looked up."""
     out = {"__key__": raw["__key__"]}
     for name in ARRAY_FIELDS:
         data = raw.get(f"{name}.npy")
@@ -71,6 +75,13 @@ def decode_sample(raw: dict) -> dict:
     if "json" not in raw:
         raise ValueError(f"sample {raw['__key__']}: no json member")
     out["meta"] = json.loads(raw["json"])
+    if texts is not None and "txt" not in out:
+        ref = out["meta"].get("text") if isinstance(out["meta"], dict) else None
+        if not (isinstance(ref, list) and len(ref) == 2 and all(isinstance(x, int) for x in ref)):
+            raise ValueError(f"sample {raw['__key__']}: no text reference [shard, row] in its json")
+        out["txt"], pooled = texts.lookup(ref)
+        if pooled is not None:
+            out["pooled"] = pooled
     return out
 
 
@@ -121,7 +132,8 @@ def write_json_atomic(path: Path, obj: dict) -> None:
 
 
 def write_shard(tar_path: Path, samples: list[dict[str, bytes]], record: dict) -> dict:
-    """Write the tar (tmp + rename), then its sidecar record with count, bytes and sha256."""
+    """Write the tar (tmp + rename), then its sidecar record with count, bytes and sha256 (the text
+    files, written before, are in ``record["text_files"]``)."""
     import webdataset as wds
 
     buf = io.BytesIO()
@@ -152,6 +164,10 @@ def finished_record(tar_path: Path, verify: bool = True) -> dict | None:
         return None
     if verify and sha256_file(tar_path) != record.get("sha256"):
         return None
+    for t in record.get("text_files", []):
+        p = tar_path.parent / t["name"]
+        if not p.is_file() or (verify and sha256_file(p) != t["sha256"]):
+            return None
     return record
 
 
@@ -189,6 +205,12 @@ def load_manifest(shard_dir: str | Path) -> dict:
         m = json.loads(p.read_text())
     except json.JSONDecodeError as e:
         raise UserError(f"{p}: not valid JSON ({e})") from e
+    if m.get("format") == FORMAT and m.get("version") == 1:
+        raise UserError(
+            f"{p}: shards in format v1 (a text embedding stored with every pair); this version reads v2, "
+            "which stores each caption's embedding once: re-encode them (python -m stages.encode, same "
+            "config, a new output.dir)"
+        )
     if m.get("format") != FORMAT or m.get("version") != VERSION:
         raise UserError(
             f"{p}: not a {FORMAT} v{VERSION} manifest (format={m.get('format')!r}, version={m.get('version')!r})"

@@ -33,7 +33,11 @@ def latest_per_pair(table, last_epochs: int = 1) -> dict[str, np.ndarray]:
 
 
 def rank_annotators(
-    users: np.ndarray, score: np.ndarray, high_q: float, min_pairs: int, extra: dict[str, np.ndarray] | None = None
+    users: np.ndarray,
+    score: np.ndarray,
+    high_q: float,
+    min_pairs: int,
+    extra: dict[str, np.ndarray] | None = None,
 ) -> list[dict]:
     """Per annotator: pairs, mean score, share of their pairs above the ``high_q`` quantile of the score
     over everyone, and the mean of each ``extra`` column (same length as ``users``). The annotators

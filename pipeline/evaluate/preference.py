@@ -16,6 +16,7 @@ import torch
 
 from pipeline.data.loader import collate_pairs
 from pipeline.data.shards import decode_sample, iter_tar_samples, load_manifest
+from pipeline.data.text_store import TextStore
 from pipeline.losses.objectives import Objective
 from pipeline.schema.objective import ObjectiveConfig
 from pipeline.step import PreferenceStep, run_unet
@@ -24,12 +25,13 @@ from pipeline.step import PreferenceStep, run_unet
 def iter_pairs(shard_dir: str | Path, max_pairs: int | None = None) -> Iterable[dict]:
     """Decoded samples of a shard directory, in manifest order (no shuffling, no flips)."""
     m = load_manifest(shard_dir)
+    texts = TextStore(shard_dir, m)
     n = 0
     for s in m["shards"]:
         for raw in iter_tar_samples(Path(shard_dir) / s["name"]):
             if max_pairs is not None and n >= max_pairs:
                 return
-            yield decode_sample(raw)
+            yield decode_sample(raw, texts)
             n += 1
 
 

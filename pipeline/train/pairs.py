@@ -54,9 +54,10 @@ class PairWorkload(Workload):
         shard_dir = Path(cfg.data.shards)
         self.paths = [shard_dir / s["name"] for s in self.manifest["shards"]]
         self.counts = [s["count"] for s in self.manifest["shards"]]
-        missing = [str(p) for p in self.paths if not p.is_file()]
+        listed = self.paths + [shard_dir / t["name"] for t in self.manifest["text_files"]]
+        missing = [str(p) for p in listed if not p.is_file()]
         if missing:
-            raise UserError(f"shards listed in the manifest are missing: {', '.join(missing[:5])}")
+            raise UserError(f"files listed in the manifest are missing: {', '.join(missing[:5])}")
         # (u, h, flipped) of the most recent pairs, for the AUROCs of u and -h against the flips
         self.window: deque = deque(maxlen=max(cfg.train.auroc_window, 0))
 
@@ -82,8 +83,9 @@ class PairWorkload(Workload):
         not be the run the manifest describes)."""
         mine = [
             s["name"]
-            for i, (s, p) in enumerate(zip(self.manifest["shards"], self.paths))
-            if i % ctx.world == ctx.rank and sha256_file(p) != s["sha256"]
+            for i, s in enumerate(self.manifest["shards"] + self.manifest["text_files"])
+            if i % ctx.world == ctx.rank
+            and sha256_file(Path(self.cfg.data.shards) / s["name"]) != s["sha256"]
         ]
         bad = mine
         if ctx.world > 1 and torch.distributed.is_initialized():
@@ -93,9 +95,10 @@ class PairWorkload(Workload):
         if bad:
             more = f" and {len(bad) - 8} more" if len(bad) > 8 else ""
             raise UserError(
-                f"data.verify_sha256: {len(bad)} shard(s) in {self.cfg.data.shards} differ from the manifest: "
-                f"{', '.join(bad[:8])}{more}; re-encode them (delete each with its .json and run the same "
-                "encode command), or train with data.verify_sha256=false to read them with damage handling"
+                f"data.verify_sha256: {len(bad)} file(s) in {self.cfg.data.shards} differ from the manifest: "
+                f"{', '.join(bad[:8])}{more}; re-encode them (delete the shard-NNNNNN.json of each and run "
+                "the same encode command), or train with data.verify_sha256=false to read them with damage "
+                "handling"
             )
 
     def layout(self, world: int) -> Layout:
