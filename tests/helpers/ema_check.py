@@ -5,6 +5,7 @@ reference, and that the ranks' partitions cover every parameter element exactly 
 against DeepSpeed's own gather). Every rank prints its result."""
 
 import json
+import os
 import sys
 
 import torch
@@ -79,10 +80,13 @@ def main(cfg: TrainConfig) -> int:
             owner = safe_get_full_fp32_param(params[name]).reshape(-1).round().long() - 1
             want = torch.div(torch.arange(off, off + shape.numel()), g.partition, rounding_mode="floor")
             coverage &= bool(torch.equal(owner, want))
-    # every rank reports, so a wrong shard on rank 1 fails the test too
-    print(f"EMACHECK {lay.rank} " + json.dumps({"shards": ok_shards, "module": ok_module, "coverage": coverage,
-                                                 "max_err": max_err, "world": lay.world, "steps": t.engine.global_steps,
-                                                 "buffers": ema.buffers}), flush=True)  # fmt: skip
+    # every rank reports, so a wrong shard on rank 1 fails the test too; one write() per line, so the
+    # ranks' lines never interleave in the shared pipe (print writes the text and the newline apart)
+    line = f"EMACHECK {lay.rank} " + json.dumps({"shards": ok_shards, "module": ok_module, "coverage": coverage,
+                                                  "max_err": max_err, "world": lay.world, "steps": t.engine.global_steps,
+                                                  "buffers": ema.buffers})  # fmt: skip
+    sys.stdout.flush()
+    os.write(sys.stdout.fileno(), (line + "\n").encode())
     return 0
 
 
