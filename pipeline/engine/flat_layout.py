@@ -3,7 +3,7 @@
 Under ZeRO stage 1/2, DeepSpeed flattens each parameter group into one buffer (``bit16_groups_flat``,
 padded at the end only) and gives rank r the slice ``[r * P, (r + 1) * P)`` of it as fp32 master
 weights (``single_partition_of_fp32_groups``). Parameter offsets inside the flat buffer do not depend
-on the world size (measured; see CPU-NOTES), which is what lets EMA shards saved at one world size be
+on the world size (measured with DeepSpeed 0.19 on gloo), which is what lets EMA shards saved at one world size be
 re-cut for another. This module reads that layout once and offers:
 
 - ``local_partitions()``: this rank's fp32 master slices (views, no copy);
