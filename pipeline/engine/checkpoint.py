@@ -13,8 +13,10 @@ Layout under ``<output.dir>/checkpoints/``:
     universal/step_00001000/       made on demand when the world size changed (ds_to_universal)
 
 Everything is written under ``.tmp-step_N`` and renamed by rank 0 after every rank finished.
-Our own files are safetensors/JSON/YAML; DeepSpeed's engine files are torch pickles that DeepSpeed
-itself loads: resume only from checkpoints your own runs wrote.
+Our own files are safetensors/JSON/YAML; DeepSpeed's engine files are torch pickles, which every
+loader here (resume, the universal conversion, ``load_checkpoint_unet``) reads inside
+``pipeline.engine.safe_load.restricted_torch_load``: tensors and DeepSpeed's few state classes only,
+anything else is refused before it can run.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from safetensors.torch import load_file, save_file
 
 from pipeline.config import flatten
 from pipeline.engine.dist import barrier
+from pipeline.engine.safe_load import REFUSED_PREFIX, restricted_torch_load
 from pipeline.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -101,7 +104,8 @@ def restore(resume: Resume, engine, ema, objective, world: int, rank: int) -> No
     DeepSpeed's universal checkpoint (the engine must have been built with ``load_universal``)."""
     st = resume.state
     load_root = ensure_universal(resume.root, resume.tag, rank) if st["world_size"] != world else resume.root
-    path, _ = engine.load_checkpoint(str(load_root), tag=resume.tag)
+    with restricted_torch_load():
+        path, _ = engine.load_checkpoint(str(load_root), tag=resume.tag)
     if path is None:
         raise UserError(f"DeepSpeed could not load {load_root / resume.tag}")
     if engine.global_steps != st["step"]:
@@ -214,17 +218,30 @@ def prune(root: Path, keep: int) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
+def _env_with_project() -> dict[str, str]:
+    """This environment, with the project importable (``-m pipeline.engine.safe_load`` from any cwd)."""
+    project = str(Path(__file__).resolve().parents[2])
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (project, env.get("PYTHONPATH", "")) if p)
+    return env
+
+
 def ensure_universal(root: Path, tag: str, rank: int) -> Path:
     """Convert ``tag`` to DeepSpeed's universal format (rank 0, once); returns the folder to load from."""
     out_root = root / "universal"
     if rank == 0 and not (out_root / tag / "done").is_file():
         shutil.rmtree(out_root / tag, ignore_errors=True)
         out_root.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(root / tag),
-               "--output_folder", str(out_root / tag), "--inject_missing_state", "--num_extract_workers", "1",
-               "--num_merge_workers", "1"]  # fmt: skip
+        # DeepSpeed's converter, run inside restricted_torch_load (one worker each: no child processes
+        # that would escape it)
+        cmd = [sys.executable, "-m", "pipeline.engine.safe_load", "deepspeed.checkpoint.ds_to_universal",
+               "--input_folder", str(root / tag), "--output_folder", str(out_root / tag), "--inject_missing_state",
+               "--num_extract_workers", "1", "--num_merge_workers", "1"]  # fmt: skip
         log.info("world size changed: converting %s to a universal checkpoint", tag)
-        p = subprocess.run(cmd, capture_output=True, text=True)
+        p = subprocess.run(cmd, capture_output=True, text=True, env=_env_with_project())
+        refused = [ln for ln in p.stderr.splitlines() if ln.startswith(REFUSED_PREFIX)]
+        if refused:
+            raise UserError(refused[-1][len(REFUSED_PREFIX) :])
         if p.returncode:
             raise RuntimeError(
                 f"ds_to_universal failed on {root / tag}:\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}"
@@ -237,7 +254,8 @@ def ensure_universal(root: Path, tag: str, rank: int) -> Path:
 def load_checkpoint_unet(folder: Path, base_path: str, dtype: torch.dtype = torch.float32):
     """The policy UNet of a ``checkpoints/step_N`` folder: its fp32 weights consolidated from the
     ZeRO-2 partitions into the base model's UNet (with the run's LoRA adapters, per the checkpoint's
-    ``config.yaml``), in ``dtype``."""
+    ``config.yaml``), in ``dtype``. DeepSpeed's files are read inside ``restricted_torch_load``: a file
+    holding anything but tensors and DeepSpeed's state is refused (a UserError naming it)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     from pipeline.engine.build import lora_config
@@ -254,7 +272,9 @@ def load_checkpoint_unet(folder: Path, base_path: str, dtype: torch.dtype = torc
         ),
         init=True,
     )
-    state = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
+    hint = "evaluate the run's export/ folder (safetensors, written by stages.train) instead"
+    with restricted_torch_load(hint):
+        state = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
     unet = load_unet(base_path, torch.float32)
     if lora is not None:
         unet.add_adapter(lora)
