@@ -38,7 +38,7 @@ from pipeline.data.shards import (
 )
 from pipeline.data.text_store import plan_texts, pooled_name, text_name, write_texts
 from pipeline.dist_env import job_info
-from pipeline.encode import Encoder
+from pipeline.encoders import Encoder
 from pipeline.errors import UserError
 from pipeline.models import DTYPES, ModelInfo, inspect_model, pick_device
 from pipeline.schema.encode import EncodeConfig

@@ -24,7 +24,7 @@ from pipeline.data.flips import flipped_mask, unit_key
 from pipeline.data.shards import label_agrees_with_truth, load_manifest
 from pipeline.engine.precision import flush_denormals
 from pipeline.errors import UserError
-from pipeline.evaluate import models as evmodels
+from pipeline.evaluate import unet_specs
 from pipeline.evaluate.generate import generate, grid, read_prompts
 from pipeline.evaluate.minority_report import run_report
 from pipeline.evaluate.preference import implicit_margins, iter_pairs
@@ -54,7 +54,7 @@ def preference_section(cfg: EvalConfig, specs, info, device, dtype, rows: dict, 
     sched = load_scheduler(info)
     sec = {"pairs": len(samples), "draws": p.draws, "models": {}}
     for spec in specs:
-        unet = evmodels.load(spec, info, dtype).to(device).eval()
+        unet = unet_specs.load(spec, info, dtype).to(device).eval()
         h = implicit_margins(
             {spec.name: unet},
             ref,
@@ -103,8 +103,8 @@ def generation_section(
     base_unet = pipe.unet
     sec = {"prompts": len(prompts), "scorer_notes": notes, "models": {}}
     grids = []
-    for spec in [evmodels.UNetSpec("base", "unet", Path(info.path) / "unet")] + list(specs):
-        pipe.unet = base_unet if spec.name == "base" else evmodels.load(spec, info, dtype).to(device).eval()
+    for spec in [unet_specs.UNetSpec("base", "unet", Path(info.path) / "unet")] + list(specs):
+        pipe.unet = base_unet if spec.name == "base" else unet_specs.load(spec, info, dtype).to(device).eval()
         images = generate(pipe, prompts, g.seed, g.steps, g.guidance, g.resolution, g.batch_size)
         folder = out / "images" / spec.name.replace(":", "_")
         folder.mkdir(parents=True, exist_ok=True)
@@ -131,7 +131,7 @@ def main(cfg: EvalConfig) -> int:
     specs = [
         s
         for name, path in cfg.models.unets.items()
-        for s in evmodels.resolve(name, path, cfg.models.include_ema)
+        for s in unet_specs.resolve(name, path, cfg.models.include_ema)
     ]
     base = cfg.models.base
     if base is None and cfg.preference.shards:

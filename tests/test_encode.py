@@ -59,7 +59,7 @@ def test_shards_round_trip_through_webdataset(encoded, tiny_sd15):
         assert len({tuple(x["meta"]["text"]) for x in xs}) == 1 and all(
             (x["txt"] == xs[0]["txt"]).all() for x in xs
         )
-    from pipeline.encode import Encoder
+    from pipeline.encoders import Encoder
     from pipeline.models import inspect_model
 
     enc = Encoder(inspect_model(str(tiny_sd15)), torch.device("cpu"), torch.float32, torch.float32)
