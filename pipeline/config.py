@@ -359,3 +359,24 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v
     return out
+
+
+def schema_default(cls: type, dotted: str) -> Any:
+    """The schema's default of a dotted key (``dataclasses.MISSING`` when it has none or no such key):
+    lets a resume accept keys that a newer version added, at their defaults."""
+    parts = dotted.split(".")
+    for i, name in enumerate(parts):
+        if not dataclasses.is_dataclass(cls):
+            return dataclasses.MISSING
+        f = {x.name: x for x in dataclasses.fields(cls)}.get(name)
+        if f is None:
+            return dataclasses.MISSING
+        if i == len(parts) - 1:
+            if f.default is not dataclasses.MISSING:
+                return f.default
+            if f.default_factory is not dataclasses.MISSING:
+                v = f.default_factory()
+                return to_dict(v) if dataclasses.is_dataclass(v) else v
+            return dataclasses.MISSING
+        cls = typing.get_type_hints(cls)[name]
+    return dataclasses.MISSING

@@ -72,7 +72,7 @@ class Trainer:
         self.ckroot = self.out / "checkpoints"
         self.workload.prepare(RunContext(self.rank, self.world, self.device, self.dtype))
         # resume: decided before any model loads, so a wrong config fails in seconds
-        self.resume = ckpt.find_resume(self.ckroot, to_dict(cfg), RESUMABLE_KEYS)
+        self.resume = ckpt.find_resume(self.ckroot, to_dict(cfg), RESUMABLE_KEYS, TrainConfig)
         if self.rank == 0:
             write_resolved(cfg, self.out / "config.yaml")
 

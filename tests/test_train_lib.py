@@ -115,3 +115,20 @@ def test_minority_aurocs_are_logged_only_for_objectives_with_a_score(objective, 
         assert aurocs == set()
     else:
         assert "auroc_neg_h_window" in aurocs and all(0.0 <= r["auroc_neg_h_window"] <= 1.0 for r in m)
+
+
+def test_a_checkpoint_of_an_older_version_resumes_while_new_keys_hold_their_defaults():
+    """A key this version added (absent from the checkpoint's config.yaml) is no difference at its
+    schema default, and is one when set to something else; a removed or changed key always is."""
+    from pipeline.config import load_config, to_dict
+    from pipeline.engine.checkpoint import config_differences
+    from pipeline.schema.train import RESUMABLE_KEYS, TrainConfig
+
+    cfg = to_dict(load_config(TrainConfig, "configs/train/tiny_dpo.yaml", ["data.shards=s", "output.dir=o"]))
+    old = {**cfg, "train": {k: v for k, v in cfg["train"].items() if k != "loss_scale"}}
+    assert config_differences(old, cfg, RESUMABLE_KEYS, TrainConfig) == []
+    cfg["train"]["loss_scale"]["window"] = 7
+    assert config_differences(old, cfg, RESUMABLE_KEYS, TrainConfig) == [
+        "train.loss_scale.window: None in the checkpoint, 7 now"
+    ]
+    assert config_differences(old, cfg, RESUMABLE_KEYS) != []  # without the schema: every new key differs

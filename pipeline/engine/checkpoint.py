@@ -35,7 +35,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from pipeline.config import flatten
+from pipeline.config import flatten, schema_default
 from pipeline.engine.dist import barrier
 from pipeline.engine.safe_load import REFUSED_PREFIX, restricted_torch_load
 from pipeline.errors import UserError
@@ -61,12 +61,19 @@ def read_state(root: Path, tag: str) -> dict:
     return json.loads((root / tag / "trainer_state.json").read_text())
 
 
-def config_differences(saved: dict, current: dict, allowed: tuple[str, ...]) -> list[str]:
+def config_differences(
+    saved: dict, current: dict, allowed: tuple[str, ...], schema: type | None = None
+) -> list[str]:
+    """Keys whose values differ, but for the ``allowed`` ones; with ``schema``, a key the checkpoint
+    lacks (added by a newer version) is no difference while it holds the schema's default."""
     a, b = flatten(saved), flatten(current)
     diff = []
     for k in sorted(set(a) | set(b)):
-        if a.get(k) != b.get(k) and not any(k == p or (p.endswith(".") and k.startswith(p)) for p in allowed):
-            diff.append(f"{k}: {a.get(k)!r} in the checkpoint, {b.get(k)!r} now")
+        if a.get(k) == b.get(k) or any(k == p or (p.endswith(".") and k.startswith(p)) for p in allowed):
+            continue
+        if schema is not None and k not in a and b[k] == schema_default(schema, k):
+            continue
+        diff.append(f"{k}: {a.get(k)!r} in the checkpoint, {b.get(k)!r} now")
     return diff
 
 
@@ -81,7 +88,9 @@ class Resume:
         return self.root / self.tag
 
 
-def find_resume(root: Path, config: dict, resumable: tuple[str, ...]) -> Resume | None:
+def find_resume(
+    root: Path, config: dict, resumable: tuple[str, ...], schema: type | None = None
+) -> Resume | None:
     """The latest complete checkpoint under ``root``, or None to start fresh. Decided from JSON and
     YAML alone, before any model loads: a checkpoint written with another config (other than the
     ``resumable`` keys) is refused with the differing keys named."""
@@ -89,7 +98,7 @@ def find_resume(root: Path, config: dict, resumable: tuple[str, ...]) -> Resume 
     if tag is None:
         return None
     saved = yaml.safe_load((root / tag / "config.yaml").read_text())
-    diffs = config_differences(saved, config, resumable)
+    diffs = config_differences(saved, config, resumable, schema)
     if diffs:
         raise UserError(
             f"{root / tag} was written by another config; refusing to resume "
