@@ -23,6 +23,7 @@ import torch
 
 from pipeline.losses import adaptive as A
 from pipeline.losses import baselines as BL
+from pipeline.losses.d3po import TransitionLogProbs, d3po_stats, d3po_terms
 from pipeline.losses.diffusion import PairErrors
 from pipeline.losses.dpo import dpo_loss, implicit_accuracy, preference_h, rewards
 from pipeline.schema.objective import ObjectiveConfig
@@ -180,6 +181,29 @@ class AdaptiveIPO(AdaptiveDPO):
         return A.adaptive_ipo_loss(h, self.beta, W, G)
 
 
+class D3PO(Objective):
+    """D3PO (pipeline/losses/d3po.py) on one stored transition of each trajectory of a pair. It reads
+    ``TransitionLogProbs`` (the DDIM log-densities under the policy and the reference), not
+    ``ModelErrors``: a trajectory workload (pipeline/train/workload.py) computes them and calls it."""
+
+    data_kind = "trajectories"
+    distributions = ("h", "log_ratio_w", "log_ratio_l")
+
+    def __init__(self, cfg: ObjectiveConfig):
+        super().__init__(cfg)
+        self.beta, self.eps = cfg.d3po.beta, cfg.d3po.eps
+        self.timestep_fraction = cfg.d3po.timestep_fraction
+
+    def __call__(self, logps: TransitionLogProbs, metric_active: bool = True) -> LossOutput:
+        if not isinstance(logps, TransitionLogProbs):
+            raise TypeError(
+                f"objective d3po scores trajectory transitions (TransitionLogProbs), got {type(logps).__name__}"
+            )
+        terms = d3po_terms(logps, self.beta, self.eps)
+        return LossOutput(terms.loss, d3po_stats(terms, logps.tie))
+
+
+# objectives fed ModelErrors by the pair workload (data_kind "pairs")
 OBJECTIVES: dict[str, type[Objective]] = {
     "dpo": DPO,
     "adaptive_dpo": AdaptiveDPO,
@@ -193,5 +217,12 @@ OBJECTIVES: dict[str, type[Objective]] = {
 }
 
 
+# objectives fed by a trajectory workload (data_kind "trajectories"): they take TransitionLogProbs
+TRAJECTORY_OBJECTIVES: dict[str, type[Objective]] = {
+    "d3po": D3PO,
+}
+
+
 def build_objective(cfg: ObjectiveConfig) -> Objective:
-    return OBJECTIVES[cfg.name](cfg)
+    cls = OBJECTIVES.get(cfg.name) or TRAJECTORY_OBJECTIVES[cfg.name]
+    return cls(cfg)

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, Literal
+
+from annotated_types import Interval
 
 from pipeline.schema.common import NonNegFloat, NonNegInt, Positive, Probability
 
+# objectives trained on encoded preference pairs (data.shards)
 ObjectiveName = Literal[
     "dpo", "adaptive_dpo", "robust_dpo", "cdpo", "ipo", "adaptive_ipo", "hinge", "sft", "bounded_dpo"
 ]
+# objectives trained on sampled denoising trajectories (the online mode; pipeline/train/workload.py)
+TrajectoryObjectiveName = Literal["d3po"]
 
 
 @dataclass
@@ -31,12 +36,28 @@ class AdaptiveConfig:
 
 
 @dataclass
+class D3POConfig:
+    """D3PO's own scale and clamp (pipeline/losses/d3po.py): the log-ratios it compares are of
+    per-element-averaged DDIM transition densities, nothing like Diffusion-DPO's h, so it does not
+    read objective.beta / objective.eps."""
+
+    beta: Positive = 0.1  # loss = -log sigmoid(beta (log r_w - log r_l)) (authors' train.beta)
+    eps: Annotated[float, Interval(gt=0, lt=1)] = (
+        0.1  # r = clamp(p_policy / p_ref, 1 - eps, 1 + eps) (authors' train.eps); 0 would freeze r at 1
+    )
+    timestep_fraction: Annotated[float, Interval(gt=0, le=1)] = (
+        1.0  # share of each trajectory's transitions trained: int(steps * fraction), at least 1
+    )
+
+
+@dataclass
 class ObjectiveConfig:
-    name: ObjectiveName = "dpo"  # see "Objectives" for each formula
+    name: Literal[ObjectiveName, TrajectoryObjectiveName] = "dpo"  # see "Objectives" for each formula
     beta: Positive = 1000.0  # logit = beta * h (Diffusion-DPO's beta_dpo 5000 == 2500 here)
     eps: Probability = 0.1  # robust_dpo: assumed flip rate (< 0.5); cdpo: label smoothing
     bounded_k: NonNegFloat = 1.0  # bounded_dpo: W = stopgrad(1 / (1 + k |beta h|)), no EMA models
     adaptive: AdaptiveConfig = field(default_factory=AdaptiveConfig)
+    d3po: D3POConfig = field(default_factory=D3POConfig)  # d3po reads these, not objective.beta / eps
 
     def check(self) -> list[str]:
         if self.name == "robust_dpo" and not self.eps < 0.5:

@@ -127,5 +127,19 @@ def build_workload(cfg: TrainConfig, objective: Objective) -> Workload:
 
     kind = objective.data_kind
     if kind not in WORKLOADS:
-        raise ValueError(f"objective {cfg.objective.name} reads {kind!r} data: no workload for it")
+        # a user error, named before any model loads: e.g. objective.name=d3po (trajectories) given the
+        # encoded pair shards, before a trajectory workload exists
+        from pipeline.errors import UserError
+        from pipeline.losses.objectives import OBJECTIVES, TRAJECTORY_OBJECTIVES
+
+        names = {**OBJECTIVES, **TRAJECTORY_OBJECTIVES}
+        have = "; ".join(
+            f"{k!r}, for objective.name = {', '.join(sorted(n for n, c in names.items() if c.data_kind == k))}"
+            for k in sorted(WORKLOADS)
+        )
+        raise UserError(
+            f"objective.name={cfg.objective.name} trains on {kind!r} data, but this trainer has no {kind!r} "
+            f"workload yet, so it cannot train on data.shards={cfg.data.shards} (encoded preference pairs); "
+            f"its workloads: {have}"
+        )
     return WORKLOADS[kind](cfg, objective)
