@@ -19,10 +19,19 @@ import typing
 from pipeline.config import _type_name
 from pipeline.schema.encode import EncodeConfig
 from pipeline.schema.evaluate import EvalConfig
+from pipeline.schema.feedback import FeedbackConfig
 from pipeline.schema.label import LabelConfig
+from pipeline.schema.sample import SampleConfig
 from pipeline.schema.train import TrainConfig
 
-STAGES = {"encode": EncodeConfig, "train": TrainConfig, "evaluate": EvalConfig, "label serve": LabelConfig}
+STAGES = {
+    "encode": EncodeConfig,
+    "sample": SampleConfig,
+    "train": TrainConfig,
+    "evaluate": EvalConfig,
+    "label serve": LabelConfig,
+    "feedback": FeedbackConfig,
+}
 
 
 def _comments(cls) -> dict[str, str]:

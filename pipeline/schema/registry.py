@@ -19,6 +19,14 @@ def schema_for(path: str | Path) -> type:
         from pipeline.schema.evaluate import EvalConfig
 
         return EvalConfig
+    if stage == "sample":
+        from pipeline.schema.sample import SampleConfig
+
+        return SampleConfig
+    if stage == "feedback":
+        from pipeline.schema.feedback import FeedbackConfig
+
+        return FeedbackConfig
     if stage == "label":
         from pipeline.schema.label import LabelConfig
 

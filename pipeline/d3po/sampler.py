@@ -1,0 +1,199 @@
+"""The D3PO sampling loop as library code: prompts in, trajectories of K images per prompt out.
+
+``read_prompts`` turns ``prompts.source`` into the prompt list (a text file's lines, or a Pick-a-Pic
+parquet's distinct captions in first-occurrence order); ``screen_prompts`` drops the ones that cannot
+be sampled faithfully, by reason. ``TrajectorySampler.sample`` runs DDIM with classifier-free guidance
+through ``pipeline.d3po.ddim`` (``cfg_noise_pred`` + ``ddim_step_with_logprob``, the functions the
+trainer re-scores with) for a batch of prompt groups. Every random draw of a group (its x_T, then the
+noise of every step, K images at a time) comes from that group's own CPU generator, so a group's
+trajectories do not depend on which groups share its batch, on the job layout or on the device.
+"""
+
+from __future__ import annotations
+
+import glob
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import DDIMScheduler
+
+from pipeline.d3po.ddim import cfg_noise_pred, ddim_step_with_logprob
+from pipeline.errors import UserError
+
+LATENT_DTYPE = torch.float16  # the trajectory format's (pipeline.d3po.trajectories)
+
+
+@dataclass
+class PromptList:
+    prompts: list[str]  # index i is prompt i (its noise, its key); empty strings included
+    files: list[Path]
+    rows_read: int  # lines of the text file, or parquet rows
+    kind: str  # "text" | "parquet"
+
+
+def _parquet_files(source: str) -> list[Path]:
+    p = Path(source)
+    if p.is_file():
+        return [p]
+    if p.is_dir():
+        return sorted(p.rglob("*.parquet"))
+    return sorted(Path(f) for f in glob.glob(source, recursive=True) if f.endswith(".parquet"))
+
+
+def read_prompts(source: str, max_prompts: int | None = None) -> PromptList:
+    """A text file (one prompt a line, stripped; every line counts, duplicates included) or Pick-a-Pic
+    parquet file(s) (the distinct ``caption`` values in first-occurrence order: Pick-a-Pic repeats a
+    caption in ~14 pairs; a null caption reads as the empty prompt). ``max_prompts`` keeps the first N."""
+    p = Path(source)
+    if p.is_file() and p.suffix != ".parquet":
+        try:
+            lines = p.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as e:
+            raise UserError(f"prompts.source={source}: not a UTF-8 text file ({e})") from e
+        prompts = [line.strip() for line in lines]
+        out = PromptList(prompts, [p], len(lines), "text")
+    else:
+        files = _parquet_files(source)
+        if not files:
+            what = "no such file" if not (p.exists() or glob.has_magic(source)) else "no parquet files found"
+            raise UserError(
+                f"prompts.source={source}: {what} (give a text file with a prompt a line, or Pick-a-Pic "
+                "parquet: a .parquet file, a directory or a glob)"
+            )
+        import pyarrow.parquet as pq
+
+        seen: dict[str, None] = {}
+        rows = 0
+        for f in files:
+            try:
+                names = pq.read_schema(f).names
+            except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a bad file
+                raise UserError(f"{f}: not a readable parquet file ({e})") from e
+            if "caption" not in names:
+                raise UserError(f"{f}: no caption column (prompts.source takes Pick-a-Pic parquet)")
+            col = pq.read_table(f, columns=["caption"])["caption"].to_pylist()
+            rows += len(col)
+            for c in col:
+                seen.setdefault("" if c is None else str(c))
+        out = PromptList(list(seen), files, rows, "parquet")
+    if max_prompts is not None:
+        out.prompts = out.prompts[:max_prompts]
+    if not out.prompts:
+        raise UserError(f"prompts.source={source}: no prompts in it")
+    return out
+
+
+@dataclass
+class Screened:
+    kept: list[int]  # prompt indices to sample, in order
+    skipped: dict[str, int] = field(default_factory=dict)  # reason -> count
+    skipped_indices: dict[str, list[int]] = field(default_factory=dict)
+
+
+def screen_prompts(prompts: list[str], tokenizer) -> Screened:
+    """Skip empty prompts (``empty_prompt``) and prompts the text encoder would truncate: more tokens,
+    start and end token included, than ``tokenizer.model_max_length`` (``prompt_too_long``; a
+    truncated prompt's images would be scored against text the model never saw)."""
+    out = Screened(kept=[])
+    nonempty = [i for i, p in enumerate(prompts) if p.strip()]
+    lengths = {}
+    for b in range(0, len(nonempty), 1024):
+        idx = nonempty[b : b + 1024]
+        ids = tokenizer([prompts[i] for i in idx], truncation=False, verbose=False).input_ids
+        lengths.update({i: len(x) for i, x in zip(idx, ids)})
+    for i in range(len(prompts)):
+        why = "" if i in lengths else "empty_prompt"
+        if not why and lengths[i] > tokenizer.model_max_length:
+            why = "prompt_too_long"
+        if why:
+            out.skipped[why] = out.skipped.get(why, 0) + 1
+            out.skipped_indices.setdefault(why, []).append(i)
+        else:
+            out.kept.append(i)
+    return out
+
+
+def make_scheduler(model_path: str, steps: int) -> DDIMScheduler:
+    """The model's schedule as DDIM with ``steps`` steps. ``set_alpha_to_one=False`` (Stable Diffusion's
+    own setting; diffusers' default is True): with True the last step's variance is 0, so its transition
+    has no density and could not be trained on."""
+    sched = DDIMScheduler.from_pretrained(model_path, subfolder="scheduler", set_alpha_to_one=False)
+    sched.set_timesteps(steps)
+    return sched
+
+
+def scheduler_config(sched: DDIMScheduler) -> dict:
+    """The scheduler's config as plain JSON (``DDIMScheduler.from_config`` rebuilds it)."""
+    return {
+        k: (list(v) if isinstance(v, tuple) else v) for k, v in sched.config.items() if not k.startswith("_")
+    }
+
+
+@dataclass
+class GroupResult:
+    latents: np.ndarray  # float16 [K, N+1, C, h, w]
+    log_probs: np.ndarray  # float32 [K, N]
+    images: np.ndarray  # uint8 [K, H, W, 3]
+
+
+class TrajectorySampler:
+    """Holds the UNet, the VAE and the schedule; ``sample`` turns a batch of prompt groups into their
+    trajectories. ``uncond`` is the float16 unconditional embedding [1, 77, D] (the folder's)."""
+
+    def __init__(
+        self,
+        unet,
+        vae,
+        scheduler: DDIMScheduler,
+        uncond: torch.Tensor,
+        *,
+        eta: float,
+        guidance: float,
+        images_per_prompt: int,
+        latent_shape: tuple[int, int, int],
+        scaling_factor: float,
+        device: torch.device,
+    ):
+        self.unet, self.vae, self.scheduler = unet, vae, scheduler
+        self.unet_dtype = next(unet.parameters()).dtype
+        self.vae_dtype = next(vae.parameters()).dtype
+        self.uncond = uncond.to(device, LATENT_DTYPE).to(self.unet_dtype)
+        self.eta, self.guidance, self.k = eta, guidance, images_per_prompt
+        self.latent_shape = tuple(latent_shape)
+        self.scaling_factor = scaling_factor
+        self.device = device
+
+    @property
+    def timesteps(self) -> np.ndarray:
+        return self.scheduler.timesteps.cpu().numpy().astype(np.int64)
+
+    @torch.no_grad()
+    def sample(self, text: torch.Tensor, seeds: list[int]) -> list[GroupResult]:
+        """``text``: float16 [b, 77, D], one prompt per group; ``seeds``: each group's generator seed."""
+        k, shape = self.k, self.latent_shape
+        gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        x_T = torch.stack([torch.randn(shape, generator=g, dtype=torch.float32) for g in gens])
+        x = (x_T * self.scheduler.init_noise_sigma).to(LATENT_DTYPE).repeat_interleave(k, 0).to(self.device)
+        cond = text.to(self.device, LATENT_DTYPE).to(self.unet_dtype).repeat_interleave(k, 0)
+        traj, logps = [x], []
+        for t in self.scheduler.timesteps:
+            eps = cfg_noise_pred(self.unet, x.to(self.unet_dtype), t, cond, self.uncond, self.guidance)
+            noise = torch.cat([torch.randn((k, *shape), generator=g, dtype=torch.float32) for g in gens])
+            x, lp = ddim_step_with_logprob(self.scheduler, eps, t, x, self.eta, noise=noise.to(self.device))
+            traj.append(x)
+            logps.append(lp)
+        lat = torch.stack(traj, 1).cpu().numpy()
+        lps = torch.stack(logps, 1).cpu().numpy().astype(np.float32)
+        images = self.decode(x)
+        return [
+            GroupResult(lat[j * k : (j + 1) * k], lps[j * k : (j + 1) * k], images[j * k : (j + 1) * k])
+            for j in range(len(seeds))
+        ]
+
+    def decode(self, x0: torch.Tensor) -> np.ndarray:
+        """Latents x_0 (scaled) -> uint8 [B, H, W, 3], as diffusers' image processor rounds them."""
+        img = self.vae.decode((x0.float() / self.scaling_factor).to(self.vae_dtype)).sample.float()
+        img = (img / 2 + 0.5).clamp(0, 1)
+        return (img * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
