@@ -298,6 +298,8 @@ def main(cfg: SampleConfig) -> int:
                 bytes_done += rec["bytes"]
     dt = time.time() - t_sample
     manifest = tj.merge_manifest(out) if (out / tj.UNCOND).exists() else None
+    if manifest is not None:  # complete: people can label it (python -m stages.label serve source=<out>)
+        tj.write_label_index(out)
 
     pp = tj.pairs_per_group(k)
     lines = [

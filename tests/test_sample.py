@@ -260,3 +260,20 @@ def test_sampling_from_an_exported_unet_and_a_run_folder(sampled, tiny_sd15, pro
         assert (g["latents"][:, 0] == b["latents"][:, 0]).all()
         assert not (g["latents"][:, -1] == b["latents"][:, -1]).all()
     assert json.loads((via_run / "plan.json").read_text())["sample_config"]["model"]["unet"] == str(run)
+
+
+def test_a_complete_folder_is_a_labelling_source_keyed_as_the_feedback_reads(sampled):
+    """People label the sampled images in the labelling service (best of K, or pairs); their export's
+    image keys are the trajectory json's ``KEY/j``, which the feedback stage matches."""
+    from pipeline.d3po.trajectories import read_groups
+    from pipeline.label.sources import load_source
+
+    groups = {g["key"]: g for g in read_groups(sampled)}
+    src = load_source(str(sampled), mode="pair", shuffle=False)
+    assert len(src.items) == sum(len(g["jpegs"]) * (len(g["jpegs"]) - 1) // 2 for g in groups.values())
+    for item in src.items:
+        for image_key, ref in zip(item.images, item.refs):
+            key, j = image_key.split("/")
+            assert image_key in groups[key]["meta"]["images"] and item.caption == groups[key]["meta"]["prompt"]
+            assert Path(ref["file"]).read_bytes() == groups[key]["jpegs"][int(j)]
+    assert len(load_source(str(sampled)).items) == len(groups)  # best of K by default: one item a prompt

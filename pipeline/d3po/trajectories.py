@@ -277,3 +277,27 @@ def read_groups(shard_dir: str | Path, verify: bool = False, decode_images: bool
             raise UserError(f"{p}: sha256 differs from the manifest's (damaged or replaced)")
         for raw in iter_tar_samples(p):
             yield decode_group(raw, decode_images)
+
+
+LABEL_INDEX = "images.jsonl"  # the labelling service's sampling-folder source (pipeline/label/sources.py)
+
+
+def write_label_index(shard_dir: str | Path) -> Path:
+    """Make a complete trajectory folder a source the labelling service reads: every image as
+    ``images/<KEY>_<j>.jpg`` and ``images.jsonl`` (``image_key`` ``KEY/j``, the key the feedback stage
+    matches people's labels by; ``prompt_key`` the group ``KEY``). The JPEG bytes are the shards' own;
+    each file is written atomically, and a rerun rewrites the same bytes."""
+    from pipeline.data.shards import _atomic_write_bytes
+
+    d = Path(shard_dir)
+    (d / "images").mkdir(exist_ok=True)
+    lines = []
+    for g in read_groups(d):
+        for j, jpeg in enumerate(g["jpegs"]):
+            rel = f"images/{g['key']}_{j}.jpg"
+            _atomic_write_bytes(d / rel, jpeg)
+            rec = {"image_key": f"{g['key']}/{j}", "prompt_key": g["key"], "caption": g["meta"]["prompt"], "k": j,
+                   "file": rel}  # fmt: skip
+            lines.append(json.dumps(rec, sort_keys=True))
+    _atomic_write_bytes(d / LABEL_INDEX, ("\n".join(lines) + "\n").encode())
+    return d / LABEL_INDEX
