@@ -274,6 +274,8 @@ def test_a_complete_folder_is_a_labelling_source_keyed_as_the_feedback_reads(sam
     for item in src.items:
         for image_key, ref in zip(item.images, item.refs):
             key, j = image_key.split("/")
-            assert image_key in groups[key]["meta"]["images"] and item.caption == groups[key]["meta"]["prompt"]
+            assert (
+                image_key in groups[key]["meta"]["images"] and item.caption == groups[key]["meta"]["prompt"]
+            )
             assert Path(ref["file"]).read_bytes() == groups[key]["jpegs"][int(j)]
     assert len(load_source(str(sampled)).items) == len(groups)  # best of K by default: one item a prompt

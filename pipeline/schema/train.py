@@ -36,7 +36,8 @@ class TrainModel:
 
 @dataclass
 class TrainData:
-    shards: Text  # directory with manifest.json (from stages.encode)
+    shards: Text  # directory with manifest.json (from stages.encode; objective d3po: from stages.sample)
+    preferences: Text | None = None  # objective d3po: stages.feedback's out folder or its parquet
     micro_batch: Count = 1  # pairs per rank per micro-step (2x images through the UNet)
     num_workers: NonNegInt = 2  # data loader workers per rank (0: in the training process)
     shuffle_buffer: Count = 1000  # samples; the order is a seeded function of the epoch and layout
@@ -140,6 +141,13 @@ class TrainConfig:
         if self.objective.name in ("adaptive_dpo", "adaptive_ipo") and not self.ema.all_decays:
             errs.append(
                 "ema.decays: the adaptive objectives need at least one EMA model (authors' code: [0.9999, 0.5])"
+            )
+        # data.preferences alone, read defensively: a bad value elsewhere in data must not hide this rule
+        if getattr(self.data, "preferences", None) is not None and self.objective.name != "d3po":
+            errs.append(
+                f"data.preferences: preference files of sampled trajectories train objective.name=d3po only; "
+                f"objective.name={self.objective.name} trains on the encoded pairs in data.shards (drop "
+                "data.preferences)"
             )
         return errs
 

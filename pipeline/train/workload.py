@@ -124,6 +124,7 @@ def register(data_kind: str, cls: type[Workload]) -> None:
 
 def build_workload(cfg: TrainConfig, objective: Objective) -> Workload:
     import pipeline.train.pairs  # noqa: F401  (registers "pairs")
+    import pipeline.train.trajectories  # noqa: F401  (registers "trajectories")
 
     kind = objective.data_kind
     if kind not in WORKLOADS:

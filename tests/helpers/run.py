@@ -24,8 +24,8 @@ def env(**extra) -> dict:
 
 
 def train(shards, out, *overrides, nproc: int = 1, launcher: str = "torchrun", module: str = "stages.train",
-          extra_env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:  # fmt: skip
-    args = ["--config", TRAIN_CFG, f"data.shards={shards}", f"output.dir={out}", *TEST_DEFAULTS, *overrides]
+          extra_env: dict | None = None, timeout: int = 900, config: str = TRAIN_CFG) -> subprocess.CompletedProcess:  # fmt: skip
+    args = ["--config", config, f"data.shards={shards}", f"output.dir={out}", *TEST_DEFAULTS, *overrides]
     if nproc == 1:
         cmd = [sys.executable, "-m", module, *args]
     elif launcher == "deepspeed":
