@@ -148,7 +148,7 @@ def encode_shard(
                 "crop_top_left_w": list(pw.crop_top_left),
                 "crop_top_left_l": list(pl.crop_top_left),
                 "models": [row.get("model_0"), row.get("model_1")],
-                "extra": {c: row.get(c) for c in cfg.data.extra_columns},
+                "extra": {c: row.get(c) for c in [*cfg.data.extra_columns, *cfg.data.optional_columns]},
             }
             arrays = {
                 "lat_w": mean[i].cpu().numpy().astype(lat_dtype),
@@ -209,7 +209,8 @@ def main(cfg: EncodeConfig) -> int:
         ):
             for i in todo:
                 start, end = ranges[i]
-                rows = pickapic.read_rows(files, scan.kept[start:end], ROW_COLUMNS + cfg.data.extra_columns)
+                columns = ROW_COLUMNS + cfg.data.extra_columns + cfg.data.optional_columns
+                rows = pickapic.read_rows(files, scan.kept[start:end], columns)
                 if [pickapic.caption_key(r["caption"]) for r in rows] != scan.kept_captions[start:end]:
                     raise UserError(
                         f"data.source={cfg.data.source} changed while this job read it: run it again"

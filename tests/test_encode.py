@@ -191,3 +191,17 @@ def test_sdxl_encodes_pooled_and_size_ids(tiny_sdxl, pickapic_dir, tmp_path):
     h, w = s["meta"]["original_size_w"]
     top, left = s["meta"]["crop_top_left_w"]
     assert min(h, w) >= 64 and (top == 0 or left == 0)
+
+
+def test_real_pickapic_input_without_the_toy_column_encodes_with_the_tiny_config(tiny_sd15, tmp_path):
+    """true_label_0 exists only in the toy worlds: the tiny config copies it where present, null elsewhere."""
+    from tools.make_pickapic import make_rows, write_parquet
+
+    src = tmp_path / "src"
+    write_parquet(make_rows(8, seed=2, tie_rate=0, unlabelled_rate=0, identical_rate=0), src, rows_per_file=10)
+    f = next(src.glob("*.parquet"))
+    pq.write_table(pq.read_table(f).drop(["true_label_0"]), f)
+    out = tmp_path / "o"
+    assert cli_main(encode_args(tiny_sd15, src, out)) == 0
+    s = next(iter(wds.WebDataset(str(out / "shard-000000.tar"), shardshuffle=False).map(decode_sample)))
+    assert s["meta"]["extra"] == {"true_label_0": None}

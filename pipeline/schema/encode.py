@@ -21,6 +21,7 @@ class EncodeData:
     source: Text  # a parquet file, a directory of parquet files, or a glob
     resolution: Resolution = 512  # shorter side resize + centre crop, in pixels
     extra_columns: list[Text] = field(default_factory=list)  # source columns copied into each pair's json
+    optional_columns: list[Text] = field(default_factory=list)  # the same where a file has them, else null
 
 
 @dataclass
