@@ -43,6 +43,15 @@ def _correct(margin: np.ndarray, agrees: np.ndarray) -> np.ndarray:
     return np.where(np.isnan(agrees), np.nan, np.where(agrees > 0.5, right, 1.0 - right))
 
 
+METRIC_LEGEND = (
+    "\nHeld-out pairs (`preference.shards`), share whose implicit margin h (the model's denoising gain over "
+    "the reference) prefers: `accuracy_labels` the labelled winner; `accuracy_true` the true preference "
+    "(toy worlds' `true_label_0`; absent on real data); `accuracy_flipped_view` the labels the run trained on, "
+    "after its `data.flip_rate` flips. `base` is the reference itself: h = 0, so 0.5 by construction. "
+    "Scores: mean over generated images. ± is the standard error.\n"
+)
+
+
 def preference_section(cfg: EvalConfig, specs, info, device, dtype, rows: dict, report: dict) -> None:
     p = cfg.preference
     manifest = load_manifest(p.shards)
@@ -83,6 +92,11 @@ def preference_section(cfg: EvalConfig, specs, info, device, dtype, rows: dict, 
             rows[spec.name]["accuracy_flipped_view"] = entry["accuracy_flipped_view"]
         sec["models"][spec.name] = entry
         del unet
+    # the reference itself: h = 0 on every pair, a tie each time, so 0.5 exactly (the chance line)
+    chance = {"mean": 0.5, "sem": 0.0, "n": len(samples)}
+    rows["base"]["accuracy_labels"] = chance
+    if np.isfinite(truth).any():
+        rows["base"]["accuracy_true"] = chance
     report["preference"] = sec
 
 
@@ -160,10 +174,11 @@ def main(cfg: EvalConfig) -> int:
     dtype = DTYPES[cfg.dtype]
     if base is not None:
         info = inspect_model(base)
+        if cfg.preference.shards or cfg.generation.prompts:
+            rows = {"base": {}, **rows}
         if cfg.preference.shards:
             preference_section(cfg, specs, info, device, dtype, rows, report)
         if cfg.generation.prompts:
-            rows = {"base": {}, **rows}
             generation_section(cfg, specs, info, device, dtype, rows, report, out)
     m = cfg.minority
     report["minority"] = {
@@ -184,6 +199,7 @@ def main(cfg: EvalConfig) -> int:
     md = ["# Evaluation report\n"]
     if metrics:
         md.append(markdown_table(rows, metrics))
+        md.append(METRIC_LEGEND)
         plot = bar_plot(rows, metrics, out / "metrics.png", "mean ± s.e. per model")
         report["plot"] = str(plot) if plot else None
     for name, r in report["minority"].items():

@@ -174,6 +174,10 @@ def test_minority_report_ranks_flipped_pairs_and_annotators(tmp_path):
                      "true_agrees": [1.0] * n, "h": h.tolist(), "u": u.tolist(), "W": (1 / (1 + u)).tolist()})  # fmt: skip
     pq.write_table(early, run / "pairs" / "rank_00000" / "upto_00000005.parquet")
     pq.write_table(late, run / "pairs" / "rank_00000" / "upto_00000010.parquet")
+    (run / "config.yaml").write_text("data:\n  flip_rate: 0.25\n  flip_by: pair\n")
+    r = run_report(run, tmp_path, "synthetic", bins=5, high_q=0.8, min_pairs=5, last_epochs=1)
+    assert "auroc_annotators" not in r  # pair-level flips: an annotator's flipped share is chance
+    (run / "config.yaml").write_text("data:\n  flip_rate: 0.25\n  flip_by: user\n")
     r = run_report(run, tmp_path, "synthetic", bins=5, high_q=0.8, min_pairs=5, last_epochs=1)
     assert r["pairs"] == n and r["flipped"] == int(flipped.sum())
     assert r["auroc_u"] == pytest.approx(auroc(u, flipped))

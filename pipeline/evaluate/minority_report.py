@@ -72,6 +72,17 @@ def per_annotator(rec: dict[str, np.ndarray], high_q: float, min_pairs: int) -> 
     return rank_annotators(rec["user_id"].astype(int), score, high_q, min_pairs, extra)
 
 
+def _flip_unit(run_dir: str | Path) -> str | None:
+    """The run's ``data.flip_by`` (its resolved config.yaml), None when it flipped nothing or is unknown."""
+    import yaml
+
+    p = Path(run_dir) / "config.yaml"
+    if not p.is_file():
+        return None
+    data = (yaml.safe_load(p.read_text()) or {}).get("data", {})
+    return data.get("flip_by") if data.get("flip_rate", 0) > 0 else None
+
+
 def run_report(
     run_dir: str | Path, out: Path, name: str, bins: int, high_q: float, min_pairs: int, last_epochs: int
 ) -> dict:
@@ -102,7 +113,9 @@ def run_report(
     users = per_annotator(rec, high_q, min_pairs)
     res["annotators"] = users
     flipped_users = np.array([u["flipped_share"] > 0.5 for u in users])
-    if flipped_users.any() and (~flipped_users).any():
+    # only where whole annotators were flipped: with pair-level flips an annotator's flipped share is
+    # chance, and an AUROC over annotators would rank noise
+    if _flip_unit(run_dir) == "user" and flipped_users.any() and (~flipped_users).any():
         res["auroc_annotators"] = auroc([u["mean_score"] for u in users], flipped_users)
     res["plot"] = str(_plot(rec, res, out / f"minority_{name}.png", name, bins) or "")
     return res
