@@ -271,6 +271,34 @@ def test_trajectories_of_another_model_are_refused(traj, prefs, tiny_sd15, tmp_p
     assert f"data.shards={traj} holds trajectories sampled with" in err and str(other) in err, err
 
 
+def test_trajectories_of_this_run_are_accepted_and_of_a_foreign_unet_refused(
+    traj, prefs, tiny_sd15, tmp_path, capsys
+):
+    """Sampled with a trained UNet: accepted when it is this run's (output.dir: the online loop's round
+    r > 0 continues the policy that sampled them), refused when it is any other UNet."""
+    from pipeline.config import load_config
+    from pipeline.d3po import trajectories as tj
+    from pipeline.schema.train import TrainConfig
+    from pipeline.train.trajectories import check_trajectories
+    from stages.sample import cli_main as sample
+
+    run, foreign = tmp_path / "run", tmp_path / "foreign_unet"
+    shutil.copytree(tiny_sd15 / "unet", run / "export" / "unet")
+    shutil.copytree(tiny_sd15 / "unet", foreign)
+    folders = {}
+    for name, unet in (("ours", run), ("foreign", foreign)):
+        folders[name] = tmp_path / name
+        assert sample(["--config", "configs/sample/tiny.yaml", f"model.path={tiny_sd15}", f"model.unet={unet}",
+                       f"prompts.source={traj.parent / 'prompts.txt'}", "prompts.max=2",
+                       f"output.dir={folders[name]}"]) == 0  # fmt: skip
+    cfg = load_config(TrainConfig, CONFIG, [f"data.shards={folders['ours']}", f"data.preferences={prefs}",
+                                            f"output.dir={run}"])  # fmt: skip
+    assert check_trajectories(cfg, tj.load_manifest(folders["ours"])).config_hash
+    assert _main(_args(folders["foreign"], prefs, run)) == 2
+    err = capsys.readouterr().err
+    assert f"was sampled with model.unet={foreign.resolve()}" in err and "nor a UNet of this run" in err, err
+
+
 def test_bad_settings_are_refused_before_any_model_loads(traj, prefs, tmp_path, capsys):
     assert _main(_args(traj, prefs, tmp_path / "o", "train.grad_accum=3")) == 2
     assert "train.grad_accum=3: D3PO accumulates over the trained timesteps" in capsys.readouterr().err

@@ -21,6 +21,7 @@ from pipeline.schema.encode import EncodeConfig
 from pipeline.schema.evaluate import EvalConfig
 from pipeline.schema.feedback import FeedbackConfig
 from pipeline.schema.label import LabelConfig
+from pipeline.schema.online import OnlineConfig
 from pipeline.schema.sample import SampleConfig
 from pipeline.schema.train import TrainConfig
 
@@ -31,6 +32,7 @@ STAGES = {
     "evaluate": EvalConfig,
     "label serve": LabelConfig,
     "feedback": FeedbackConfig,
+    "online": OnlineConfig,
 }
 
 

@@ -31,4 +31,8 @@ def schema_for(path: str | Path) -> type:
         from pipeline.schema.label import LabelConfig
 
         return LabelConfig
+    if stage == "online":
+        from pipeline.schema.online import OnlineConfig
+
+        return OnlineConfig
     raise KeyError(f"{path}: no schema for configs/{stage}/")

@@ -162,6 +162,7 @@ RESUMABLE_KEYS = (
     "train.fp16_on_cpu",
     "data.num_workers",
     "data.shards",
+    "data.preferences",  # like data.shards: the online loop gives each round's trajectories and feedback
     "data.verify_sha256",
     "checkpoint.",
     "output.tensorboard",

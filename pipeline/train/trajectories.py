@@ -69,9 +69,19 @@ def _load_trajectory_manifest(cfg) -> dict:
         ) from None
 
 
+def _inside(path: str | None, folder: str) -> bool:
+    """Whether ``path`` lies inside ``folder`` (both resolved, so symlinks and relative spellings agree)."""
+    if not path:
+        return False
+    return Path(path).resolve().is_relative_to(Path(folder).resolve())
+
+
 def check_trajectories(cfg, manifest: dict):
-    """The trajectories must come from the model being trained: the same model config (hash) and its
-    own UNet (on-policy samples; a ratio of 1 at the start). Returns the model's ``ModelInfo``."""
+    """The trajectories must come from the model being trained: the same model config (hash), and
+    either its own UNet (on-policy samples; a ratio of 1 at the start) or a UNet of this very run
+    (``output.dir``: its export or a checkpoint), which is the policy being continued, as the online
+    loop (``stages.online``) samples round r > 0. Another UNet would be off-policy data. Returns the
+    model's ``ModelInfo``."""
     m = manifest["model"]
     info = inspect_model(cfg.model.path or m["path"])
     if info.config_hash != m["config_hash"]:
@@ -81,11 +91,12 @@ def check_trajectories(cfg, manifest: dict):
             "them with the model being trained, or train the model they were sampled with"
         )
     unet = m.get("unet") or {"kind": "base"}
-    if unet.get("kind") != "base":
+    if unet.get("kind") != "base" and not _inside(unet.get("path"), cfg.output.dir):
         raise UserError(
             f"data.shards={cfg.data.shards} was sampled with model.unet={unet.get('path')} ({unet.get('kind')}), "
-            f"but training starts from model.path={info.path}'s own UNet: the policy would not be the one "
-            "that sampled them (D3PO trains on-policy); sample with the base UNet"
+            f"which is neither model.path={info.path}'s own UNet nor a UNet of this run (output.dir="
+            f"{cfg.output.dir}): the policy would not be the one that sampled them (D3PO trains on-policy); "
+            "sample with the base UNet or with this run's export"
         )
     res = manifest["sampler"]["resolution"]
     if cfg.data.resolution is not None and cfg.data.resolution != res:

@@ -1,0 +1,40 @@
+"""Config of ``stages.online``: D3PO's online loop, rounds of sample -> feedback -> train -> evaluate,
+each phase run by its own stage with a config built from the file and overrides named here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pipeline.schema.common import Count, NonNegInt, Text
+
+
+@dataclass
+class OnlineModel:
+    path: Text  # base diffusers folder (sd15): samples round 0, and is the frozen reference of every round
+
+
+@dataclass
+class OnlineEval:
+    prompts: Text  # text file of the evaluation prompts: the same prompts and seeds every round
+    seed: NonNegInt = 1_000_000  # sampler.seed of every evaluation: only the policy changes between rounds
+
+
+@dataclass
+class OnlineConfig:
+    """Every round trains the same run (``<out>/run``) ``steps_per_round`` optimizer steps further; the
+    stage configs' own model / data / output keys are set by the loop and need not be given."""
+
+    model: OnlineModel
+    out: Text  # the loop's folder: round_NNN/, run/ (the one training run), eval_base/, report.json
+    prompts: Text  # text file of the training prompts, sampled afresh by the current policy every round
+    eval: OnlineEval
+    rounds: Count = 2  # sample -> feedback -> train -> evaluate, this many times
+    steps_per_round: Count = 10  # optimizer steps per round: round r trains up to (r + 1) x steps_per_round
+    seed: NonNegInt = 0  # round r samples its training prompts with sampler.seed = seed + r (fresh noise)
+    sample_config: Text = "configs/sample/tiny.yaml"  # stages.sample config of the training and eval samples
+    sample_overrides: list[Text] = field(default_factory=list)  # key=value for it, e.g. [run.batch_size=4]
+    feedback_config: Text = "configs/feedback/tiny.yaml"  # stages.feedback config (source=rewards)
+    feedback_overrides: list[Text] = field(default_factory=list)  # e.g. ['rewards=[jpeg_compressibility]']
+    train_config: Text = "configs/train/tiny_d3po.yaml"  # stages.train config (objective.name=d3po)
+    train_overrides: list[Text] = field(default_factory=list)  # e.g. [model.lora_rank=4, checkpoint.every=5]
+    train_nproc: Count = 1  # >1: torch.distributed.run --standalone --nproc_per_node N (one node)

@@ -1,0 +1,319 @@
+"""Stage online (D3PO, part 4): rounds of sample -> feedback -> train -> evaluate, one training run.
+
+    python -m stages.online --config configs/online/tiny.yaml model.path=/models/tiny out=/runs/online
+
+Round r (``<out>/round_NNN/``): (a) ``stages.sample`` the training prompts with the current policy
+(round 0: the base UNet; later: this run's export, ``<out>/run``), (b) ``stages.feedback`` on them,
+(c) ``stages.train`` continues the one run ``<out>/run`` up to (r + 1) x ``steps_per_round`` optimizer
+steps on this round's trajectories (a subprocess, torchrun for ``train_nproc`` > 1: DeepSpeed sets up
+a process group; the reference stays the frozen base), (d) samples the fixed evaluation prompts with
+fixed seeds with the new policy and scores them with the feedback's rewards (``report.json``, a grid).
+
+The loop only orchestrates the stages. Each phase ends with an atomic ``<phase>.done`` marker: a rerun
+of the same command skips finished phases and redoes an unfinished one, which is safe because every
+stage is restart-safe by itself (sample skips finished shards, feedback rewrites identical bytes,
+train resumes from its latest checkpoint exactly), so a killed loop ends with the same weights and
+rewards as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from pipeline import cli
+from pipeline.config import load_config, write_resolved
+from pipeline.d3po import online as ol
+from pipeline.errors import ConfigError, UserError
+from pipeline.schema.feedback import FeedbackConfig
+from pipeline.schema.online import OnlineConfig
+from pipeline.schema.sample import SampleConfig
+from pipeline.schema.train import TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+PHASES = ("sample", "feedback", "train", "eval")
+
+
+class Loop:
+    def __init__(self, cfg: OnlineConfig):
+        self.cfg = cfg
+        self.out = Path(cfg.out).resolve()
+        self.run_dir = self.out / "run"
+        self.model = str(Path(cfg.model.path).resolve())
+        self.prompts = self._file("prompts", cfg.prompts)
+        self.eval_prompts = self._file("eval.prompts", cfg.eval.prompts)
+        self.configs = {
+            s: self._file(f"{s}_config", getattr(cfg, f"{s}_config")) for s in ("sample", "feedback", "train")
+        }
+        if not (Path(self.model) / "model_index.json").is_file():
+            raise UserError(
+                f"model.path={cfg.model.path}: not a diffusers model folder (no model_index.json)"
+            )
+        self._check_stage_configs()
+
+    @staticmethod
+    def _file(key: str, path: str) -> str:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"{key}={path}: no such file")
+        return str(p.resolve())
+
+    # ------------------------------------------------------------------ the stages' configs
+
+    def _load(self, stage: str, cls: type, overrides: list[str]):
+        """A stage's config: its file, the user's overrides, then the loop's own keys (which win). A bad
+        value fails here, before round 0 samples anything, naming the override list it came from."""
+        user = list(getattr(self.cfg, f"{stage}_overrides"))
+        try:
+            return load_config(cls, self.configs[stage], user + overrides)
+        except ConfigError as e:
+            raise UserError(
+                f"{stage}_config={getattr(self.cfg, f'{stage}_config')} with {stage}_overrides={user}: {e}"
+            ) from None
+
+    def sample_cfg(self, prompts: str, out: Path, seed: int, unet: str | None) -> SampleConfig:
+        o = [
+            f"model.path={self.model}",
+            f"prompts.source={prompts}",
+            f"output.dir={out}",
+            f"sampler.seed={seed}",
+        ]
+        if unet is not None:
+            o.append(f"model.unet={unet}")
+        return self._load("sample", SampleConfig, o)
+
+    def feedback_cfg(self, traj: Path, out: Path) -> FeedbackConfig:
+        return self._load("feedback", FeedbackConfig, [f"trajectories={traj}", f"out={out}"])
+
+    def train_overrides(self, r: int) -> list[str]:
+        rd = self.round_dir(r)
+        return [
+            f"model.path={self.model}",
+            f"data.shards={rd / 'sample'}",
+            f"data.preferences={rd / 'feedback'}",
+            f"output.dir={self.run_dir}",
+            f"train.max_steps={(r + 1) * self.cfg.steps_per_round}",
+            "checkpoint.export=true",
+        ]
+
+    def _check_stage_configs(self) -> None:
+        self.sample_cfg(self.prompts, self.out / "x", 0, None)
+        fb = self.feedback_cfg(self.out / "x", self.out / "y")
+        if fb.source != "rewards":
+            raise UserError(
+                f"feedback_config={self.cfg.feedback_config}: source={fb.source}; the online loop needs "
+                "scripted rewards (source=rewards): people's labels would stop it every round"
+            )
+        tr = self._load("train", TrainConfig, self.train_overrides(0))
+        if tr.objective.name != "d3po":
+            raise UserError(
+                f"train_config={self.cfg.train_config}: objective.name={tr.objective.name}; the online loop "
+                "trains objective.name=d3po on its sampled trajectories"
+            )
+        self.rewards_names = list(fb.rewards)
+
+    # ------------------------------------------------------------------ phases
+
+    def round_dir(self, r: int) -> Path:
+        return self.out / f"round_{r:03d}"
+
+    def phase(self, folder: Path, name: str, fn, *args) -> dict:
+        """Run ``fn`` unless the phase's marker says it finished; the marker (with its seconds) is
+        written last. The seconds are those of the run that finished it (a redone phase: its last try)."""
+        done = ol.read_done(folder, name)
+        if done is not None:
+            print(f"  {folder.name}/{name}: done before, skipped", flush=True)
+            return done
+        print(f"  {folder.name}/{name} ...", flush=True)
+        t0 = time.time()
+        info = fn(*args) or {}
+        done = {**info, "seconds": round(time.time() - t0, 3)}
+        ol.write_json(ol.marker(folder, name), done)
+        return done
+
+    def policy(self, r: int) -> str | None:
+        """What round r samples from: the base UNet (round 0), then this run's export (full UNet or LoRA,
+        as stages.sample resolves a run folder)."""
+        return None if r == 0 else str(self.run_dir)
+
+    def do_sample(self, r: int) -> dict:
+        from stages import sample
+
+        c = self.sample_cfg(self.prompts, self.round_dir(r) / "sample", self.cfg.seed + r, self.policy(r))
+        sample.main(c)
+        return {"unet": c.model.unet or "base", "sampler_seed": c.sampler.seed}
+
+    def do_feedback(self, r: int) -> dict:
+        from stages import feedback
+
+        rd = self.round_dir(r)
+        feedback.main(self.feedback_cfg(rd / "sample", rd / "feedback"))
+        return {}
+
+    def do_train(self, r: int) -> dict:
+        rd = self.round_dir(r)
+        # eval samples of this round made before its training finished (markers removed by hand) would
+        # be kept by the sample stage, which knows the policy by path, not by weights
+        shutil.rmtree(rd / "eval", ignore_errors=True)
+        args = ["--config", self.configs["train"], *self.cfg.train_overrides, *self.train_overrides(r)]
+        if self.cfg.train_nproc == 1:
+            cmd = [sys.executable, "-m", "stages.train", *args]
+        else:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                   "--nproc_per_node", str(self.cfg.train_nproc), "-m", "stages.train", *args]  # fmt: skip
+        env = dict(
+            os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+        )
+        log_file = rd / "train.log"
+        with open(log_file, "ab") as f:
+            f.write(f"\n$ {' '.join(cmd)}\n".encode())
+            f.flush()
+            p = subprocess.run(
+                cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent
+            )
+        if p.returncode != 0:
+            tail = "\n".join(log_file.read_text(errors="replace").splitlines()[-15:])
+            raise TrainFailed(
+                p.returncode, f"round {r}: stages.train exited {p.returncode} (log: {log_file}):\n{tail}"
+            )
+        first = r * self.cfg.steps_per_round + 1
+        return {
+            "metrics": ol.round_metrics(
+                self.run_dir / "metrics.jsonl", first, (r + 1) * self.cfg.steps_per_round
+            )
+        }
+
+    def do_eval(self, folder: Path, unet: str | None) -> dict:
+        """Fresh samples of the eval prompts with the eval seed, scored with the feedback's rewards."""
+        from pipeline.d3po.rewards import make_reward
+        from stages import sample
+
+        c = self.sample_cfg(self.eval_prompts, folder / "samples", self.cfg.eval.seed, unet)
+        sample.main(c)
+        fb = self.feedback_cfg(folder / "samples", folder)
+        paths = {n: getattr(fb.scorers, n) for n in ("aesthetic", "pickscore", "hpsv2", "imagereward")}
+        rewards = [make_reward(n, paths, fb.scorers.device, fb.scorers.dtype) for n in fb.rewards]
+        images, prompts = ol.load_images(folder / "samples")
+        scores = ol.score(rewards, images, prompts)
+        ol.grid(images, c.sampler.images_per_prompt, folder / "grid.png")
+        ol.write_json(
+            folder / "scores.json", {"unet": unet or "base", "seed": self.cfg.eval.seed, "rewards": scores}
+        )
+        return {"rewards": {k: {"mean": v["mean"], "se": v["se"], "n": v["n"]} for k, v in scores.items()}}
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self) -> int:
+        self.check_same_loop()
+        self.out.mkdir(parents=True, exist_ok=True)
+        write_resolved(self.cfg, self.out / "config.yaml")
+        t0 = time.time()
+        print(
+            f"online loop -> {self.out}: {self.cfg.rounds} rounds x {self.cfg.steps_per_round} steps",
+            flush=True,
+        )
+        base = self.phase(self.out / "eval_base", "eval", self.do_eval, self.out / "eval_base", None)
+        rows = [{"round": -1, "eval": base["rewards"], "seconds": {"eval": base["seconds"]}}]
+        for r in range(self.cfg.rounds):
+            rd = self.round_dir(r)
+            rd.mkdir(parents=True, exist_ok=True)
+            print(f"round {r}", flush=True)
+            done = {
+                "sample": self.phase(rd, "sample", self.do_sample, r),
+                "feedback": self.phase(rd, "feedback", self.do_feedback, r),
+                "train": self.phase(rd, "train", self.do_train, r),
+                "eval": self.phase(rd, "eval", self.do_eval, rd / "eval", str(self.run_dir)),
+            }
+            report = self.round_report(r, done)
+            ol.write_json(rd / "report.json", report)
+            rows.append(report)
+        reward_names = list(base["rewards"])
+        ol.plot_rewards(rows, reward_names, self.out / "reward_by_round.png")
+        ol.write_json(
+            self.out / "report.json", {"rounds": rows, "rewards": reward_names, "out": str(self.out)}
+        )
+        print(table(rows, reward_names))
+        print(f"online loop done in {time.time() - t0:.1f} s -> {self.out / 'report.json'}")
+        return 0
+
+    def check_same_loop(self) -> None:
+        """A rerun must be the same loop: the finished phases' markers stand for this config's work. Only
+        ``rounds`` may change (more rounds continue the loop; fewer stop it early)."""
+        saved = self.out / "config.yaml"
+        if not saved.is_file():
+            return
+        import yaml
+
+        from pipeline.config import flatten, to_dict
+
+        a, b = flatten(yaml.safe_load(saved.read_text())), flatten(to_dict(self.cfg))
+        diffs = [f"{k}: {a.get(k)!r} before, {b.get(k)!r} now" for k in sorted(set(a) | set(b))
+                 if k != "rounds" and a.get(k) != b.get(k)]  # fmt: skip
+        if diffs:
+            raise UserError(
+                f"out={self.cfg.out} holds a loop with another config; use a new out, or restore:\n  "
+                + "\n  ".join(diffs)
+            )
+
+    def round_report(self, r: int, done: dict) -> dict:
+        import json
+
+        fb = json.loads((self.round_dir(r) / "feedback" / "summary.json").read_text())
+        return {
+            "round": r,
+            "sampled_with": done["sample"].get("unet"),
+            "eval": done["eval"]["rewards"],
+            "train": done["train"]["metrics"],
+            "feedback": {k: fb.get(k) for k in ("groups", "pairs", "decided", "ties", "mean_value")},
+            "seconds": {p: done[p]["seconds"] for p in PHASES},
+        }
+
+
+class TrainFailed(Exception):
+    def __init__(self, rc: int, message: str):
+        super().__init__(message)
+        self.rc = rc
+
+
+def _die_with_parent() -> None:
+    """Linux: the training process gets SIGKILL when the loop dies, so a killed loop leaves no trainer
+    writing to the run while a rerun starts another one."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def table(rows: list[dict], names: list[str]) -> str:
+    head = ["round", *(f"{n} (mean +- s.e.)" for n in names), "loss", "accuracy", "seconds"]
+    lines = [" | ".join(head)]
+    for row in rows:
+        ev = [f"{row['eval'][n]['mean']:.4f} +- {(row['eval'][n]['se'] or 0):.4f}" for n in names]
+        tr = row.get("train") or {}
+        fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+        secs = sum(row["seconds"].values())
+        rnd = "base" if row["round"] < 0 else str(row["round"])
+        lines.append(" | ".join([rnd, *ev, fmt(tr.get("loss")), fmt(tr.get("accuracy")), f"{secs:.1f}"]))
+    return "\n".join(lines)
+
+
+def main(cfg: OnlineConfig) -> int:
+    loop = Loop(cfg)
+    try:
+        return loop.run()
+    except TrainFailed as e:
+        print(f"python -m stages.online: error: {e}", file=sys.stderr, flush=True)
+        return e.rc
+
+
+def cli_main(argv: list[str] | None = None) -> int:
+    return cli.run("python -m stages.online", OnlineConfig, main, argv, __doc__.split("\n\n")[0])
+
+
+if __name__ == "__main__":
+    sys.exit(cli_main())

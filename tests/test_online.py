@@ -1,0 +1,153 @@
+"""D3PO's online loop (part 4): ``stages.online`` orchestrates sample -> feedback -> train -> evaluate
+over rounds of one training run, resumable at any point.
+
+The tiny model, 2 rounds of 4 prompts x K=2 images x 4 DDIM steps, brightness feedback, 2 optimizer
+steps per round (configs/online/tiny.yaml), 2 eval prompts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pipeline.metrics_log import read_metrics
+from tests.helpers.run import ROOT, env
+
+CONFIG = "configs/online/tiny.yaml"
+PROMPTS = ["a red cat, photo", "a blue ship, sketch", "a green house, watercolor", "a white tree, photo"]
+EVAL = ["a black dog, oil", "a yellow car, sketch"]
+STEPS = 2  # configs/online/tiny.yaml steps_per_round
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("online_prompts")
+    (d / "train.txt").write_text("\n".join(PROMPTS) + "\n")
+    (d / "eval.txt").write_text("\n".join(EVAL) + "\n")
+    return d
+
+
+def args(model, files, out, *extra) -> list[str]:
+    return ["--config", CONFIG, f"model.path={model}", f"out={out}", f"prompts={files / 'train.txt'}",
+            f"eval.prompts={files / 'eval.txt'}", *extra]  # fmt: skip
+
+
+def start(model, files, out) -> subprocess.Popen:
+    """The loop as a user runs it, in its own process group (a scheduler kills the group)."""
+    cmd = [sys.executable, "-m", "stages.online", *args(model, files, out)]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)  # fmt: skip
+
+
+def finish(p: subprocess.Popen) -> str:
+    out, _ = p.communicate(timeout=600)
+    assert p.returncode == 0, out[-6000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def online_run(tiny_sd15, files, tmp_path_factory):
+    out = tmp_path_factory.mktemp("online") / "loop"
+    finish(start(tiny_sd15, files, out))
+    return out
+
+
+def _tensors(folder: Path) -> dict[str, torch.Tensor]:
+    return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+
+
+def _eval_values(out: Path) -> dict:
+    return {
+        d: json.loads((out / d / "scores.json").read_text())["rewards"]
+        for d in ("eval_base", "round_000/eval", "round_001/eval")
+    }
+
+
+@pytest.mark.slow
+def test_two_rounds_continue_one_run_and_report(online_run, tiny_sd15, files, capsys):
+    """(a) both rounds report; the run's steps go 1..4 without a restart; round 1 sampled the export."""
+    out = online_run
+    steps = [r["step"] for r in read_metrics(out / "run" / "metrics.jsonl")]
+    assert steps == list(range(1, 2 * STEPS + 1)), steps
+    assert "resumed from" in (out / "round_001" / "train.log").read_text()
+    m0 = json.loads((out / "round_000" / "sample" / "manifest.json").read_text())["model"]["unet"]
+    m1 = json.loads((out / "round_001" / "sample" / "manifest.json").read_text())["model"]["unet"]
+    assert m0["kind"] == "base"
+    assert (m1["kind"], m1["path"]) == ("unet", str((out / "run" / "export" / "unet").resolve()))
+    for r in (0, 1):
+        rep = json.loads((out / f"round_{r:03d}" / "report.json").read_text())
+        assert rep["round"] == r and rep["train"]["steps"] == [r * STEPS + 1, (r + 1) * STEPS]
+        assert rep["train"]["last_step"] == (r + 1) * STEPS and rep["train"]["loss"] is not None
+        b = rep["eval"]["brightness"]
+        assert b["n"] == 2 * len(EVAL) and b["se"] is not None and 0 < b["mean"] < 1
+        assert set(rep["seconds"]) == {"sample", "feedback", "train", "eval"}
+        assert (out / f"round_{r:03d}" / "eval" / "grid.png").is_file()
+    report = json.loads((out / "report.json").read_text())
+    assert [r["round"] for r in report["rounds"]] == [-1, 0, 1]
+    assert (out / "reward_by_round.png").is_file() and (out / "eval_base" / "grid.png").is_file()
+    # the round-0 train starts at the base: D3PO's loss is log 2 at step 1
+    first = read_metrics(out / "run" / "metrics.jsonl")[0]
+    assert first["loss"] == pytest.approx(0.6931, abs=1e-3)
+
+    # a rerun of a finished loop skips every phase and changes nothing
+    from stages.online import cli_main
+
+    before = (out / "run" / "metrics.jsonl").read_bytes()
+    assert cli_main(args(tiny_sd15, files, out)) == 0
+    text = capsys.readouterr().out
+    assert text.count("done before, skipped") == 1 + 4 * 2, text
+    assert (out / "run" / "metrics.jsonl").read_bytes() == before
+
+
+@pytest.mark.slow
+def test_killed_in_round_1_and_rerun_equals_an_uninterrupted_run(online_run, tiny_sd15, files, tmp_path):
+    """(b) SIGKILL of the loop (and its trainer) in round 1's train phase, after its first checkpoint;
+    the same command again: the exported weights and every eval reward equal the uninterrupted run's."""
+    out = tmp_path / "loop"
+    p = start(tiny_sd15, files, out)
+    latest = out / "run" / "checkpoints" / "latest"
+    deadline = time.time() + 300
+    while time.time() < deadline and p.poll() is None:
+        if latest.is_file() and latest.read_text().strip() == f"step_{STEPS + 1:08d}":
+            os.killpg(p.pid, signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    p.communicate(timeout=60)
+    assert p.returncode == -signal.SIGKILL, "the loop finished before the kill point"
+    assert not (out / "round_001" / "train.done").exists()
+    finish(start(tiny_sd15, files, out))
+    ta, tb = _tensors(online_run / "run" / "export" / "unet"), _tensors(out / "run" / "export" / "unet")
+    assert ta and set(ta) == set(tb) and all(torch.equal(ta[k], tb[k]) for k in ta)
+    assert _eval_values(online_run) == _eval_values(out)
+    a, b = read_metrics(online_run / "run" / "metrics.jsonl"), read_metrics(out / "run" / "metrics.jsonl")
+    assert [r["step"] for r in b] == list(range(1, 2 * STEPS + 1))
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+
+
+def test_bad_config_exits_2_naming_the_key_or_file(tiny_sd15, files, tmp_path, capsys):
+    """(c) one-line errors before anything runs."""
+    from stages.online import cli_main
+
+    out = tmp_path / "loop"
+    assert cli_main(args(tiny_sd15, files, out, "rounds=0")) == 2
+    assert "rounds" in capsys.readouterr().err
+    missing = tmp_path / "nope.txt"
+    assert cli_main(args(tiny_sd15, files, out, f"prompts={missing}")) == 2
+    assert f"prompts={missing}: no such file" in capsys.readouterr().err
+    assert cli_main(args(tiny_sd15, files, out, f"eval.prompts={missing}")) == 2
+    assert f"eval.prompts={missing}: no such file" in capsys.readouterr().err
+    assert cli_main(args(tiny_sd15, files, out, "sample_overrides=[sampler.eta=0]")) == 2
+    err = capsys.readouterr().err
+    assert "sample_overrides=['sampler.eta=0']" in err and "sampler.eta" in err, err
+    assert cli_main(args(tiny_sd15, files, out, "train_overrides=[objective.name=dpo]")) == 2
+    assert "objective.name=dpo" in capsys.readouterr().err
+    assert not out.exists()
