@@ -198,7 +198,9 @@ def test_real_pickapic_input_without_the_toy_column_encodes_with_the_tiny_config
     from tools.make_pickapic import make_rows, write_parquet
 
     src = tmp_path / "src"
-    write_parquet(make_rows(8, seed=2, tie_rate=0, unlabelled_rate=0, identical_rate=0), src, rows_per_file=10)
+    write_parquet(
+        make_rows(8, seed=2, tie_rate=0, unlabelled_rate=0, identical_rate=0), src, rows_per_file=10
+    )
     f = next(src.glob("*.parquet"))
     pq.write_table(pq.read_table(f).drop(["true_label_0"]), f)
     out = tmp_path / "o"
