@@ -1,4 +1,4 @@
-"""D3PO's maths, golden-tested (docs/method.md, "D3PO"; SPEC section 9): the DDIM step at eta = 1 as a
+"""D3PO's maths, golden-tested (docs/method.md, "D3PO"): the DDIM step at eta = 1 as a
 Gaussian transition, its log-density, re-scoring a stored trajectory, the clamped-ratio loss, and the
 ``d3po`` objective's config. Fast and in-process: the tiny SD1.5 UNet (8x8 latents) at most.
 
@@ -57,7 +57,7 @@ def randn(*shape, seed=0):
 
 
 def _hand_mean_std(s: DDIMScheduler, e: torch.Tensor, t: int, x: torch.Tensor, eta: float):
-    """SPEC section 9 written out in float64, epsilon prediction, no clipping."""
+    """docs/method.md's D3PO density written out in float64, epsilon prediction, no clipping."""
     ac = s.alphas_cumprod.double()
     prev = t - s.config.num_train_timesteps // s.num_inference_steps
     a_t = float(ac[t])

@@ -1,6 +1,6 @@
 """Golden tests of every objective, with the maths worked out by hand, plus the invariants.
 
-Conventions (SPEC section 2): d = e(z_w) - e(z_l); h = d_ref - d_theta; logit = beta * h.
+Conventions (docs/method.md, "Notation"): d = e(z_w) - e(z_l); h = d_ref - d_theta; logit = beta * h.
 softplus(x) = log(1 + e^x), so -log sigmoid(x) = softplus(-x). Hand values used below:
     softplus(-1) = 0.31326168751822286      softplus(1) = 1.3132616875182228
     softplus(2)  = 2.1269280110429727       sigmoid(1) = 0.7310585786300049, sigmoid(3) = 0.9525741268224334
