@@ -37,7 +37,7 @@ from pipeline.d3po.sampler import (
     scheduler_config,
     screen_prompts,
 )
-from pipeline.data.manifest import shard_ranges
+from pipeline.data.manifest import check_or_write_plan, shard_ranges
 from pipeline.data.shards import finished_record, remove_stale_tmp, sha256_file, shard_name, write_shard
 from pipeline.dist_env import job_info
 from pipeline.encoders import Encoder
@@ -248,7 +248,7 @@ def main(cfg: SampleConfig) -> int:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     plan = make_plan(cfg, info, spec, prompts, screened, scheduler_config(sched), sched.timesteps.tolist())
-    tj.check_or_write_plan(out, plan)
+    check_or_write_plan(out, plan, "trajectories of another sample run")
     write_resolved(cfg, out / "jobs" / f"job-{job.rank:05d}-of-{job.world_size:05d}.yaml")
     ranges = shard_ranges(len(screened.kept), cfg.output.shard_size)
     mine = [i for i in range(len(ranges)) if i % job.world_size == job.rank]

@@ -128,7 +128,13 @@ def test_two_jobs_write_the_same_shards_as_one(encoded, tiny_sd15, pickapic_dir,
 def test_killed_job_restarts_to_the_same_result(encoded, tiny_sd15, pickapic_dir, tmp_path):
     out = tmp_path / "killed"
     env = dict(os.environ, KILL_AT_TAR="2", PYTHONPATH=str(ROOT))
-    args = [sys.executable, "-m", "tests.helpers.encode_killed", *encode_args(tiny_sd15, pickapic_dir, out)]
+    args = [
+        sys.executable,
+        "-m",
+        "tests.helpers.stage_killed",
+        "encode",
+        *encode_args(tiny_sd15, pickapic_dir, out),
+    ]
     p = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True)
     assert p.returncode == -9, p.stderr[-2000:]
     assert len(list(out.glob("shard-*.tar"))) == 1 and list(

@@ -151,7 +151,13 @@ def test_two_jobs_write_the_same_bytes_as_one(sampled, tiny_sd15, prompt_file, t
 def test_killed_job_restarts_to_the_same_bytes(sampled, tiny_sd15, prompt_file, tmp_path):
     out = tmp_path / "killed"
     env = dict(os.environ, KILL_AT_TAR="2", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    args = [sys.executable, "-m", "tests.helpers.sample_killed", *sample_args(tiny_sd15, prompt_file, out)]
+    args = [
+        sys.executable,
+        "-m",
+        "tests.helpers.stage_killed",
+        "sample",
+        *sample_args(tiny_sd15, prompt_file, out),
+    ]
     p = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True)
     assert p.returncode == -9, p.stderr[-2000:]
     assert len(list(out.glob("shard-*.tar"))) == 1 and list(

@@ -46,7 +46,6 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import flatten
 from pipeline.data.shards import (
     finished_record,
     iter_tar_samples,
@@ -168,23 +167,6 @@ def load_uncond(shard_dir: str | Path, text_dim: int | None = None) -> np.ndarra
     ):
         raise UserError(f"{p}: expected float16 [1, 77, {text_dim or 'D'}], got {a.dtype} {list(a.shape)}")
     return a
-
-
-def check_or_write_plan(out_dir: Path, plan: dict) -> None:
-    """Write ``plan.json``, or refuse if the folder holds another sample run's plan (another model,
-    prompt list or sampler setting): its shards would mix with this run's."""
-    path = out_dir / "plan.json"
-    if path.is_file():
-        old = json.loads(path.read_text())
-        if old != plan:
-            a, b = flatten(old), flatten(plan)
-            diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-            raise UserError(
-                f"{out_dir} holds trajectories of another sample run (differs in: {', '.join(diff[:8])}); "
-                "use a new output.dir or delete the old shards"
-            )
-        return
-    write_json_atomic(path, plan)
 
 
 def merge_manifest(out_dir: Path, verify: bool = False) -> dict | None:

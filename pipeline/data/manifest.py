@@ -22,7 +22,9 @@ def shard_ranges(n_kept: int, shard_size: int) -> list[tuple[int, int]]:
     return [(s, min(s + shard_size, n_kept)) for s in range(0, n_kept, shard_size)]
 
 
-def check_or_write_plan(out_dir: Path, plan: dict) -> None:
+def check_or_write_plan(out_dir: Path, plan: dict, what: str = "shards of another encode run") -> None:
+    """Write ``plan.json``, or refuse if the folder holds ``what`` (another model, input or setting):
+    its shards would mix with this run's."""
     path = out_dir / "plan.json"
     if path.is_file():
         old = json.loads(path.read_text())
@@ -30,7 +32,7 @@ def check_or_write_plan(out_dir: Path, plan: dict) -> None:
             a, b = flatten(old), flatten(plan)
             diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
             raise UserError(
-                f"{out_dir} holds shards of another encode run (differs in: {', '.join(diff[:8])}); "
+                f"{out_dir} holds {what} (differs in: {', '.join(diff[:8])}); "
                 "use a new output.dir or delete the old shards"
             )
         return

@@ -1,6 +1,8 @@
-"""Run stages.encode, but die by SIGKILL halfway through writing the N-th shard tar (KILL_AT_TAR=N):
-a real crash in the worst window, a partial temporary file on disk and no rename."""
+"""Run a shard-writing stage (``python -m tests.helpers.stage_killed encode|sample ARGS``), but die by
+SIGKILL halfway through writing the N-th shard tar (KILL_AT_TAR=N): a real crash in the worst window,
+a partial temporary file on disk and no rename."""
 
+import importlib
 import os
 import signal
 import socket
@@ -25,6 +27,5 @@ def _dying_write(path, data):
 
 shards._atomic_write_bytes = _dying_write
 
-from stages.encode import cli_main  # noqa: E402
-
-sys.exit(cli_main(sys.argv[1:]))
+stage = importlib.import_module(f"stages.{sys.argv[1]}")
+sys.exit(stage.cli_main(sys.argv[2:]))
