@@ -39,7 +39,6 @@ import hashlib
 import io
 import json
 import os
-import socket
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -52,6 +51,7 @@ from pipeline.data.shards import (
     sha256_file,
     shard_name,
     write_json_atomic,
+    write_temporary,
 )
 from pipeline.errors import UserError
 
@@ -136,12 +136,8 @@ def write_once(path: Path, data: bytes) -> None:
     shards of a folder are sampled with the same bytes even if jobs computed them on other hardware."""
     if path.exists():
         return
-    tmp = path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+    tmp = write_temporary(path, data)
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
         try:
             os.link(tmp, path)
         except FileExistsError:

@@ -107,9 +107,10 @@ def _mount_point(path: Path) -> Path:
     return path
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary name, fsync, rename. A full disk or quota is one line naming the file
-    system (the temporary is removed; finished shards are kept, so the same command resumes)."""
+def write_temporary(path: Path, data: bytes) -> Path:
+    """``data`` fsynced under a temporary name beside ``path`` (the caller renames or links it into
+    place). A full disk or quota is one line naming the file system; the temporary is removed, and
+    finished files are kept, so the same command resumes."""
     tmp = path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
@@ -124,7 +125,12 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
                 "free space and run the same command again (finished shards are kept)"
             ) from e
         raise
-    tmp.replace(path)
+    return tmp
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary name, fsync, rename (``write_temporary``)."""
+    write_temporary(path, data).replace(path)
 
 
 def write_json_atomic(path: Path, obj: dict) -> None:
