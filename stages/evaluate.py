@@ -97,6 +97,8 @@ def preference_section(cfg: EvalConfig, specs, info, device, dtype, rows: dict, 
     rows["base"]["accuracy_labels"] = chance
     if np.isfinite(truth).any():
         rows["base"]["accuracy_true"] = chance
+    if any("accuracy_flipped_view" in e for e in sec["models"].values()):
+        rows["base"]["accuracy_flipped_view"] = chance  # against any labels: h = 0 ties every pair
     report["preference"] = sec
 
 
