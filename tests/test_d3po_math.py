@@ -438,8 +438,62 @@ def test_d3po_is_registered_as_a_trajectory_objective_and_documented():
     """Pair objectives take ModelErrors (OBJECTIVES, the names of ObjectiveName); d3po takes
     TransitionLogProbs and sits apart, so nothing feeds it pair errors."""
     names = typing.get_args(TrajectoryObjectiveName)
-    assert set(TRAJECTORY_OBJECTIVES) == set(names) == {"d3po"} and not set(names) & set(OBJECTIVES)
+    assert set(TRAJECTORY_OBJECTIVES) == set(names) == {"d3po", "adaptive_d3po"}
+    assert not set(names) & set(OBJECTIVES)
     assert all(c.data_kind == "pairs" for c in OBJECTIVES.values())
     readme = (ROOT / "README.md").read_text()
     for name in names:
         assert f"| `{name}` |" in readme, name
+
+
+# ---------------------------------------------------------------- Adaptive-D3PO
+
+
+def test_trajectory_margin_is_the_whole_trajectorys_log_ratio_winner_minus_loser():
+    from pipeline.losses.d3po import trajectory_margin
+
+    sums = T(-3.0, -5.0, -2.0, -1.0).view(2, 2)  # [B=2, images i, j]: summed log-densities of a model
+    ref = T(-4.0, -4.5, -2.5, -1.0).view(2, 2)
+    # pair 0: winner i: (-3 + 4) - (-5 + 4.5) = 1.5; pair 1: winner j: (-1 + 1) - (-2 + 2.5) = -0.5
+    assert_close(trajectory_margin(sums, ref, torch.tensor([True, False])), T(1.5, -0.5))
+
+
+def test_adaptive_d3po_is_weighted_d3po_by_the_minority_score_of_trajectory_margins():
+    """Hand-computed: g standardized over the batch (rho 1), u = s c over the policy + 2 EMA models,
+    W = 1 / (1 + k1 u) renormalised to mean 1, no margin; the loss is W times D3PO's. Warm-up (metric
+    inactive) or no margins: exactly D3PO, W = 1."""
+    cfg = load_config(TrainConfig, None, ["data.shards=s", "output.dir=o", "objective.name=adaptive_d3po",
+                                          "objective.adaptive.g_scale=standardized", "objective.adaptive.rho=1",
+                                          "objective.adaptive.margin=none", "objective.adaptive.renormalize=true",
+                                          "ema.half_lives=[8,1]"])  # fmt: skip
+    obj = build_objective(cfg.objective)
+    assert obj.uses_ema and obj.data_kind == "trajectories"
+    pw, rw, pl, rl = (0.05, -0.2, 0.01), (0.0, 0.0, 0.0), (-0.02, 0.3, 0.0), (0.0, 0.0, 0.0)
+    h_models = torch.tensor([[2.0, -1.0, 0.5], [1.0, -2.0, 0.5], [0.0, 0.0, 1.0]])  # [M=3, B=3]
+    lp = _lp(pw, rw, pl, rl)
+    lp.h_models = h_models
+    out = obj(lp, metric_active=True)
+    z = (h_models - h_models.mean(1, keepdim=True)) / h_models.std(1, keepdim=True)
+    c = 1 - torch.sigmoid(z).mean(0)
+    u = z.var(0) * c
+    W = 1 / (1 + 10 * u)
+    W = W / W.mean()
+    plain = d3po_loss(_lp(pw, rw, pl, rl))
+    assert_close(out.stats["u"], u)
+    assert_close(out.stats["W"], W)
+    assert_close(out.loss, W * plain)
+    assert_close(out.stats["h_traj"], h_models[0])
+    out.loss.sum().backward()  # the gradient flows through the policy's log-probs only
+    assert lp.policy_w.grad is not None and not h_models.requires_grad
+    for active, hm in ((False, h_models), (True, None)):
+        lp2 = _lp(pw, rw, pl, rl)
+        lp2.h_models = hm
+        o = obj(lp2, metric_active=active)
+        assert_close(o.loss, plain) and torch.equal(o.stats["W"], torch.ones(3))
+        assert torch.isnan(o.stats["u"]).all()
+
+
+def test_adaptive_d3po_needs_ema_models():
+    with pytest.raises(ConfigError) as e:
+        load_config(TrainConfig, None, ["data.shards=s", "output.dir=o", "objective.name=adaptive_d3po"])
+    assert "ema.decays: the adaptive objectives need at least one EMA model" in e.value.errors[0]

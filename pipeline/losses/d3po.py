@@ -38,6 +38,9 @@ class TransitionLogProbs:
     policy_l: torch.Tensor
     ref_l: torch.Tensor
     tie: torch.Tensor | None = None
+    # Adaptive-D3PO: [M, B] the trajectory's summed log-ratio margin under the policy and each EMA model
+    # (sum over every transition of (logp_m - logp_ref) for w minus the same for l; detached), or None
+    h_models: torch.Tensor | None = None
 
 
 @dataclass
@@ -58,8 +61,15 @@ def clamped_log_ratio(logp_policy: torch.Tensor, logp_ref: torch.Tensor, eps: fl
     return d.clamp(math.log1p(-eps), math.log1p(eps))
 
 
-def d3po_terms(logps: TransitionLogProbs, beta: float, eps: float) -> D3POTerms:
-    """The per-pair loss and what to log about it (``d3po_loss`` is its ``loss``)."""
+def d3po_terms(
+    logps: TransitionLogProbs,
+    beta: float,
+    eps: float,
+    W: torch.Tensor | None = None,
+    G: torch.Tensor | None = None,
+) -> D3POTerms:
+    """The per-pair loss and what to log about it (``d3po_loss`` is its ``loss``). Adaptive-D3PO passes
+    a per-pair weight ``W`` and margin ``G`` (detached): ``-W log sigmoid(logit - G)``."""
     if not beta > 0:
         raise ValueError(f"beta: must be > 0, got {beta}")
     lr_w = clamped_log_ratio(logps.policy_w, logps.ref_w, eps)
@@ -69,8 +79,9 @@ def d3po_terms(logps: TransitionLogProbs, beta: float, eps: float) -> D3POTerms:
     pref = torch.ones_like(lr_w) if logps.tie is None else (~logps.tie.bool()).float()
     logit = beta * (lr_w - lr_l) * pref
     lo, hi = math.log1p(-eps), math.log1p(eps)
+    loss = neg_log_sigmoid(logit if G is None else logit - G.detach())
     return D3POTerms(
-        loss=neg_log_sigmoid(logit),
+        loss=loss if W is None else W.detach() * loss,
         log_ratio_w=raw_w,
         log_ratio_l=raw_l,
         clipped_w=(raw_w < lo) | (raw_w > hi),
@@ -102,6 +113,14 @@ def d3po_stats(terms: D3POTerms, tie: torch.Tensor | None = None) -> dict[str, t
         "clip_frac": (terms.clipped_w.float() + terms.clipped_l.float()) / 2,
         "tie": torch.zeros_like(h) if tie is None else tie.bool().float(),
     }
+
+
+def trajectory_margin(sum_m: torch.Tensor, sum_ref: torch.Tensor, w_first: torch.Tensor) -> torch.Tensor:
+    """Adaptive-D3PO's h of one model for a pair: the log-likelihood ratio of the whole trajectory (the
+    sum of its per-transition log-densities, [B, 2] in group order i, j) against the reference's, for
+    the winner minus for the loser. The trajectory analogue of Diffusion-DPO's h; unclamped, detached."""
+    d = (sum_m.float() - sum_ref.float()).detach()
+    return torch.where(w_first, d[:, 0] - d[:, 1], d[:, 1] - d[:, 0])
 
 
 def trained_timesteps(num_steps: int, fraction: float) -> int:

@@ -23,7 +23,7 @@ import torch
 
 from pipeline.losses import adaptive as A
 from pipeline.losses import baselines as BL
-from pipeline.losses.d3po import TransitionLogProbs, d3po_stats, d3po_terms
+from pipeline.losses.d3po import TransitionLogProbs, clamped_log_ratio, d3po_stats, d3po_terms
 from pipeline.losses.diffusion import PairErrors
 from pipeline.losses.dpo import dpo_loss, implicit_accuracy, preference_h, rewards
 from pipeline.schema.objective import ObjectiveConfig
@@ -203,6 +203,46 @@ class D3PO(Objective):
         return LossOutput(terms.loss, d3po_stats(terms, logps.tie))
 
 
+class AdaptiveD3PO(D3PO):
+    """D3PO with Adaptive-DPO's minority weighting (objective.adaptive.*): the models' margins are the
+    trajectories' summed log-ratios (``TransitionLogProbs.h_models``, policy first, then the EMA models,
+    computed once per micro-batch by the workload), the score u, weight W and margin G are Adaptive-DPO's
+    (pipeline/losses/adaptive.py) and the loss is ``-W log sigmoid(beta (log r_w - log r_l) - G)``, the
+    margin's c2 taken on the step's clamped margin. Before ``metric_active`` (or without EMA models) it is
+    plain D3PO, W = 1, G = 0."""
+
+    uses_ema = True
+    distributions = ("h", "log_ratio_w", "log_ratio_l", "u", "W", "h_traj")
+
+    def __call__(self, logps: TransitionLogProbs, metric_active: bool = True) -> LossOutput:
+        if not isinstance(logps, TransitionLogProbs):
+            raise TypeError(
+                f"objective adaptive_d3po scores trajectory transitions (TransitionLogProbs), got {type(logps).__name__}"
+            )
+        a = self.cfg.adaptive
+        b = logps.policy_w.shape[0]
+        nan = torch.full((b,), float("nan"), device=logps.policy_w.device)
+        W = G = None
+        extra = {"u": nan, "c": nan, "s": nan, "h_traj": nan}
+        if metric_active and logps.h_models is not None:
+            ms = A.minority_score(logps.h_models, a.rho, a.spread, a.normalize, a.g_scale, self.beta, a.score)
+            W = A.weight(ms.u, a.weight, a.k1)
+            if a.renormalize:
+                W = A.renormalize(W)
+            step_h = (
+                clamped_log_ratio(logps.policy_w, logps.ref_w, self.eps)
+                - clamped_log_ratio(logps.policy_l, logps.ref_l, self.eps)
+            ).detach()
+            k2 = -1.0 / self.beta if a.k2 is None else a.k2
+            G = A.margin(ms.u, a.margin, k2, A.resolve_c2(a.c2, step_h, self.beta))
+            extra = {"u": ms.u, "c": ms.c, "s": ms.s, "h_traj": logps.h_models[0].detach().float()}
+        terms = d3po_terms(logps, self.beta, self.eps, W, G)
+        stats = d3po_stats(terms, logps.tie)
+        ones = torch.ones_like(terms.loss).detach()
+        stats.update(extra, W=ones if W is None else W, G=0 * ones if G is None else G)
+        return LossOutput(terms.loss, stats)
+
+
 # objectives fed ModelErrors by the pair workload (data_kind "pairs")
 OBJECTIVES: dict[str, type[Objective]] = {
     "dpo": DPO,
@@ -220,6 +260,7 @@ OBJECTIVES: dict[str, type[Objective]] = {
 # objectives fed by a trajectory workload (data_kind "trajectories"): they take TransitionLogProbs
 TRAJECTORY_OBJECTIVES: dict[str, type[Objective]] = {
     "d3po": D3PO,
+    "adaptive_d3po": AdaptiveD3PO,
 }
 
 

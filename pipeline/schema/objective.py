@@ -14,7 +14,7 @@ ObjectiveName = Literal[
     "dpo", "adaptive_dpo", "robust_dpo", "cdpo", "ipo", "adaptive_ipo", "hinge", "sft", "bounded_dpo"
 ]
 # objectives trained on sampled denoising trajectories (the online mode; pipeline/train/workload.py)
-TrajectoryObjectiveName = Literal["d3po"]
+TrajectoryObjectiveName = Literal["d3po", "adaptive_d3po"]
 
 
 @dataclass

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from pipeline.schema.common import (
     Count,
@@ -19,7 +19,7 @@ from pipeline.schema.common import (
     Resolution,
     Text,
 )
-from pipeline.schema.objective import ObjectiveConfig
+from pipeline.schema.objective import ObjectiveConfig, TrajectoryObjectiveName
 
 
 @dataclass
@@ -138,14 +138,20 @@ class TrainConfig:
 
     def check(self) -> list[str]:
         errs = []
-        if self.objective.name in ("adaptive_dpo", "adaptive_ipo") and not self.ema.all_decays:
+        if (
+            self.objective.name in ("adaptive_dpo", "adaptive_ipo", "adaptive_d3po")
+            and not self.ema.all_decays
+        ):
             errs.append(
                 "ema.decays: the adaptive objectives need at least one EMA model (authors' code: [0.9999, 0.5])"
             )
         # data.preferences alone, read defensively: a bad value elsewhere in data must not hide this rule
-        if getattr(self.data, "preferences", None) is not None and self.objective.name != "d3po":
+        if getattr(self.data, "preferences", None) is not None and self.objective.name not in get_args(
+            TrajectoryObjectiveName
+        ):
             errs.append(
-                f"data.preferences: preference files of sampled trajectories train objective.name=d3po only; "
+                "data.preferences: preference files of sampled trajectories train objective.name=d3po or "
+                "adaptive_d3po only; "
                 f"objective.name={self.objective.name} trains on the encoded pairs in data.shards (drop "
                 "data.preferences)"
             )

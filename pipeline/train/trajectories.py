@@ -40,6 +40,7 @@ import hashlib
 import io
 import logging
 import tarfile
+from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +50,7 @@ from pipeline.d3po import trajectories as tj
 from pipeline.d3po.ddim import cfg_noise_pred, ddim_step_with_logprob
 from pipeline.data.shards import sha256_file
 from pipeline.errors import UserError
-from pipeline.losses.d3po import TransitionLogProbs, trained_timesteps
+from pipeline.losses.d3po import TransitionLogProbs, trained_timesteps, trajectory_margin
 from pipeline.models import inspect_model
 from pipeline.train.workload import Models, RunContext, Workload, register
 
@@ -205,6 +206,8 @@ class TrajectoryWorkload(Workload):
         self.index = index_shards(self.shard_dir, self.manifest)
         self._load_preferences(d.preferences)
         self._cache: tuple[tuple[int, int], dict] | None = None
+        self.window: deque = deque(maxlen=max(cfg.train.auroc_window, 0))
+        self._margins: tuple[tuple[int, int], torch.Tensor] | None = None
 
     # ------------------------------------------------------------------ checks
 
@@ -345,6 +348,8 @@ class TrajectoryWorkload(Workload):
             pairs = [self.pairs[p] for p in data["pairs"]]
             yield {
                 "micro_step": m,
+                "batch_id": (epoch, b),
+                "trajectories": data,  # the whole micro-batch (Adaptive-D3PO scores every transition)
                 "epoch": epoch,
                 "substituted": 0,
                 "keys": data["keys"],
@@ -370,6 +375,46 @@ class TrajectoryWorkload(Workload):
         _, lp = ddim_step_with_logprob(self.scheduler, eps, t, x_t, self.eta, prev_sample=x_prev)
         return lp
 
+    @torch.no_grad()
+    def _trajectory_sums(self, unet, data: dict) -> torch.Tensor:
+        """[B, 2]: each trajectory's summed log-density of all N stored transitions under ``unet``, in
+        UNet calls of the training step's size (2 B transitions)."""
+        dev, dt = self.ctx.device, self.ctx.dtype
+        lat = data["latents"]  # [B, 2, N+1, C, h, w]
+        b, n = lat.shape[0], self.n_steps
+        x_t = lat[:, :, :n].flatten(0, 2)  # [(B 2 N), C, h, w], order b, image, step
+        x_prev = lat[:, :, 1:].flatten(0, 2)
+        t = data["timesteps"][:, None, :].expand(b, 2, n).flatten()
+        text = data["txt"][:, None, None].expand(b, 2, n, *data["txt"].shape[1:]).flatten(0, 2)
+        out, size = [], 2 * b
+        for k in range(0, x_t.shape[0], size):
+            sl = slice(k, k + size)
+            lp = self._log_probs(
+                unet, x_t[sl].to(dev), x_prev[sl].to(dev), t[sl].to(dev), text[sl].to(dev).to(dt)
+            )
+            out.append(lp.float())
+        return torch.cat(out).view(b, 2, n).sum(dim=2)
+
+    def trajectory_margins(self, models: Models, batch: dict) -> torch.Tensor:
+        """[M, B] Adaptive-D3PO's margins (``trajectory_margin``) under the policy and each EMA model, once
+        per micro-batch: its T micro-steps lie within one optimizer step (train.grad_accum is a multiple
+        of T), so no model changes between them, and the value is reused (also by a resumed run, which
+        starts at an optimizer-step boundary). Every rank calls it at the same micro-steps, as the EMA
+        gathers require."""
+        if self._margins is not None and self._margins[0] == batch["batch_id"]:
+            return self._margins[1]
+        data, ema = batch["trajectories"], models.ema
+        wf = batch["w_first"].to(self.ctx.device)
+        ref = self._trajectory_sums(models.reference, data)
+        sums = [self._trajectory_sums(models.policy, data)]
+        for k in range(len(ema)):
+            if k + 1 < len(ema) and ema.buffers > 1:
+                ema.prefetch(k + 1)
+            sums.append(self._trajectory_sums(ema.gather(k), data))
+        h = torch.stack([trajectory_margin(s_, ref, wf) for s_ in sums])
+        self._margins = (batch["batch_id"], h)
+        return h
+
     def step(self, models: Models, batch: dict, micro_step: int, metric_active: bool):
         dev, dt = self.ctx.device, self.ctx.dtype
         b = batch["x_t"].shape[0]
@@ -387,7 +432,10 @@ class TrajectoryWorkload(Workload):
             return torch.where(wf, lp[:, 0], lp[:, 1]), torch.where(wf, lp[:, 1], lp[:, 0])
 
         (pw, pl), (rw, rl) = wl(pol), wl(ref)
-        out = self.objective(TransitionLogProbs(pw, rw, pl, rl), metric_active)
+        h_models = None
+        if self.objective.uses_ema and metric_active and models.ema is not None:
+            h_models = self.trajectory_margins(models, batch)
+        out = self.objective(TransitionLogProbs(pw, rw, pl, rl, h_models=h_models), metric_active)
         sampled = batch["sampled_log_probs"].to(dev)
         out.stats["sampled_gap"] = (ref - sampled).abs().amax(dim=1).detach()
         return out
@@ -433,12 +481,23 @@ class TrajectoryWorkload(Workload):
         }
 
     def summary(self, cat: dict[str, np.ndarray]) -> dict[str, float]:
-        """Implicit accuracy on the flipped and the kept preferences, when both occur."""
+        """Implicit accuracy on the flipped and the kept preferences, when both occur; Adaptive-D3PO: the
+        mean W of each and the AUROC of u for finding the flipped pairs (over the last train.auroc_window pairs)."""
+        from pipeline.minority import auroc
+
         s: dict[str, float] = {}
         fl = cat["flipped"]
-        if "accuracy" in cat and fl.any() and (~fl).any():
+        if not (fl.any() and (~fl).any()):
+            return s
+        if "accuracy" in cat:
             s["accuracy_flipped"] = float(np.nanmean(cat["accuracy"][fl]))
             s["accuracy_clean"] = float(np.nanmean(cat["accuracy"][~fl]))
+        if "u" in cat and np.isfinite(cat["u"]).all():
+            s["W_flipped"], s["W_clean"] = float(cat["W"][fl].mean()), float(cat["W"][~fl].mean())
+            self.window.extend(zip(cat["u"], fl))
+            w = np.array(list(self.window), dtype=float)
+            if len(set(w[:, 1])) == 2:
+                s["auroc_u_window"] = auroc(w[:, 0], w[:, 1] > 0.5)
         return s
 
 
