@@ -86,8 +86,18 @@ class Loop:
             o.append(f"model.unet={unet}")
         return self._load("sample", SampleConfig, o)
 
-    def feedback_cfg(self, traj: Path, out: Path) -> FeedbackConfig:
-        return self._load("feedback", FeedbackConfig, [f"trajectories={traj}", f"out={out}"])
+    def feedback_cfg(self, traj: Path, out: Path, r: int = 0) -> FeedbackConfig:
+        """Round r's feedback. Pair flips (``flip_by=pair``) are drawn afresh every round (``flip_seed``
+        + r), as a labeller's slips fall on different pairs each time; ``flip_by=prompt`` keeps the same
+        prompts flipped in every round: a minority with its own taste on those prompts."""
+        fb = self._load("feedback", FeedbackConfig, [f"trajectories={traj}", f"out={out}"])
+        if r and fb.flip_rate > 0 and fb.flip_by == "pair":
+            fb = self._load(
+                "feedback",
+                FeedbackConfig,
+                [f"trajectories={traj}", f"out={out}", f"flip_seed={fb.flip_seed + r}"],
+            )
+        return fb
 
     def train_overrides(self, r: int) -> list[str]:
         rd = self.round_dir(r)
@@ -109,12 +119,19 @@ class Loop:
                 "scripted rewards (source=rewards): people's labels would stop it every round"
             )
         tr = self._load("train", TrainConfig, self.train_overrides(0))
-        if tr.objective.name != "d3po":
+        if tr.objective.name not in ("d3po", "adaptive_d3po"):
             raise UserError(
                 f"train_config={self.cfg.train_config}: objective.name={tr.objective.name}; the online loop "
-                "trains objective.name=d3po on its sampled trajectories"
+                "trains objective.name=d3po (or adaptive_d3po) on its sampled trajectories"
             )
-        self.rewards_names = list(fb.rewards)
+        from pipeline.d3po.rewards import SCORER_REWARDS
+
+        for n in self.cfg.eval.rewards or []:
+            if n.lstrip("-") in SCORER_REWARDS and not getattr(fb.scorers, n.lstrip("-")):
+                raise UserError(
+                    f"eval.rewards: {n} needs its scorer folder in the feedback config "
+                    f"(feedback_overrides=[scorers.{n.lstrip('-')}=FOLDER])"
+                )
 
     # ------------------------------------------------------------------ phases
 
@@ -151,7 +168,7 @@ class Loop:
         from stages import feedback
 
         rd = self.round_dir(r)
-        feedback.main(self.feedback_cfg(rd / "sample", rd / "feedback"))
+        feedback.main(self.feedback_cfg(rd / "sample", rd / "feedback", r))
         return {}
 
     def do_train(self, r: int) -> dict:
@@ -196,7 +213,8 @@ class Loop:
         sample.main(c)
         fb = self.feedback_cfg(folder / "samples", folder)
         paths = {n: getattr(fb.scorers, n) for n in ("aesthetic", "pickscore", "hpsv2", "imagereward")}
-        rewards = [make_reward(n, paths, fb.scorers.device, fb.scorers.dtype) for n in fb.rewards]
+        names = self.cfg.eval.rewards or fb.rewards
+        rewards = [make_reward(n, paths, fb.scorers.device, fb.scorers.dtype) for n in names]
         images, prompts = ol.load_images(folder / "samples")
         scores = ol.score(rewards, images, prompts)
         ol.grid(images, c.sampler.images_per_prompt, folder / "grid.png")

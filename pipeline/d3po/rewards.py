@@ -9,6 +9,7 @@ Each takes PIL images and their prompts and returns one float64 value per image,
 | ``jpeg_compressibility`` | minus the JPEG size at quality 95, in kB (bytes / 1000) | ``jpeg_compressibility`` |
 | ``jpeg_incompressibility`` | plus the same size | ``jpeg_incompressibility`` |
 | ``brightness`` | mean luma (ITU-R 601: 0.299 R + 0.587 G + 0.114 B) in [0, 1] | cf. ``light_reward`` (mean of every channel) |
+| ``random`` | a uniform [0, 1) value from the sha256 of the image's pixels: a control, unrelated to anything | none |
 | ``aesthetic``, ``pickscore``, ``hpsv2``, ``imagereward`` | ``pipeline.evaluate.scorers`` from a local folder | ``aesthetic_score`` (the others are not the authors') |
 
 The images here are the stored JPEGs of the sample stage decoded to 8-bit RGB (the authors score the
@@ -23,6 +24,7 @@ carries no gradient.
 
 from __future__ import annotations
 
+import hashlib
 import io
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -34,7 +36,7 @@ from pipeline.errors import UserError
 
 # rewards backed by a scorer of the evaluation stage, each loaded from the folder given for it
 SCORER_REWARDS = ("aesthetic", "pickscore", "hpsv2", "imagereward")
-SCRIPTED_REWARDS = ("brightness", "jpeg_compressibility", "jpeg_incompressibility")
+SCRIPTED_REWARDS = ("brightness", "jpeg_compressibility", "jpeg_incompressibility", "random")
 BASE_REWARDS = (*SCRIPTED_REWARDS, *SCORER_REWARDS)
 # every name the registry (and the config) accepts: each reward and its negation
 REWARD_NAMES = (*BASE_REWARDS, *(f"-{n}" for n in BASE_REWARDS))
@@ -64,6 +66,17 @@ def brightness(images: Sequence, prompts: Sequence[str] | None = None) -> np.nda
     """Mean luma in [0, 1]: cheap and monotone in what a test paints, so CPU tests know the answer."""
     weights = np.array([0.299, 0.587, 0.114])
     return np.array([float((_rgb(im) @ weights).mean() / 255.0) for im in images])
+
+
+def random(images: Sequence, prompts: Sequence[str] | None = None) -> np.ndarray:
+    """A control: a value fixed by the image's pixels (sha256) but unrelated to any of its properties, so
+    feedback from it is a coin toss per pair. An online loop fed it measures how far training alone
+    moves the other rewards (the drift to compare a real reward's effect with)."""
+    out = []
+    for im in images:
+        digest = hashlib.sha256(np.ascontiguousarray(np.asarray(im.convert("RGB"))).tobytes()).digest()
+        out.append(int.from_bytes(digest[:8], "big") / 2.0**64)
+    return np.array(out)
 
 
 def jpeg_size_kb(image, quality: int = 95) -> float:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pipeline.schema.common import Count, NonNegInt, Text
+from pipeline.schema.feedback import RewardName
 
 
 @dataclass
@@ -17,6 +18,9 @@ class OnlineModel:
 class OnlineEval:
     prompts: Text  # text file of the evaluation prompts: the same prompts and seeds every round
     seed: NonNegInt = 1_000_000  # sampler.seed of every evaluation: only the policy changes between rounds
+    # rewards the evaluation scores (any feedback reward name); null: the feedback's own. E.g. a reward
+    # one watches but does not train on, or [brightness] for a loop fed the `random` control
+    rewards: list[RewardName] | None = None
 
 
 @dataclass
