@@ -299,6 +299,39 @@ def test_paper_configs_resolve_through_their_bases():
     assert (xl.train.precision, xl.train.grad_accum, xl.objective.adaptive.warmup_steps) == ("bf16", 16, 100)
 
 
+def test_adaptive_reading_presets_resolve_to_their_reading():
+    """adaptive_paper.yaml (the paper read literally) and adaptive_authors_code.yaml (the authors' code),
+    layered on tiny_adaptive_dpo.yaml: each sets the formula keys of its reading and nothing else, so the
+    two tiny variants differ from tiny_adaptive_dpo in objective.adaptive keys only; the authors' code's
+    reading equals the defaults but for the spread."""
+    from pipeline.config import flatten, to_dict
+    from pipeline.schema.train import TrainConfig
+
+    def load(name):
+        path = ROOT / "configs/train" / f"{name}.yaml"
+        return load_config(TrainConfig, path, _required_overrides(TrainConfig))
+
+    paper = load("tiny_adaptive_dpo_paper_literal").objective.adaptive
+    assert (paper.spread, paper.spread_of, paper.c2, paper.ipo_margin) == (
+        "variance", "h", "batch_mean_logit", "h")  # fmt: skip
+    code = load("tiny_adaptive_dpo_authors_code").objective.adaptive
+    assert (code.spread, code.spread_of, code.c2, code.ipo_margin) == (
+        "std_clamped", "g", "batch_mean", "logit")  # fmt: skip
+    for a in (paper, code):
+        assert (a.g_scale, a.score, a.normalize, a.k2, a.rho, a.k1) == ("raw", "cs", False, None, 15.0, 10.0)
+    base = flatten(to_dict(load("tiny_adaptive_dpo")))
+    for name in ("tiny_adaptive_dpo_paper_literal", "tiny_adaptive_dpo_authors_code"):
+        cfg = flatten(to_dict(load(name)))
+        changed = {k for k in base if cfg[k] != base[k]}
+        assert changed and all(k.startswith("objective.adaptive.") for k in changed), (name, changed)
+    defaults = dataclasses.asdict(type(code)())
+    assert {k for k, v in dataclasses.asdict(code).items() if v != defaults[k]} == {"spread"}
+    # on a full paper-scale config too: sd15_adaptive_dpo + the literal reading
+    sd15 = ROOT / "configs/train/sd15_adaptive_dpo.yaml"
+    ov = [*_required_overrides(TrainConfig), "objective.adaptive.spread_of=h"]
+    assert load_config(TrainConfig, sd15, ov).objective.adaptive.spread_of == "h"
+
+
 def test_tiny_configs_share_the_toy_study_setting():
     """Every tiny_<objective>.yaml runs the study's budget from tiny_base.yaml (200 steps x 16 pairs,
     lr 1e-4, beta 1000) and differs from it in objective and EMA keys only."""

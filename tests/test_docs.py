@@ -24,6 +24,6 @@ def test_every_objective_and_variant_is_documented():
     for name in get_args(ObjectiveName):
         assert f"| `{name}` |" in text, name
     hints = typing.get_type_hints(AdaptiveConfig)
-    for key in ("spread", "weight", "margin", "g_scale", "score"):
+    for key in ("spread", "spread_of", "weight", "margin", "g_scale", "score", "ipo_margin"):
         for value in get_args(hints[key]):
             assert f"`{value}`" in text, (key, value)

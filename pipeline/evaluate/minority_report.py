@@ -141,7 +141,13 @@ def _plot(rec, res, path: Path, name: str, bins: int) -> Path | None:
         key = "auroc_u" if res["score"] == "u" else "auroc_neg_h"
         a.set_title(f"{name}: flipped share per {res['score']} bin (AUROC {res[key]:.3f})", fontsize=9)
     # u spans orders of magnitude: show log10(u); -h is shown as is
-    x, xlabel = (np.log10(np.maximum(score, 1e-12)), "log10 u") if res["score"] == "u" else (score, "-h")
+    if res["score"] == "u":
+        pos = ok & (score > 0)
+        floor = score[pos].min() / 10 if pos.any() else 1e-12  # a decade below the smallest u > 0
+        # u == 0 only: a bar at this floor = pairs with s = 0 (all M models gave the same h) or c under float32 (g > ~100)
+        x, xlabel = np.log10(np.where(score > 0, score, floor)), "log10 u"
+    else:
+        x, xlabel = score, "-h"
     edges = np.histogram_bin_edges(x[ok], bins=40)
     if fl.any():
         b.hist(x[ok & ~fl], bins=edges, alpha=0.6, label="clean", density=True)

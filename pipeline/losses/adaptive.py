@@ -4,10 +4,13 @@ M models: the policy theta and M-1 EMA copies of it. For each pair and model, h_
 g_m = rho * h_m (no gradient; ``g_scale`` also offers rho * beta * h_m, the logit scale, and
 rho * (h_m - batch mean) / batch std). Then
 
-    c(x) = 1 - (1/M) sum_m sigmoid(g_m)     intra-annotator confidence (large: models disagree with the label)
+    c(x) = 1 - (1/M) sum_m sigmoid(g_m)     intra-annotator confidence (large: models disagree with the label),
+                                            computed as (1/M) sum_m sigmoid(-g_m) in float64 (no cancellation)
     s(x) = spread of g_m over the M models  inter-annotator stability
            "variance":    sample variance (the paper)
            "std_clamped": sample std, capped at 1 (the authors' code; we read "clamped at 1" as min(std, 1))
+           ``spread_of``: of g_m (the authors' code) or of the unscaled h_m (the paper's Eq. 12, so that rho
+           enters c only); "h" is the unscaled h_m whatever ``g_scale``
     u(x) = s(x) * c(x)                      minority score (or c or s alone: ``score``); optionally / batch
                                             mean of s ("normalize")
     W(x) = stopgrad(weight(u))              linear 1/(1+k1 u) | square 1/(1+k1 u^2) | sqrt 1/(1+k1 sqrt u)
@@ -17,7 +20,8 @@ rho * (h_m - batch mean) / batch std). Then
 
 k2 defaults to -1/beta and c2 to the detached batch mean of h_theta (the authors' code), so majority
 pairs (small u) get the larger margin; c2 may be a float, or the batch mean of the logit instead.
-Adaptive-IPO: W (h_theta - G/beta - 1/(2 beta))^2, the margin moved to the h scale.
+Adaptive-IPO: W (h_theta - G/beta - 1/(2 beta))^2, the margin moved to the h scale (``ipo_margin``
+"logit"), or W (h_theta - G - 1/(2 beta))^2 as the paper's Appendix E writes it (``ipo_margin`` "h").
 """
 
 from __future__ import annotations
@@ -59,27 +63,38 @@ def minority_score(
     g_scale: str = "raw",
     beta: float = 1.0,
     score: str = "cs",
+    spread_of: str = "g",
 ) -> MinorityScore:
     """h_models: [M, B] (policy first, then the EMA models), M >= 2. No gradient flows through the result.
-    ``score`` picks u = s c (the paper), c alone or s alone."""
+    ``score`` picks u = s c (the paper), c alone or s alone; ``spread_of`` takes s over g_m ("g") or over
+    the unscaled h_m ("h"). c and u are computed in float64 (c ~ exp(-g) for large g) and returned as
+    float32, like s."""
     if h_models.dim() != 2 or h_models.shape[0] < 2:
         raise ValueError(
             f"h_models: expected [M, B] with M >= 2 models (policy + EMA), got {tuple(h_models.shape)}"
         )
     g = scaled_g(h_models, rho, g_scale, beta)
-    c = 1.0 - torch.sigmoid(g).mean(dim=0)
+    # 1 - mean sigmoid(g) rounds to exactly 0 in float32 once every g > ~17; mean sigmoid(-g) does not
+    c = torch.sigmoid(-g.double()).mean(dim=0)
+    if spread_of == "g":
+        x = g
+    elif spread_of == "h":
+        x = h_models.detach().float()
+    else:
+        raise ValueError(f"spread_of {spread_of!r}: expected g or h")
     if spread == "variance":
-        s = g.var(dim=0, unbiased=True)
+        s = x.var(dim=0, unbiased=True)
     elif spread == "std_clamped":
-        s = g.std(dim=0, unbiased=True).clamp(max=1.0)
+        s = x.std(dim=0, unbiased=True).clamp(max=1.0)
     else:
         raise ValueError(f"spread {spread!r}: expected variance or std_clamped")
-    u = {"cs": s * c, "c": c, "s": s}.get(score)
+    s64 = s.double()
+    u = {"cs": s64 * c, "c": c, "s": s64}.get(score)
     if u is None:
         raise ValueError(f"score {score!r}: expected cs, c or s")
     if normalize:
-        u = u / s.mean().clamp_min(torch.finfo(torch.float32).tiny)
-    return MinorityScore(u=u, c=c, s=s)
+        u = u / s64.mean().clamp_min(torch.finfo(torch.float32).tiny)
+    return MinorityScore(u=u.to(g.dtype), c=c.to(g.dtype), s=s)
 
 
 def weight(u: torch.Tensor, kind: str, k1: float) -> torch.Tensor:
@@ -132,6 +147,14 @@ def adaptive_dpo_loss(h_theta: torch.Tensor, beta: float, W: torch.Tensor, G: to
     return W * neg_log_sigmoid(beta * h_theta.float() - G)
 
 
-def adaptive_ipo_loss(h_theta: torch.Tensor, beta: float, W: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
-    """Per-pair W (h_theta - G/beta - 1/(2 beta))^2."""
-    return W * (h_theta.float() - G / beta - 1.0 / (2.0 * beta)).pow(2)
+def adaptive_ipo_loss(
+    h_theta: torch.Tensor, beta: float, W: torch.Tensor, G: torch.Tensor, ipo_margin: str = "logit"
+) -> torch.Tensor:
+    """Per-pair W (h_theta - G/beta - 1/(2 beta))^2 (``ipo_margin`` "logit": G is on the logit scale, as in
+    Adaptive-DPO's loss, and is moved to the h scale), or W (h_theta - G - 1/(2 beta))^2 ("h": the paper's
+    Appendix E, G taken on the h scale as it is)."""
+    if ipo_margin == "logit":
+        G = G / beta
+    elif ipo_margin != "h":
+        raise ValueError(f"ipo_margin {ipo_margin!r}: expected logit or h")
+    return W * (h_theta.float() - G - 1.0 / (2.0 * beta)).pow(2)
