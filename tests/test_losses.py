@@ -283,7 +283,7 @@ def test_low_precision_inputs_with_huge_logits_stay_finite(dtype, name):
     ref = PairErrors(torch.tensor([1.0, 1.0], dtype=dtype), torch.tensor([1.0, 1.0], dtype=dtype))
     ema = PairErrors(torch.tensor([0.5, 1.5], dtype=dtype), torch.tensor([1.0, 1.0], dtype=dtype))
     cfg = ObjectiveConfig(name=name, beta=1e4, eps=0.1)
-    out = build_objective(cfg)(ModelErrors(pol, ref, [ema]))
+    out = build_objective(cfg)(ModelErrors(pol, ref, [ema], {"user_id": torch.tensor([7, 8])}))
     assert torch.isfinite(out.loss).all(), out.loss
     if name not in ("sft",):
         assert_close(out.stats["logit"], T(1e4, -1e4))
@@ -338,3 +338,74 @@ def test_ema_half_lives_become_decays():
     e = EMAConfig(decays=[0.9], half_lives=[10.0])
     assert e.all_decays[0] == 0.9
     assert e.all_decays[1] ** 10 == pytest.approx(0.5)  # after 10 updates the start weighs one half
+
+
+# ---------------------------------------------------------------- the paper read literally vs the authors' code
+
+
+def test_spread_of_h_is_eq12_rho_enters_c_only():
+    """spread_of="h" (the paper's Eq. 12): s is the sample variance of the unscaled h_m, so it does not
+    change with rho; c does. 3 models, 2 pairs:
+      pair 1: h = (0.1, 0.2, 0.3)  -> s = ((-0.1)^2 + 0 + 0.1^2) / 2 = 0.01
+      pair 2: h = (0.0, -0.1, 0.4) -> mean 0.1, s = (0.01 + 0.04 + 0.09) / 2 = 0.07
+    c = mean_m sigmoid(-rho h_m):
+      rho 10: pair 1 (s(-1) + s(-2) + s(-3)) / 3 = 0.145190072;  pair 2 (s(0) + s(1) + s(-4)) / 3 = 0.416348263
+      rho 20: pair 1 (s(-2) + s(-4) + s(-6)) / 3 = 0.046553918;  pair 2 (s(0) + s(2) + s(-8)) / 3 = 0.460377476
+    spread_of="g" (the authors' code) instead: var(rho h) = rho^2 (0.01, 0.07) = (1, 7) at rho 10."""
+    hm = T(0.1, 0.0, 0.2, -0.1, 0.3, 0.4).reshape(3, 2)  # rows: models, columns: pairs
+    s = T(0.01, 0.07)
+    c = {10.0: T(0.14519007218989316, 0.4163482628640321), 20.0: T(0.046553918380281285, 0.4603774760361162)}
+    for rho in (10.0, 20.0):
+        ms = A.minority_score(hm, rho=rho, spread="variance", spread_of="h")
+        assert_close(ms.s, s)
+        assert_close(ms.c, c[rho])
+        assert_close(ms.u, s * c[rho])
+    g = A.minority_score(hm, rho=10.0, spread="variance", spread_of="g")
+    assert_close(g.s, T(1.0, 7.0))
+    assert_close(g.c, c[10.0])
+    # std capped at 1 of h: sqrt(0.01) = 0.1, sqrt(0.07) = 0.264575 (both under the cap)
+    std = A.minority_score(hm, rho=10.0, spread="std_clamped", spread_of="h")
+    assert_close(std.s, T(0.1, math.sqrt(0.07)))
+    # on the logit scale (g = rho beta h) "h" is still the unscaled h: s unchanged, c as rho 10 above
+    logit = A.minority_score(hm, rho=2.0, g_scale="logit", beta=5.0, spread_of="h")
+    assert_close(logit.s, s)
+    assert_close(logit.c, c[10.0])
+    with pytest.raises(ValueError, match="spread_of"):
+        A.minority_score(hm, rho=10.0, spread_of="x")
+
+
+def test_spread_of_h_through_the_objective():
+    """_adaptive_errors(): h_theta = (0.1, 0.0), h_ema = (0.3, 0.1), rho 10: s = var(h) = (0.02, 0.005),
+    c as C above, u = s c = U / 100."""
+    out = build_objective(_acfg(spread_of="h"))(_adaptive_errors())
+    assert_close(out.stats["s"], T(0.02, 0.005))
+    assert_close(out.stats["u"], T(*U) / 100)
+
+
+def test_adaptive_ipo_margin_on_the_h_scale_golden():
+    """ipo_margin="h" (the paper's Appendix E): W (h - G - 1/(2 beta))^2, G as is. W, G as in
+    test_adaptive_dpo_and_ipo_golden (beta 10, h = (0.1, 0.0)):
+      pair 1: 0.240173 (0.1 - 0.149956 - 0.05)^2 = 0.240173 * 0.099956^2 = 0.002399606
+      pair 2: 0.342190 (0.0 - 0.181523 - 0.05)^2 = 0.342190 * 0.231523^2 = 0.018342339
+    The default "logit" (G / beta) keeps the values of that test."""
+    a = _acfg(ipo_margin="h").adaptive
+    out = build_objective(ObjectiveConfig(name="adaptive_ipo", beta=10.0, adaptive=a))(_adaptive_errors())
+    assert_close(out.loss, T(0.0023996062064871215, 0.018342338997444505))
+    a = _acfg().adaptive
+    out = build_objective(ObjectiveConfig(name="adaptive_ipo", beta=10.0, adaptive=a))(_adaptive_errors())
+    assert_close(out.loss, T(0.00029428558948559237, 0.0015893809449349522))
+    with pytest.raises(ValueError, match="ipo_margin"):
+        A.adaptive_ipo_loss(T(0.1), 10.0, T(1.0), T(0.0), "x")
+
+
+def test_confidence_does_not_underflow_for_large_g():
+    """g = 30: c = sigmoid(-30) = 9.3576e-14, which 1 - sigmoid(30) rounds to exactly 0 in float32.
+    pair 2: g = (30, 31), c = (sigmoid(-30) + sigmoid(-31)) / 2, s = 0.5, u = s c > 0."""
+    hm = T(30.0, 30.0, 30.0, 31.0).reshape(2, 2)
+    ms = A.minority_score(hm, rho=1.0)
+    want = torch.tensor([math.exp(-30), (math.exp(-30) + math.exp(-31)) / 2], dtype=torch.float64)
+    assert (ms.c > 0).all()
+    assert ((ms.c.double() - want).abs() / want).max() < 1e-6
+    assert ms.u[0] == 0 and ms.u[1] > 0  # pair 1: the models agree exactly, s = 0
+    assert abs(ms.u[1].item() / (0.5 * want[1].item()) - 1) < 1e-6
+    assert ms.c.dtype == ms.u.dtype == torch.float32

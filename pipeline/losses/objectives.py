@@ -23,6 +23,7 @@ import torch
 
 from pipeline.losses import adaptive as A
 from pipeline.losses import baselines as BL
+from pipeline.losses import noise_model as NM
 from pipeline.losses.d3po import TransitionLogProbs, clamped_log_ratio, d3po_stats, d3po_terms
 from pipeline.losses.diffusion import PairErrors
 from pipeline.losses.dpo import dpo_loss, implicit_accuracy, preference_h, rewards
@@ -146,7 +147,9 @@ class AdaptiveDPO(Objective):
             return torch.ones_like(h).detach(), torch.zeros_like(h).detach(), {"u": nan, "c": nan, "s": nan}
         h_ema = [preference_h(e, errors.ref) for e in errors.ema]
         h_models = torch.stack([h.detach()] + [x.detach() for x in h_ema])
-        ms = A.minority_score(h_models, a.rho, a.spread, a.normalize, a.g_scale, self.beta, a.score)
+        ms = A.minority_score(
+            h_models, a.rho, a.spread, a.normalize, a.g_scale, self.beta, a.score, a.spread_of
+        )
         k2 = -1.0 / self.beta if a.k2 is None else a.k2
         W = A.weight(ms.u, a.weight, a.k1)
         if a.renormalize:
@@ -178,7 +181,7 @@ class BoundedDPO(Objective):
 
 class AdaptiveIPO(AdaptiveDPO):
     def _final(self, h, W, G):
-        return A.adaptive_ipo_loss(h, self.beta, W, G)
+        return A.adaptive_ipo_loss(h, self.beta, W, G, self.cfg.adaptive.ipo_margin)
 
 
 class D3PO(Objective):
@@ -225,7 +228,9 @@ class AdaptiveD3PO(D3PO):
         W = G = None
         extra = {"u": nan, "c": nan, "s": nan, "h_traj": nan}
         if metric_active and logps.h_models is not None:
-            ms = A.minority_score(logps.h_models, a.rho, a.spread, a.normalize, a.g_scale, self.beta, a.score)
+            ms = A.minority_score(
+                logps.h_models, a.rho, a.spread, a.normalize, a.g_scale, self.beta, a.score, a.spread_of
+            )
             W = A.weight(ms.u, a.weight, a.k1)
             if a.renormalize:
                 W = A.renormalize(W)
@@ -243,6 +248,51 @@ class AdaptiveD3PO(D3PO):
         return LossOutput(terms.loss, stats)
 
 
+class EMDPO(Objective):
+    """DPO under an estimated label-flip model (pipeline/losses/noise_model.py): no flip rate is given;
+    the global and per-annotator rates and a temperature are fitted by EM on the policy's margins as
+    training goes, and each pair's loss is weighted by the posterior that its label is flipped (q,
+    logged as ``u``, the pair's minority score). Plain DPO (q = 0) during ``noise.warmup_pairs``."""
+
+    batch_fields = ("user_id",)
+    distributions = ("h", "u", "eps_user")
+
+    def __init__(self, cfg: ObjectiveConfig):
+        super().__init__(cfg)
+        self.noise = NM.FlipRateEstimator(cfg.noise)
+
+    def __call__(self, errors, metric_active=True):
+        h, stats = self._pairwise(errors)
+        users = errors.fields["user_id"].cpu().numpy() if "user_id" in errors.fields else None
+        if users is None:
+            raise ValueError("objective em_dpo needs the batch field user_id")
+        est = self.noise
+        eps = np.asarray(est.rates_for(users), dtype=np.float64)
+        if est.active:
+            p = est.p_right(self.beta * h.detach().double().cpu().numpy())
+            q = NM.posterior_flip(p, eps)
+        else:
+            q = np.zeros(len(users))
+        q_t = torch.as_tensor(q, dtype=torch.float32, device=h.device)
+        b = h.shape[0]
+        stats.update(
+            u=q_t,
+            eps_user=torch.as_tensor(eps, dtype=torch.float32, device=h.device),
+            eps_global=torch.full((b,), est.rate, device=h.device),
+            tau=torch.full((b,), est.tau, device=h.device),
+        )
+        return LossOutput(NM.em_dpo_loss(h, self.beta, q_t), stats)
+
+    def observe(self, stats):
+        self.noise.observe(stats["logit"], stats["user_id"])
+
+    def state_dict(self):
+        return self.noise.state_dict()
+
+    def load_state_dict(self, state):
+        self.noise.load_state_dict(state)
+
+
 # objectives fed ModelErrors by the pair workload (data_kind "pairs")
 OBJECTIVES: dict[str, type[Objective]] = {
     "dpo": DPO,
@@ -254,6 +304,7 @@ OBJECTIVES: dict[str, type[Objective]] = {
     "hinge": Hinge,
     "sft": SFT,
     "bounded_dpo": BoundedDPO,
+    "em_dpo": EMDPO,
 }
 
 
