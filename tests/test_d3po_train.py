@@ -310,3 +310,34 @@ def test_bad_settings_are_refused_before_any_model_loads(traj, prefs, tmp_path, 
         capsys.readouterr().err
     )
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_adaptive_d3po_scores_trajectories_and_resumes_exactly(traj, prefs, tmp_path):
+    """configs/train/tiny_adaptive_d3po.yaml (EMA half-lives 8 and 1 steps, W renormalised). Step 1: the
+    policy and both EMA models are the reference, so every trajectory margin h_traj is 0 and W is 1.
+    Later steps weigh pairs unequally around a batch mean of 1. Killed after step 5 and rerun: the same
+    metrics (W, u, h_traj included) and the same exported weights as an uninterrupted run."""
+    cfg = "configs/train/tiny_adaptive_d3po.yaml"
+    # 4 pairs per batch: g is standardized over the batch, and with 2 pairs every pair's g would be +-0.71
+    # under every model (s = 0, W = 1)
+    args = [f"data.preferences={prefs}", *COMMON, "data.micro_batch=4"]
+    ref = tmp_path / "full"
+    check(train(traj, ref, *args, config=cfg))
+    rec = read_pair_records(ref).to_pydict()
+    first = [i for i, s in enumerate(rec["step"]) if s == 1]
+    assert first and all(rec["h_traj"][i] == 0.0 and rec["W"][i] == 1.0 for i in first)
+    m = read_metrics(ref / "metrics.jsonl")
+    assert m[-1]["W"] == pytest.approx(1.0, abs=1e-6) and m[-1]["W_std"] > 0
+    assert all(math.isfinite(r["u"]) for r in m[1:])
+    run = tmp_path / "killed"
+    p = train(
+        traj, run, *args, config=cfg, module="tests.helpers.train_killed", extra_env={"KILL_AT_STEP": 5}
+    )
+    assert p.returncode == -signal.SIGKILL, p.stderr[-3000:]
+    check(train(traj, run, *args, config=cfg))
+    for ra, rb in zip(m, read_metrics(run / "metrics.jsonl")):
+        for k in ("loss", "h", "W", "u", "h_traj"):
+            assert ra[k] == rb[k], (ra["step"], k)
+    ta, tb = _tensors(ref / "export" / "unet"), _tensors(run / "export" / "unet")
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)

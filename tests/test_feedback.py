@@ -487,3 +487,16 @@ def test_aesthetic_reward_is_the_evaluation_scorer(tmp_path):
         assert [r["values_i"][0], r["values_j"][0]] == pytest.approx(want.tolist(), rel=1e-5)
         assert r["winner"] == (r["i"] if want[0] > want[1] else r["j"] if want[1] > want[0] else -1)
     assert summary["pairs"] == 4 and summary["names"] == ["aesthetic"]
+
+
+def test_random_reward_is_a_fixed_coin_per_image_unrelated_to_brightness():
+    """The control reward: the same pixels give the same value, values spread over [0, 1) (mean ~1/2,
+    s.e. 0.009 over 1000 images) and do not follow brightness (|correlation| < 0.1; 3 s.e. ~ 0.095)."""
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)) for _ in range(1000)]
+    v = make_reward("random")(images, [""] * len(images))
+    again = make_reward("random")([images[3], images[3].copy()], ["", ""])
+    assert again[0] == again[1] == v[3]
+    assert np.all((v >= 0) & (v < 1)) and abs(v.mean() - 0.5) < 0.03 and len(set(v.tolist())) == 1000
+    bright = make_reward("brightness")(images, [""] * len(images))
+    assert abs(np.corrcoef(v, bright)[0, 1]) < 0.1

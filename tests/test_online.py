@@ -150,4 +150,25 @@ def test_bad_config_exits_2_naming_the_key_or_file(tiny_sd15, files, tmp_path, c
     assert "sample_overrides=['sampler.eta=0']" in err and "sampler.eta" in err, err
     assert cli_main(args(tiny_sd15, files, out, "train_overrides=[objective.name=dpo]")) == 2
     assert "objective.name=dpo" in capsys.readouterr().err
+    assert cli_main(args(tiny_sd15, files, out, "eval.rewards=[aesthetic]")) == 2
+    assert "eval.rewards: aesthetic needs its scorer folder" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_pair_flips_are_redrawn_every_round_prompt_flips_are_not(tiny_sd15, files, tmp_path):
+    """Round r's feedback flips pairs with flip_seed + r (a labeller's slips fall on other pairs each
+    round); flips by prompt keep the seed (the same prompts' minority taste every round)."""
+    from pipeline.config import load_config
+    from pipeline.schema.online import OnlineConfig
+    from stages.online import Loop
+
+    def seeds(by: str) -> list[int]:
+        over = [
+            *args(tiny_sd15, files, tmp_path / "x")[2:],
+            f"feedback_overrides=[flip_rate=0.3,flip_by={by},flip_seed=7]",
+        ]
+        loop = Loop(load_config(OnlineConfig, CONFIG, over))
+        return [loop.feedback_cfg(tmp_path, tmp_path / "fb", r).flip_seed for r in range(3)]
+
+    assert seeds("pair") == [7, 8, 9]
+    assert seeds("prompt") == [7, 7, 7]

@@ -190,7 +190,10 @@ def _plot(runs: dict, a, path: Path, arms: list, flips: bool = False) -> None:
         ax.set_ylabel(f"eval {r} (fixed prompts and noise)")
         ax.legend(fontsize=8)
     title = f"{a.flip_rate:.0%} of feedback flipped, " if flips else ""
-    fig.suptitle(f"D3PO online loop, tiny model, {title}{len(a.seeds)} seeds (thin: each seed, bars: s.e.)")
+    fig.suptitle(
+        f"D3PO online loop, tiny model, {title}\n{len(a.seeds)} seeds (thin: each seed, bars: s.e.)",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
