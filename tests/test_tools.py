@@ -111,3 +111,159 @@ def test_the_command_lines_run(tmp_path):
         r["jpg_1"] for r in make_rows(12, 4, **args, world="colour", null_caption=1, annotator_noise=0.5)
     ]
     assert sum(r["caption"] is None for r in colour) == 1 and sum(r["caption"] is None for r in bright) == 0
+
+
+def _pixels(jpg: bytes) -> np.ndarray:
+    import io
+
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(jpg)).convert("RGB"), dtype=np.float64)
+
+
+def _luma(jpg: bytes) -> float:
+    """Median luminance: the background's, whatever the shape of another colour."""
+    return float(np.median(_pixels(jpg) @ np.array([0.299, 0.587, 0.114])))
+
+
+def _saturation(jpg: bytes) -> float:
+    """Median HSV saturation, (max - min) / max, over the pixels."""
+    px = _pixels(jpg)
+    return float(np.median((px.max(-1) - px.min(-1)) / np.maximum(px.max(-1), 1.0)))
+
+
+def _agreement(rows, measure, margin: float, cue=None) -> tuple[float, float]:
+    """How often image 0's measure being higher (lower where ``cue(row)`` is False) matches
+    true_label_0: over all rows, and over rows whose decoded measures differ by more than ``margin``
+    (near-equal pairs are graded and JPEG moves them)."""
+    d = np.array([measure(r["jpg_0"]) - measure(r["jpg_1"]) for r in rows])
+    want = np.array([True if cue is None else cue(r) for r in rows])
+    ok = ((d > 0) == want) == np.array([r["true_label_0"] == 1.0 for r in rows])
+    return float(ok.mean()), float(ok[np.abs(d) > margin].mean())
+
+
+_CLEAN = dict(tie_rate=0.0, unlabelled_rate=0.0, identical_rate=0.0, min_size=48, max_size=64)
+
+
+def test_saturation_world_prefers_the_more_saturated_image_whatever_its_brightness():
+    rows = make_rows(160, seed=6, world="saturation", **_CLEAN)
+    overall, clear = _agreement(rows, _saturation, 0.1)
+    assert overall >= 0.85 and clear >= 0.95  # with the rule inverted: 1 minus these
+    # brightness carries no signal: the brighter image wins about half the time
+    assert 0.35 < _agreement(rows, _luma, 0.0)[0] < 0.65
+    assert all(r["label_0"] == r["true_label_0"] for r in rows)
+
+
+def _warmth(jpg: bytes) -> float:
+    """Median of R - B over the pixels."""
+    px = _pixels(jpg)
+    return float(np.median(px[..., 0] - px[..., 2]))
+
+
+def test_warmth_world_prefers_the_redder_image_whatever_its_brightness():
+    rows = make_rows(160, seed=8, world="warmth", **_CLEAN)
+    overall, clear = _agreement(rows, _warmth, 20.0)
+    assert overall >= 0.85 and clear >= 0.95
+    assert 0.35 < _agreement(rows, _luma, 0.0)[0] < 0.65
+    assert 0.35 < _agreement(rows, _saturation, 0.0)[0] < 0.65
+
+
+def test_daynight_world_follows_the_captions_cue():
+    rows = make_rows(160, seed=7, world="daynight", **_CLEAN)
+    day = [r for r in rows if "in the day" in r["caption"]]
+    night = [r for r in rows if "at night" in r["caption"]]
+    assert len(day) + len(night) == len(rows) and len(day) > 40 and len(night) > 40
+    assert all("bright" in r["caption"] for r in day) and all("dark" in r["caption"] for r in night)
+    overall, clear = _agreement(rows, _luma, 10.0, cue=lambda r: "in the day" in r["caption"])
+    assert overall >= 0.9 and clear >= 0.95
+    # the cue matters: brighter wins by day, darker at night, so brightness alone is near chance
+    assert _agreement(day, _luma, 10.0)[1] >= 0.95 and _agreement(night, _luma, 10.0)[1] <= 0.05
+    assert 0.35 < _agreement(rows, _luma, 0.0)[0] < 0.65
+    # every caption word is a word of the tiny tokenizer
+    from tools.vocabulary import WORDS
+
+    assert {w for r in rows for w in r["caption"].replace(",", "").split()} <= set(WORDS)
+
+
+def test_pairs_per_user_sets_the_number_of_annotators():
+    few = {r["user_id"] for r in make_rows(120, seed=1, pairs_per_user=30, **_CLEAN)}
+    many = {r["user_id"] for r in make_rows(120, seed=1, pairs_per_user=2, **_CLEAN)}
+    assert few == {1000, 1001, 1002, 1003}
+    assert 40 <= len(many) <= 60 and max(many) < 1060
+    assert len({r["user_id"] for r in make_rows(120, seed=1, **_CLEAN)}) <= 20  # default: pairs // 6
+
+
+@pytest.mark.parametrize(
+    "world, rule, measure, margin",
+    [("brightness", "saturation", _saturation, 0.1), ("warmth", "brightness", _luma, 10.0)],
+)
+def test_taste_minority_labels_by_its_own_rule(world, rule, measure, margin):
+    from tools.make_pickapic import annotators
+
+    kw = dict(world=world, pairs_per_user=10, minority_share=0.3, minority_rule=rule)
+    rows = make_rows(400, seed=2, **_CLEAN, **kw)
+    groups = {a["user_id"]: a for a in annotators(400, seed=2, **kw)["annotators"]}
+    assert sorted(groups) == list(range(1000, 1040))
+    assert sum(a["group"] == "minority" for a in groups.values()) == 12  # 30 % of 40 annotators
+    assert all(a["rule"] == (rule if a["group"] == "minority" else world) for a in groups.values())
+    minority = [r for r in rows if groups[r["user_id"]]["group"] == "minority"]
+    majority = [r for r in rows if groups[r["user_id"]]["group"] == "majority"]
+    assert 60 < len(minority) < 180
+    # the majority labels by the truth; the minority by its own rule, independent of the truth
+    assert all(r["label_0"] == r["true_label_0"] for r in majority)
+    by_rule = [dict(r, true_label_0=r["label_0"]) for r in minority]
+    assert _agreement(by_rule, measure, margin)[1] >= 0.9
+    assert 0.35 < np.mean([r["label_0"] == r["true_label_0"] for r in minority]) < 0.65
+
+
+def test_taste_minority_changes_labels_only_and_is_listed_beside_the_data(tmp_path):
+    import json
+
+    from pipeline.data.pickapic import list_sources
+    from tools import make_pickapic
+    from tools.make_pickapic import annotators
+
+    # with a brightness minority in the saturation world, the images, truth and annotators are those
+    # of the world without one
+    kw = dict(world="saturation", pairs_per_user=10)
+    plain = make_rows(60, seed=2, **_CLEAN, **kw)
+    mixed = make_rows(60, seed=2, **_CLEAN, **kw, minority_share=0.5, minority_rule="brightness")
+    assert [(r["jpg_1"], r["true_label_0"], r["user_id"]) for r in plain] == [
+        (r["jpg_1"], r["true_label_0"], r["user_id"]) for r in mixed
+    ]
+    assert [r["label_0"] for r in plain] != [r["label_0"] for r in mixed]
+    # the command line: the same rows as make_rows, and annotators.json beside the parquet files,
+    # which the encode stage does not list
+    out = tmp_path / "data"
+    flags = "--world daynight --pairs-per-user 4 --minority-share 0.25 --minority-rule warmth".split()
+    assert make_pickapic.main(["--out", str(out), "--pairs", "40", "--seed", "2", *flags]) == 0
+    kw = dict(world="daynight", pairs_per_user=4, minority_share=0.25, minority_rule="warmth")
+    assert pq.read_table(next(out.glob("*.parquet"))).to_pylist() == make_rows(40, 2, **kw)
+    info = json.loads((out / "annotators.json").read_text())
+    assert info == annotators(40, 2, **kw) and len(info["annotators"]) == 10
+    assert [a["user_id"] for a in info["annotators"] if a["group"] == "minority"] == sorted(
+        a["user_id"] for a in info["annotators"] if a["rule"] == "warmth"
+    )
+    assert sum(a["group"] == "minority" for a in info["annotators"]) == 3  # 0.25 x 10, rounded half up
+    assert [p.suffix for p in list_sources(str(out))] == [".parquet"]
+    with pytest.raises(ValueError, match="minority_rule"):
+        make_rows(10, world="brightness", minority_share=0.2, minority_rule="brightness")
+    with pytest.raises(SystemExit):
+        make_pickapic.main(["--out", str(tmp_path / "x"), "--pairs", "10", "--minority-share", "0.2"])
+
+
+def test_default_rows_are_unchanged():
+    """Digests of make_rows' output computed with the code before the new worlds and flags."""
+
+    def digest(rows) -> str:
+        h = hashlib.sha256()
+        for r in rows:
+            for k in sorted(r):
+                h.update(k.encode() + repr(r[k]).encode())
+        return h.hexdigest()
+
+    assert digest(make_rows(60, seed=5)) == "28921a791b795da8c18a51bebc45e61aee1407c32e4f243a5556285bd0f7efe4"
+    colour = make_rows(
+        40, seed=2, world="colour", annotator_noise=0.2, corrupt=1, truncated=1, empty=1, null_caption=1
+    )
+    assert digest(colour) == "80c3ab26a58d0b3cb5041b60a1af3416dd911736acb07eba290337ef8ca16681"
