@@ -9,13 +9,16 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from pipeline.losses.baselines import robust_dpo_loss
 from pipeline.losses.diffusion import PairErrors
 from pipeline.losses.noise_model import (
+    TAU_RANGE,
     FlipRateEstimator,
     em_dpo_loss,
     fit_temperature,
     posterior_flip,
     sigmoid,
+    unbiased_loss,
 )
 from pipeline.losses.objectives import ModelErrors, build_objective
 from pipeline.metrics_log import read_metrics
@@ -34,6 +37,18 @@ def test_posterior_and_loss_by_hand():
     # q = 0 is DPO
     assert em_dpo_loss(torch.tensor([0.002]), 1000.0, torch.tensor([0.0])).item() == pytest.approx(
         math.log1p(math.exp(-2)), rel=1e-6
+    )
+
+
+def test_unbiased_loss_is_robust_dpo_at_the_given_rate():
+    # beta h = 2, eps 0.2: (0.8 log(1 + e^-2) - 0.2 log(1 + e^2)) / 0.6
+    want = (0.8 * math.log1p(math.exp(-2)) - 0.2 * math.log1p(math.exp(2))) / 0.6
+    assert unbiased_loss(torch.tensor([0.002]), 1000.0, torch.tensor([0.2])).item() == pytest.approx(
+        want, rel=1e-6
+    )
+    h = torch.tensor([-0.003, 0.0, 0.004])
+    torch.testing.assert_close(
+        unbiased_loss(h, 1000.0, torch.full((3,), 0.3)), robust_dpo_loss(h, 1000.0, 0.3)
     )
 
 
@@ -98,12 +113,15 @@ def test_uninformative_margins_move_no_rate():
     assert est.rate == pytest.approx(0.17) and np.allclose(est.user_rate, 0.17)
 
 
-def test_temperature_recovers_a_logistic_slope():
+def test_temperature_recovers_a_logistic_slope_and_stays_at_most_one():
     rng = np.random.default_rng(1)
     z = rng.normal(0, 10, 20000)
     right = rng.random(len(z)) < sigmoid(0.4 * z)
     z_obs = np.where(right, z, -z)  # margin towards the observed label
     assert fit_temperature(z_obs, np.zeros(len(z))) == pytest.approx(0.4, rel=0.1)
+    # labels that follow the margin's sign exactly would want tau -> infinity: capped at 1, so q is never
+    # sharper than the loss's own logit (EM would otherwise read every disagreement as a flip)
+    assert fit_temperature(np.abs(z), np.full(len(z), 0.3)) == pytest.approx(TAU_RANGE[1], rel=1e-3)
 
 
 def test_state_survives_a_checkpoint_file(tmp_path):
@@ -132,8 +150,17 @@ def _errors(h: torch.Tensor, users: list[int]) -> ModelErrors:
     )
 
 
-def test_objective_is_dpo_during_warmup_then_weighs_by_the_posterior():
+def test_objective_is_dpo_during_warmup_then_robust_dpo_at_the_estimated_rate():
     obj = build_objective(ObjectiveConfig(name="em_dpo", noise=NoiseConfig(warmup_pairs=4)))
+    h = torch.tensor([0.003, -0.004])
+    torch.testing.assert_close(obj(_errors(h, [1, 2])).loss, torch.nn.functional.softplus(-1000 * h))  # DPO
+    obj.observe({"logit": np.array([3.0, -4.0, 2.0, 5.0]), "user_id": np.array([1, 2, 1, 1])})
+    assert obj.noise.active and 0 < obj.noise.rate < 0.5
+    torch.testing.assert_close(obj(_errors(h, [1, 2])).loss, robust_dpo_loss(h, 1000.0, obj.noise.rate))
+
+
+def test_posterior_loss_is_dpo_during_warmup_then_weighs_by_the_posterior():
+    obj = build_objective(ObjectiveConfig(name="em_dpo", noise=NoiseConfig(warmup_pairs=4, loss="posterior")))
     h = torch.tensor([0.003, -0.004])  # policy prefers the labelled winner, then the loser
     out = obj(_errors(h, [1, 2]))
     torch.testing.assert_close(out.loss, torch.nn.functional.softplus(-1000 * h))  # DPO
@@ -145,6 +172,7 @@ def test_objective_is_dpo_during_warmup_then_weighs_by_the_posterior():
     eps = out.stats["eps_user"].double().numpy()
     p = sigmoid(obj.noise.tau * 1000 * h.double().numpy())
     np.testing.assert_allclose(u.numpy(), posterior_flip(p, eps), rtol=1e-6)
+    torch.testing.assert_close(out.loss, em_dpo_loss(h, 1000.0, u))
 
 
 @pytest.mark.slow

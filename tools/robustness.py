@@ -77,6 +77,14 @@ VARIANTS: dict[str, tuple[str, list[str], dict]] = {
     ),
     # Robust-DPO's gradient at eps 0.3 is 1/(1 - 2 eps) = 2.5x DPO's at h = 0: is its gain the step size?
     "dpo_lr_x2.5": (DPO_CFG, ["objective.name=dpo"], {"lr_scale": 2.5}),
+    # no flip rate given: the rates are estimated during training (pipeline/losses/noise_model.py)
+    "em_dpo": ("configs/train/tiny_em_dpo.yaml", [], {}),
+    "em_dpo_global": ("configs/train/tiny_em_dpo.yaml", ["objective.noise.per_annotator=false"], {}),
+    "em_dpo_unbiased": (
+        "configs/train/tiny_em_dpo.yaml",
+        ["objective.noise.loss=unbiased", "objective.noise.per_annotator=false"],
+        {},
+    ),
     "adaptive_logit_halflife_renorm": (
         ADA_CFG,
         [
@@ -123,9 +131,11 @@ def run_name(variant: str, flip: str, seed: int) -> str:
     return f"{variant}_{by}{int(round(rate * 100)):02d}_s{seed}"
 
 
-def prepare(out: Path, pairs: int, heldout: int) -> tuple[Path, Path, Path]:
+def prepare(out: Path, pairs: int, heldout: int, **world) -> tuple[Path, Path, Path]:
+    """``world``: make_rows' world, pairs_per_user, minority_share, minority_rule (the minority labels
+    the training pairs only; the held-out pairs are judged by the truth)."""
     from stages import encode
-    from tools.make_pickapic import make_rows, write_parquet
+    from tools.make_pickapic import annotators, make_rows, write_annotators, write_parquet
     from tools.make_tiny_model import make_tiny_model
 
     model = out / "model"
@@ -134,12 +144,17 @@ def prepare(out: Path, pairs: int, heldout: int) -> tuple[Path, Path, Path]:
     shards = {}
     for name, n, seed in (("train", pairs, 100), ("heldout", heldout, 200)):
         src, dst = out / "data" / name, out / "shards" / name
+        kw = world if name == "train" else {"world": world.get("world", "brightness")}
+        info, recorded = annotators(n, seed, **kw), src / "annotators.json"
         if not src.is_dir():
             write_parquet(
-                make_rows(n, seed=seed, tie_rate=0, unlabelled_rate=0, identical_rate=0),
+                make_rows(n, seed=seed, tie_rate=0, unlabelled_rate=0, identical_rate=0, **kw),
                 src,
                 rows_per_file=1000,
             )
+            write_annotators(info, src)
+        elif recorded.is_file() and json.loads(recorded.read_text()) != info:
+            raise SystemExit(f"{src} was made for another world or minority: use another --out")
         if not (dst / "manifest.json").is_file():
             rc = encode.cli_main(
                 [
@@ -380,6 +395,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=None)
     p.add_argument("--jobs", type=int, default=2, help="trainings at once (one CPU thread each)")
     p.add_argument("--extra", nargs="*", default=[], help="key=value overrides for every training run")
+    from tools.make_pickapic import MINORITY_RULES, WORLDS
+
+    p.add_argument("--world", choices=WORLDS, default="brightness", help="toy world (tools.make_pickapic)")
+    p.add_argument("--pairs-per-user", type=float, default=6.0, help="training rows per annotator")
+    p.add_argument(
+        "--minority-share", type=float, default=0.0, help="share of annotators using --minority-rule"
+    )
+    p.add_argument("--minority-rule", choices=MINORITY_RULES, default=None, help="the taste minority's rule")
     a = p.parse_args(argv)
     preset = PRESETS[a.preset]
     a.variants = a.variants or preset["variants"]
@@ -388,7 +411,9 @@ def main(argv: list[str] | None = None) -> int:
     a.curve = preset["curve"]
     a.out = a.out or Path("robustness" if a.preset == "table2" else "minority_study")
     a.out.mkdir(parents=True, exist_ok=True)
-    model, train_shards, heldout = prepare(a.out, a.pairs, a.heldout)
+    world = {"world": a.world, "pairs_per_user": a.pairs_per_user, "minority_share": a.minority_share,
+             "minority_rule": a.minority_rule}  # fmt: skip
+    model, train_shards, heldout = prepare(a.out, a.pairs, a.heldout, **world)
     jobs = [(v, f, s) for v in a.variants for f in a.flips for s in a.seeds]
     later = [j for j in jobs if "lr_from" in VARIANTS[j[0]][2]]  # need their source runs finished
     failed = []

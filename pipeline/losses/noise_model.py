@@ -37,7 +37,9 @@ import torch
 from pipeline.losses.dpo import neg_log_sigmoid
 from pipeline.schema.objective import NoiseConfig
 
-TAU_RANGE = (1e-3, 1e2)
+# tau <= 1: the evidence is never sharper than the loss's own logit (a larger tau lets EM explain the
+# labels by the policy's signs alone, q in {0, 1}: the policy would then train on its own mistakes)
+TAU_RANGE = (1e-3, 1.0)
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
@@ -54,6 +56,13 @@ def em_dpo_loss(h: torch.Tensor, beta: float, q: torch.Tensor) -> torch.Tensor:
     """Per-pair (1 - q) -log sig(beta h) + q -log sig(-beta h); q must be detached."""
     z = beta * h.float()
     return (1 - q) * neg_log_sigmoid(z) + q * neg_log_sigmoid(-z)
+
+
+def unbiased_loss(h: torch.Tensor, beta: float, eps: torch.Tensor) -> torch.Tensor:
+    """Robust-DPO's unbiased loss at per-pair rates eps < 1/2 (detached):
+    ((1 - eps) -log sig(beta h) - eps -log sig(-beta h)) / (1 - 2 eps)."""
+    z = beta * h.float()
+    return ((1 - eps) * neg_log_sigmoid(z) - eps * neg_log_sigmoid(-z)) / (1 - 2 * eps)
 
 
 def mixture_loglik(tau: float, z: np.ndarray, eps: np.ndarray) -> float:

@@ -281,6 +281,11 @@ class EMDPO(Objective):
             eps_global=torch.full((b,), est.rate, device=h.device),
             tau=torch.full((b,), est.tau, device=h.device),
         )
+        if self.cfg.noise.loss == "unbiased":
+            # the global rate: Robust-DPO's estimator is unbiased per pair for any rate, but its variance
+            # explodes as a rate nears 1/2, which a noisy per-annotator estimate easily does
+            rate_t = torch.full((b,), est.rate if est.active else 0.0, device=h.device)
+            return LossOutput(NM.unbiased_loss(h, self.beta, rate_t), stats)
         return LossOutput(NM.em_dpo_loss(h, self.beta, q_t), stats)
 
     def observe(self, stats):

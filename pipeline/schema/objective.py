@@ -57,7 +57,10 @@ class NoiseConfig:
     """em_dpo (pipeline/losses/noise_model.py): DPO under a label-flip model whose rates are estimated
     from the policy's own margins during training (EM), globally and per annotator (``user_id``)."""
 
-    per_annotator: bool = True  # a flip rate per user_id (shrunk to the global one); false: global only
+    loss: Literal["unbiased", "posterior"] = (
+        "unbiased"  # Robust-DPO's loss at the estimated global rate | (1-q) DPO(label) + q DPO(reversed)
+    )
+    per_annotator: bool = True  # also a rate per user_id, shrunk to the global one (the audit, the posterior loss)
     prior_pairs: NonNegFloat = (
         10.0  # shrinkage: an annotator's rate counts prior_pairs pseudo-pairs at the global rate
     )
