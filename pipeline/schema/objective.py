@@ -60,7 +60,7 @@ class NoiseConfig:
     loss: Literal["unbiased", "posterior"] = (
         "unbiased"  # Robust-DPO's loss at the estimated global rate | (1-q) DPO(label) + q DPO(reversed)
     )
-    per_annotator: bool = True  # also a rate per user_id, shrunk to the global one (the audit, the posterior loss)
+    per_annotator: bool = True  # also a rate per user_id, shrunk to the global one (audit, posterior loss)
     prior_pairs: NonNegFloat = (
         10.0  # shrinkage: an annotator's rate counts prior_pairs pseudo-pairs at the global rate
     )
