@@ -210,7 +210,16 @@ def main(cfg: EvalConfig) -> int:
         elif "auroc_neg_h" in r:
             line = f"\nminority ({name}): {r['pairs']} pairs, {r['flipped']} flipped; AUROC of -h {r['auroc_neg_h']:.3f}"
             if "auroc_u" in r:
-                line += f", AUROC of u {r['auroc_u']:.3f}, mean W flipped {r['mean_W_flipped']:.3f} vs clean {r['mean_W_clean']:.3f}"
+                line += f", AUROC of u {r['auroc_u']:.3f}"
+            if "mean_W_flipped" in r:
+                line += f", mean W flipped {r['mean_W_flipped']:.3f} vs clean {r['mean_W_clean']:.3f}"
+            if "estimated_flip_rate" in r:
+                top = ", ".join(
+                    f"{u['user_id']} ({u['estimated_flip_rate']:.2f})" for u in r["annotators"][:5]
+                )
+                line += (
+                    f"; estimated flip rate {r['estimated_flip_rate']:.3f}, most distrusted annotators: {top}"
+                )
             if "auroc_annotators" in r:
                 line += f", AUROC over annotators {r['auroc_annotators']:.3f}"
             md.append(line + f" ({r['plot']})\n")

@@ -195,6 +195,34 @@ def test_minority_report_ranks_flipped_pairs_and_annotators(tmp_path):
     assert "no preference margin" in run_report(sft, tmp_path, "sft", 5, 0.8, 5, 1)["note"]
 
 
+def test_minority_report_ranks_annotators_by_em_dpos_estimated_rates(tmp_path):
+    """An em_dpo run logs u (the posterior of a flip) and no W, and its checkpoint holds a flip rate per
+    annotator: the audit ranks by those rates (users 0-2 flipped: the highest), not by mean u."""
+    from safetensors.torch import save_file
+
+    rng = np.random.default_rng(1)
+    n = 400
+    users = rng.integers(0, 10, n)
+    flipped = users < 3
+    run = tmp_path / "em"
+    (run / "pairs" / "rank_00000").mkdir(parents=True)
+    pq.write_table(pa.table({"step": [1] * n, "key": [f"k{i}" for i in range(n)], "user_id": users.tolist(),
+                             "flipped": flipped.tolist(), "true_agrees": [1.0] * n, "h": rng.normal(0, 1, n).tolist(),
+                             "u": rng.random(n).tolist()}), run / "pairs" / "rank_00000" / "upto_00000001.parquet")  # fmt: skip
+    (run / "config.yaml").write_text("data:\n  flip_rate: 0.3\n  flip_by: user\n")
+    ck = run / "checkpoints" / "step_00000001"
+    ck.mkdir(parents=True)
+    (run / "checkpoints" / "latest").write_text("step_00000001\n")
+    rates = [0.9, 0.8, 0.7] + [0.05 + 0.01 * i for i in range(7)]
+    save_file({"users": torch.arange(10), "user_rate": torch.tensor(rates, dtype=torch.float64),
+               "scalars": torch.tensor([0.27, 0.02, 400.0], dtype=torch.float64)}, str(ck / "objective.safetensors"))  # fmt: skip
+    r = run_report(run, tmp_path, "em", bins=5, high_q=0.8, min_pairs=5, last_epochs=1)
+    assert "mean_W_flipped" not in r and r["estimated_flip_rate"] == pytest.approx(0.27)
+    assert [a["user_id"] for a in r["annotators"][:3]] == [0, 1, 2]
+    assert r["annotators"][0]["estimated_flip_rate"] == pytest.approx(0.9)
+    assert r["auroc_annotators"] == 1.0  # by the rates; mean u is noise here
+
+
 def test_hpsv2_converter_round_trips_an_open_clip_state_dict(scorers_dir, tmp_path):
     """A tiny CLIPModel written in open_clip's layout (fused qkv, transposed projections) converts
     back to the same model: identical image and text features."""

@@ -58,6 +58,10 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
 }
 
 
+def all_worlds(a) -> list[str]:
+    return a.worlds + ([] if a.heldout == "none" else [a.heldout])
+
+
 def parse_structure(s: str) -> tuple[str, float]:
     if s == "none":
         return "none", 0.0
@@ -170,7 +174,7 @@ def mean_se(x) -> dict:
 
 def summarise(a, results: dict) -> dict:
     table: dict = {}
-    for world in a.worlds + [a.heldout]:
+    for world in all_worlds(a):
         for st in a.structures:
             for v in a.variants:
                 runs = [results.get(f"{world}/{v}_{slug(st)}_s{s}") for s in a.seeds]
@@ -197,7 +201,7 @@ def _cell(m: dict | None, nd: int = 3) -> str:
 
 def write_outputs(a, table: dict) -> str:
     lines = []
-    for world in a.worlds + [a.heldout]:
+    for world in all_worlds(a):
         tag = "HELD OUT" if world == a.heldout else "settings chosen here"
         lines += [f"\n### {world} ({tag})\n", "| structure | variant | acc. vs truth | - dpo | - robust_dpo (oracle) | "
                   "AUROC pairs u | AUROC pairs -h | AUROC annotators | est. rate / true |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -212,7 +216,7 @@ def write_outputs(a, table: dict) -> str:
                              f"{_cell(r.get('minus_robust_dpo'))} | {_cell(r['auroc_pairs_u'])} | "
                              f"{_cell(r['auroc_pairs_neg_h'])} | {_cell(r['auroc_annotators'])} | {est} |")  # fmt: skip
     md = "\n".join(lines) + "\n"
-    (a.out / "table.md").write_text(md)
+    (a.out / f"table{a.name}.md").write_text(md)
     _plot(a, table)
     return md
 
@@ -223,7 +227,7 @@ def _plot(a, table: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    worlds = a.worlds + [a.heldout]
+    worlds = all_worlds(a)
     fig, axes = plt.subplots(1, len(worlds), figsize=(5 * len(worlds) + 2, 4.2), squeeze=False, sharey=True)
     width = 0.8 / len(a.variants)
     colours = plt.get_cmap("tab10").colors
@@ -246,7 +250,7 @@ def _plot(a, table: dict) -> None:
     fig.suptitle(f"tiny model, {a.pairs} pairs ({a.pairs_per_user:g} per annotator), {a.steps} steps x "
                  f"{a.micro_batch} pairs, {len(a.seeds)} seeds", fontsize=9)  # fmt: skip
     fig.tight_layout()
-    fig.savefig(a.out / "accuracy.png", dpi=110)
+    fig.savefig(a.out / f"accuracy{a.name}.png", dpi=110)
     plt.close(fig)
 
 
@@ -254,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.noise_study", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path("noise_study"))
     p.add_argument("--worlds", nargs="+", default=["brightness", "daynight"], choices=list(WORLD_MINORITY))
-    p.add_argument("--heldout", default="warmth", choices=list(WORLD_MINORITY), help="reported apart")
+    p.add_argument("--heldout", default="warmth", choices=[*WORLD_MINORITY, "none"],
+                   help="the world reported apart (none: only --worlds, e.g. for a sweep on them)")  # fmt: skip
     p.add_argument(
         "--structures", nargs="+", default=["none", "pair:0.3", "user:0.3", "prompt:0.3", "taste:0.3"]
     )
@@ -269,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--draws", type=int, default=4)
     p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--name", default="", help="suffix of the output files, e.g. _sweep (runs are shared)")
     a = p.parse_args(argv)
     if a.heldout in a.worlds:
         raise SystemExit(f"--heldout {a.heldout} is also in --worlds: a held-out world must be held out")
@@ -282,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
 
         make_tiny_model("sd15", a.model, seed=0, vae_steps=300)
     data = {}
-    for w in a.worlds + [a.heldout]:
+    for w in all_worlds(a):
         for st in a.structures:
             data[(w, st)] = data_for(a, w, st)
     a.noisy = {}
@@ -290,13 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         for s in a.seeds:
             a.noisy[(w, st, s)] = noisy_share(shards, st, s)
     # seed-major: an interrupted study has every cell at fewer seeds, not some cells at all of them
-    jobs = [
-        (w, st, v, s)
-        for s in a.seeds
-        for w in a.worlds + [a.heldout]
-        for st in a.structures
-        for v in a.variants
-    ]
+    jobs = [(w, st, v, s) for s in a.seeds for w in all_worlds(a) for st in a.structures for v in a.variants]
     failed = []
     with ThreadPoolExecutor(a.jobs) as pool, tqdm(total=len(jobs), desc="train", unit="run") as bar:
         futs = [pool.submit(train_run, a, w, st, v, s, data[(w, st)][1]) for w, st, v, s in jobs]
@@ -313,9 +313,11 @@ def main(argv: list[str] | None = None) -> int:
     table = summarise(a, results)
     md = write_outputs(a, table)
     args = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items() if k != "noisy"}
-    (a.out / "results.json").write_text(json.dumps({"args": args, "runs": results, "table": table}, indent=1))
+    (a.out / f"results{a.name}.json").write_text(
+        json.dumps({"args": args, "runs": results, "table": table}, indent=1)
+    )
     print(md)
-    print(f"wrote {a.out}/table.md, results.json and accuracy.png")
+    print(f"wrote {a.out}/table{a.name}.md, results{a.name}.json and accuracy{a.name}.png")
     return 0
 
 
@@ -325,7 +327,7 @@ def evaluate_all(a, data: dict, jobs: list) -> dict:
     from tools.robustness import evaluate
 
     results = {}
-    for w in a.worlds + [a.heldout]:
+    for w in all_worlds(a):
         names = [f"{v}_{slug(st)}_s{s}" for ww, st, v, s in jobs if ww == w]
         # every structure of a world shares its held-out pairs (make_rows' seed 200, judged by the truth)
         model, _, heldout = next(v for (ww, _), v in data.items() if ww == w)

@@ -72,6 +72,22 @@ def per_annotator(rec: dict[str, np.ndarray], high_q: float, min_pairs: int) -> 
     return rank_annotators(rec["user_id"].astype(int), score, high_q, min_pairs, extra)
 
 
+def estimated_flip_rates(run_dir: str | Path) -> tuple[float, dict[int, float]] | None:
+    """em_dpo's final estimates from the run's latest checkpoint: (global rate, {user_id: rate});
+    None for an objective that keeps none."""
+    from safetensors.torch import load_file
+
+    root = Path(run_dir) / "checkpoints"
+    latest = root / "latest"
+    f = root / latest.read_text().strip() / "objective.safetensors" if latest.is_file() else None
+    if f is None or not f.is_file():
+        return None
+    state = load_file(str(f))
+    if "user_rate" not in state or "scalars" not in state:
+        return None
+    return float(state["scalars"][0]), dict(zip(state["users"].tolist(), state["user_rate"].tolist()))
+
+
 def _flip_unit(run_dir: str | Path) -> str | None:
     """The run's ``data.flip_by`` (its resolved config.yaml), None when it flipped nothing or is unknown."""
     import yaml
@@ -107,16 +123,25 @@ def run_report(
         ok = np.isfinite(rec["u"])
         res["auroc_u"] = auroc(rec["u"][ok], flipped[ok])
         res["flipped_share_by_u_bin"] = flipped_share_by_bin(rec["u"][ok], flipped[ok], bins)
-        res["mean_W_flipped"] = float(np.nanmean(rec["W"][flipped])) if flipped.any() else math.nan
-        res["mean_W_clean"] = float(np.nanmean(rec["W"][~flipped]))
+        if "W" in rec:  # em_dpo logs u (the posterior of a flip) but weighs no pair
+            res["mean_W_flipped"] = float(np.nanmean(rec["W"][flipped])) if flipped.any() else math.nan
+            res["mean_W_clean"] = float(np.nanmean(rec["W"][~flipped]))
     res["auroc_neg_h"] = auroc(-rec["h"], flipped)
     users = per_annotator(rec, high_q, min_pairs)
+    rates = estimated_flip_rates(run_dir)
+    key = "mean_score"
+    if rates is not None:  # em_dpo: its own final estimate per annotator ranks them
+        res["estimated_flip_rate"], per_user = rates
+        for u in users:
+            u["estimated_flip_rate"] = per_user.get(u["user_id"], res["estimated_flip_rate"])
+        users.sort(key=lambda u: (u["pairs"] < min_pairs, -u["estimated_flip_rate"]))
+        key = "estimated_flip_rate"
     res["annotators"] = users
     flipped_users = np.array([u["flipped_share"] > 0.5 for u in users])
     # only where whole annotators were flipped: with pair-level flips an annotator's flipped share is
     # chance, and an AUROC over annotators would rank noise
     if _flip_unit(run_dir) == "user" and flipped_users.any() and (~flipped_users).any():
-        res["auroc_annotators"] = auroc([u["mean_score"] for u in users], flipped_users)
+        res["auroc_annotators"] = auroc([u[key] for u in users], flipped_users)
     res["plot"] = str(_plot(rec, res, out / f"minority_{name}.png", name, bins) or "")
     return res
 
