@@ -49,7 +49,9 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "robust_dpo": ("configs/train/tiny_robust_dpo.yaml", []),
     "em_dpo": ("configs/train/tiny_em_dpo.yaml", []),
     "em_dpo_posterior": ("configs/train/tiny_em_dpo.yaml", ["objective.noise.loss=posterior"]),
-    "robust_dpo_fixed": ("configs/train/tiny_robust_dpo.yaml", ["objective.eps=0.2"]),  # a guess, no oracle
+    # fixed guesses, no oracle: the same eps whatever the data
+    "robust_dpo_fixed": ("configs/train/tiny_robust_dpo.yaml", ["objective.eps=0.2"]),
+    "robust_dpo_fixed30": ("configs/train/tiny_robust_dpo.yaml", ["objective.eps=0.3"]),
     "bounded_dpo": ("configs/train/tiny_bounded_dpo.yaml", []),
     "cdpo": ("configs/train/tiny_cdpo.yaml", []),
     "adaptive_calibrated": (CALIBRATED, []),
