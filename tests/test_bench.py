@@ -39,3 +39,13 @@ def test_bench_step_and_loader_write_json(shards64, tmp_path):
     m = json.loads((shards64 / "manifest.json").read_text())
     assert r["workers_2"]["pairs_per_s"] > 0 and r["pairs"] == 64 and r["captions"] == m["counts"]["captions"]
     assert r["bytes_per_pair"] == m["total_bytes"] / 64 and r["resume_last_batch_of_epoch_s"] > 0
+
+
+def test_bench_em_times_the_estimator_against_the_evidence_kept(tmp_path):
+    out = tmp_path / "em.json"
+    p = subprocess.run([sys.executable, "-m", "tools.bench", "em", "--em-kept", "1000", "20000", "--pairs", "64",
+                        "--steps", "3", "--out", str(out)], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads(out.read_text())["result"]
+    assert set(r) == {"1000", "20000"} and all(v["observe_ms_median"] > 0 for v in r.values())
+    assert r["20000"]["pairs_per_observe"] == 64

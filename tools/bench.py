@@ -595,9 +595,36 @@ def bench_loader(a) -> dict:
 # ---------------------------------------------------------------------------------------------- main
 
 
+def bench_em(a) -> dict:
+    """em_dpo's per-micro-step EM (numpy, pipeline/losses/noise_model.py) against the evidence kept:
+    ``--em-kept`` pairs already observed (6000 annotators), then ``--steps`` observes of ``--pairs``
+    pairs (a global micro-batch), timed."""
+    import numpy as np
+
+    from pipeline.losses.noise_model import FlipRateEstimator
+    from pipeline.schema.objective import NoiseConfig
+
+    rng = np.random.default_rng(0)
+    out = {}
+    for kept in a.em_kept:
+        est = FlipRateEstimator(NoiseConfig(warmup_pairs=0, history=max(kept * 2, 16)))
+        est.observe(rng.normal(0, 10, kept), rng.integers(0, 6000, kept))
+        times = []
+        for _ in range(a.steps):
+            z, u = rng.normal(0, 10, a.pairs), rng.integers(0, 6000, a.pairs)
+            t = time.perf_counter()
+            est.observe(z, u)
+            times.append(time.perf_counter() - t)
+        out[str(kept)] = {"observe_ms_median": 1e3 * float(np.median(times)), "pairs_per_observe": a.pairs}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=["step", "encode", "loader", "memory", "export"])
+    p.add_argument("what", choices=["step", "encode", "loader", "memory", "export", "em"])
+    p.add_argument(
+        "--em-kept", type=int, nargs="+", default=[100_000, 1_000_000], help="em: pairs of evidence kept"
+    )
     p.add_argument("--device", default="auto")
     p.add_argument("--width", type=float, default=0.25)
     p.add_argument("--latent", type=int, default=32)
@@ -654,7 +681,7 @@ def main(argv: list[str] | None = None) -> int:
 
         flush_denormals()
     fn = {"step": bench_step, "encode": bench_encode, "loader": bench_loader, "memory": bench_memory,
-          "export": bench_export}[a.what]  # fmt: skip
+          "export": bench_export, "em": bench_em}[a.what]  # fmt: skip
     from pipeline.errors import UserError
 
     try:
