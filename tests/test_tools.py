@@ -168,6 +168,20 @@ def test_warmth_world_prefers_the_redder_image_whatever_its_brightness():
     assert 0.35 < _agreement(rows, _saturation, 0.0)[0] < 0.65
 
 
+def _green(jpg: bytes) -> float:
+    """Median of G - (R + B) / 2 over the pixels."""
+    px = _pixels(jpg)
+    return float(np.median(px[..., 1] - (px[..., 0] + px[..., 2]) / 2))
+
+
+def test_green_world_prefers_the_greener_image_whatever_its_brightness_or_warmth():
+    rows = make_rows(160, seed=9, world="green", **_CLEAN)
+    overall, clear = _agreement(rows, _green, 20.0)
+    assert overall >= 0.85 and clear >= 0.95
+    assert 0.35 < _agreement(rows, _luma, 0.0)[0] < 0.65
+    assert 0.3 < _agreement(rows, _warmth, 0.0)[0] < 0.7
+
+
 def test_daynight_world_follows_the_captions_cue():
     rows = make_rows(160, seed=7, world="daynight", **_CLEAN)
     day = [r for r in rows if "in the day" in r["caption"]]

@@ -5,11 +5,12 @@ with one world held out: settings are chosen on the others, the held-out one is 
         [--structures none pair:0.3 user:0.3 taste:0.3] [--variants dpo robust_dpo em_dpo ...] [--seeds 0 1 2]
 
 Worlds (tools.make_pickapic): ``brightness`` (the brighter image is truly better), ``warmth`` (the
-redder one, brightness random) and ``daynight`` (prompt-dependent: brighter for a day caption, darker
-for a night one). Minority structures: ``none``; ``pair:R`` (R of the pairs flipped at random),
-``user:R`` (every label of R of the annotators), ``prompt:R`` (every label of R of the captions) — the
-trainer's flips (data.flip_by) — and ``taste:F``: F of the annotators label by another attribute
-(WORLD_MINORITY: warmth in the brightness and day/night worlds, brightness in the warmth world), not
+redder one, brightness random), ``daynight`` (prompt-dependent: brighter for a day caption, darker
+for a night one) and ``green`` (the greener one; added after every setting was fixed, a second
+held-out world: ``--heldout green``). Minority structures: ``none``; ``pair:R`` (R of the pairs
+flipped at random), ``user:R`` (every label of R of the annotators), ``prompt:R`` (every label of R of
+the captions) — the trainer's flips (data.flip_by) — and ``taste:F``: F of the annotators label by another attribute
+(WORLD_MINORITY: warmth in the brightness, day/night and green worlds, brightness in the warmth one), not
 by the majority's rule reversed; with independent rules about half of their labels disagree with
 the truth. Every run is the real ``python -m stages.train`` on the tiny model (3000 training pairs, 20
 per annotator, 200 steps x 16 pairs, lr 1e-4), evaluated on 500 held-out pairs against the *true*
@@ -41,7 +42,7 @@ from tqdm import tqdm
 
 from tools.robustness import ROOT, _env, prepare
 
-WORLD_MINORITY = {"brightness": "warmth", "warmth": "brightness", "daynight": "warmth"}
+WORLD_MINORITY = {"brightness": "warmth", "warmth": "brightness", "daynight": "warmth", "green": "warmth"}
 CALIBRATED = "configs/train/tiny_adaptive_dpo_calibrated.yaml"
 # name -> (config, overrides); robust_dpo gets objective.eps = the run's true noisy share
 VARIANTS: dict[str, tuple[str, list[str]]] = {
