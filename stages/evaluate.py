@@ -220,6 +220,9 @@ def main(cfg: EvalConfig) -> int:
                 line += (
                     f"; estimated flip rate {r['estimated_flip_rate']:.3f}, most distrusted annotators: {top}"
                 )
+            elif r.get("annotators"):  # ranked by the run's own score (u or -h): whom the policy doubts
+                top = ", ".join(f"{u['user_id']} ({u['policy_disagrees']:.2f})" for u in r["annotators"][:5])
+                line += f"; annotators it doubts most (share of their pairs it contradicts): {top}"
             if "auroc_annotators" in r:
                 line += f", AUROC over annotators {r['auroc_annotators']:.3f}"
             md.append(line + f" ({r['plot']})\n")

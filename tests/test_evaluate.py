@@ -195,6 +195,32 @@ def test_minority_report_ranks_flipped_pairs_and_annotators(tmp_path):
     assert "no preference margin" in run_report(sft, tmp_path, "sft", 5, 0.8, 5, 1)["note"]
 
 
+def test_report_names_the_annotators_a_run_without_rates_disagrees_with(tmp_path):
+    """A Robust-DPO run logs h only: the report's audit line names the annotators whose pairs the
+    policy most contradicts (users 0-2: every label flipped, h mostly negative), with that share."""
+    rng = np.random.default_rng(1)
+    n = 480
+    users = rng.integers(0, 12, n)
+    flipped = users < 3
+    h = rng.normal(0.5, 0.5, n) - 1.5 * flipped
+    run = tmp_path / "run"
+    (run / "pairs" / "rank_00000").mkdir(parents=True)
+    pq.write_table(pa.table({"step": [3] * n, "key": [f"k{i}" for i in range(n)], "user_id": users.tolist(),
+                             "flipped": flipped.tolist(), "true_agrees": [1.0] * n, "h": h.tolist()}),
+                   run / "pairs" / "rank_00000" / "upto_00000003.parquet")  # fmt: skip
+    (run / "config.yaml").write_text("data:\n  flip_rate: 0.25\n  flip_by: user\n")
+    out = tmp_path / "report"
+    assert (
+        cli_main(["--config", "configs/eval/tiny.yaml", f"output={out}", f"minority.runs.guess={run}"]) == 0
+    )
+    line = next(x for x in (out / "report.md").read_text().splitlines() if x.startswith("minority (guess)"))
+    listed = line.split("annotators it doubts most (share of their pairs it contradicts): ")[1].split(", ")
+    assert {int(x.split(" ")[0]) for x in listed[:3]} == {0, 1, 2}
+    share = float(listed[0].split("(")[1].rstrip(")").split(")")[0])
+    assert share == pytest.approx(float(np.mean(h[users == int(listed[0].split(" ")[0])] < 0)))
+    assert "AUROC over annotators 1.000" in line
+
+
 def test_minority_report_ranks_annotators_by_em_dpos_estimated_rates(tmp_path):
     """An em_dpo run logs u (the posterior of a flip) and no W, and its checkpoint holds a flip rate per
     annotator: the audit ranks by those rates (users 0-2 flipped: the highest), not by mean u."""
