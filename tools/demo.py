@@ -1,5 +1,6 @@
 """The embedded default, end to end on a CPU: tiny model + toy Pick-a-Pic data with 20 % flipped
-labels -> shards -> DPO, Adaptive-DPO and Robust-DPO at a guessed rate (DeepSpeed ZeRO-2 on the CPU) -> evaluation report.
+labels -> shards -> DPO, Adaptive-DPO and Robust-DPO at a guessed flip rate (DeepSpeed ZeRO-2 on the
+CPU) -> evaluation report.
 
     python -m tools.demo [--out demo] [--pairs 800] [--steps 150]
 
