@@ -9,16 +9,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline.losses.baselines import robust_dpo_loss
+from pipeline.losses.baselines import conservative_dpo_loss, robust_dpo_loss
 from pipeline.losses.diffusion import PairErrors
 from pipeline.losses.noise_model import (
     TAU_RANGE,
     FlipRateEstimator,
-    em_dpo_loss,
     fit_temperature,
     posterior_flip,
     sigmoid,
-    unbiased_loss,
 )
 from pipeline.losses.objectives import ModelErrors, build_objective
 from pipeline.metrics_log import read_metrics
@@ -28,27 +26,16 @@ from tests.helpers.run import check, train
 
 
 def test_posterior_and_loss_by_hand():
+    """The posterior loss is conservative DPO's label smoothing with a per-pair q (a tensor)."""
     # eps 0.2, P(label right) 0.9: q = 0.2 * 0.1 / (0.2 * 0.1 + 0.8 * 0.9) = 0.02 / 0.74
     assert posterior_flip(np.array([0.9]), 0.2)[0] == pytest.approx(0.02 / 0.74, rel=1e-12)
     # beta h = 2, q = 0.25: 0.75 log(1 + e^-2) + 0.25 log(1 + e^2)
     want = 0.75 * math.log1p(math.exp(-2)) + 0.25 * math.log1p(math.exp(2))
-    got = em_dpo_loss(torch.tensor([0.002]), 1000.0, torch.tensor([0.25]))
+    got = conservative_dpo_loss(torch.tensor([0.002]), 1000.0, torch.tensor([0.25]))
     assert got.item() == pytest.approx(want, rel=1e-6)
     # q = 0 is DPO
-    assert em_dpo_loss(torch.tensor([0.002]), 1000.0, torch.tensor([0.0])).item() == pytest.approx(
+    assert conservative_dpo_loss(torch.tensor([0.002]), 1000.0, torch.tensor([0.0])).item() == pytest.approx(
         math.log1p(math.exp(-2)), rel=1e-6
-    )
-
-
-def test_unbiased_loss_is_robust_dpo_at_the_given_rate():
-    # beta h = 2, eps 0.2: (0.8 log(1 + e^-2) - 0.2 log(1 + e^2)) / 0.6
-    want = (0.8 * math.log1p(math.exp(-2)) - 0.2 * math.log1p(math.exp(2))) / 0.6
-    assert unbiased_loss(torch.tensor([0.002]), 1000.0, torch.tensor([0.2])).item() == pytest.approx(
-        want, rel=1e-6
-    )
-    h = torch.tensor([-0.003, 0.0, 0.004])
-    torch.testing.assert_close(
-        unbiased_loss(h, 1000.0, torch.full((3,), 0.3)), robust_dpo_loss(h, 1000.0, 0.3)
     )
 
 
@@ -59,7 +46,7 @@ def test_gradient_equals_the_marginal_likelihoods(eps):
     h = torch.tensor([-0.008, -0.0005, 0.0, 0.001, 0.006], dtype=torch.float64, requires_grad=True)
     beta = 1000.0
     q = posterior_flip(torch.sigmoid(beta * h.detach()), eps)
-    (g_em,) = torch.autograd.grad(em_dpo_loss(h, beta, q).sum(), h)
+    (g_em,) = torch.autograd.grad(conservative_dpo_loss(h, beta, q).sum(), h)
     z = beta * h
     marginal = -torch.log((1 - eps) * torch.sigmoid(z) + eps * torch.sigmoid(-z))
     (g_m,) = torch.autograd.grad(marginal.sum(), h)
@@ -172,7 +159,7 @@ def test_posterior_loss_is_dpo_during_warmup_then_weighs_by_the_posterior():
     eps = out.stats["eps_user"].double().numpy()
     p = sigmoid(obj.noise.tau * 1000 * h.double().numpy())
     np.testing.assert_allclose(u.numpy(), posterior_flip(p, eps), rtol=1e-6)
-    torch.testing.assert_close(out.loss, em_dpo_loss(h, 1000.0, u))
+    torch.testing.assert_close(out.loss, conservative_dpo_loss(h, 1000.0, u))
 
 
 @pytest.mark.slow

@@ -5,7 +5,8 @@ Under the policy, the label is right with probability p_i = sigmoid(tau * z_i), 
 temperature fitted to the margins (the policy's logits are not calibrated probabilities). Then
 
     q_i   = eps_a (1 - p_i) / ((1 - eps_a) p_i + eps_a (1 - p_i))   posterior that the label is flipped
-    L_i   = (1 - q_i) * -log sigmoid(z_i) + q_i * -log sigmoid(-z_i)  q_i detached (the EM surrogate)
+    L_i   = (1 - q_i) * -log sigmoid(z_i) + q_i * -log sigmoid(-z_i)  q_i detached (the EM surrogate:
+            conservative DPO's label smoothing with a per-pair q, baselines.conservative_dpo_loss)
 
 With tau = 1 the gradient of L_i equals that of the marginal likelihood -log((1 - eps) sig(z) + eps
 sig(-z)): a pair the policy confidently contradicts stops pulling (q -> 1 turns it round), so the
@@ -34,7 +35,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pipeline.losses.dpo import neg_log_sigmoid
 from pipeline.schema.objective import NoiseConfig
 
 # tau <= 1: the evidence is never sharper than the loss's own logit (a larger tau lets EM explain the
@@ -50,19 +50,6 @@ def posterior_flip(p_right: np.ndarray | torch.Tensor, eps):
     """q = P(label flipped | evidence): p_right = P(label right | not flipped), eps = the flip rate."""
     num = eps * (1 - p_right)
     return num / (num + (1 - eps) * p_right)
-
-
-def em_dpo_loss(h: torch.Tensor, beta: float, q: torch.Tensor) -> torch.Tensor:
-    """Per-pair (1 - q) -log sig(beta h) + q -log sig(-beta h); q must be detached."""
-    z = beta * h.float()
-    return (1 - q) * neg_log_sigmoid(z) + q * neg_log_sigmoid(-z)
-
-
-def unbiased_loss(h: torch.Tensor, beta: float, eps: torch.Tensor) -> torch.Tensor:
-    """Robust-DPO's unbiased loss at per-pair rates eps < 1/2 (detached):
-    ((1 - eps) -log sig(beta h) - eps -log sig(-beta h)) / (1 - 2 eps)."""
-    z = beta * h.float()
-    return ((1 - eps) * neg_log_sigmoid(z) - eps * neg_log_sigmoid(-z)) / (1 - 2 * eps)
 
 
 def mixture_loglik(tau: float, z: np.ndarray, eps: np.ndarray) -> float:

@@ -263,11 +263,11 @@ class EMDPO(Objective):
 
     def __call__(self, errors, metric_active=True):
         h, stats = self._pairwise(errors)
-        users = errors.fields["user_id"].cpu().numpy() if "user_id" in errors.fields else None
-        if users is None:
+        if "user_id" not in errors.fields:
             raise ValueError("objective em_dpo needs the batch field user_id")
+        users = errors.fields["user_id"].cpu().numpy()
         est = self.noise
-        eps = np.asarray(est.rates_for(users), dtype=np.float64)
+        eps = est.rates_for(users)
         if est.active:
             p = est.p_right(self.beta * h.detach().double().cpu().numpy())
             q = NM.posterior_flip(p, eps)
@@ -284,9 +284,8 @@ class EMDPO(Objective):
         if self.cfg.noise.loss == "unbiased":
             # the global rate: Robust-DPO's estimator is unbiased per pair for any rate, but its variance
             # explodes as a rate nears 1/2, which a noisy per-annotator estimate easily does
-            rate_t = torch.full((b,), est.rate if est.active else 0.0, device=h.device)
-            return LossOutput(NM.unbiased_loss(h, self.beta, rate_t), stats)
-        return LossOutput(NM.em_dpo_loss(h, self.beta, q_t), stats)
+            return LossOutput(BL.robust_dpo_loss(h, self.beta, est.rate if est.active else 0.0), stats)
+        return LossOutput(BL.conservative_dpo_loss(h, self.beta, q_t), stats)  # smoothing by q
 
     def observe(self, stats):
         self.noise.observe(stats["logit"], stats["user_id"])
