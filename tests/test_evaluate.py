@@ -311,10 +311,12 @@ def test_hpsv2_converter_round_trips_an_open_clip_state_dict(scorers_dir, tmp_pa
 
 
 @pytest.mark.slow
-def test_robustness_benchmark_smoke(tmp_path):
+def test_robustness_benchmark_smoke(tiny_sd15, tmp_path):
     """The minority preset's machinery at smoke size: annotator flips, a control whose lr comes from
     another run's mean W, accuracy at intermediate checkpoints, per-run AUROCs."""
     out = tmp_path / "rb"
+    out.mkdir()
+    (out / "model").symlink_to(tiny_sd15)  # the session's tiny model, not a new one with a trained VAE
     p = subprocess.run([sys.executable, "-m", "tools.robustness", "--preset", "minority", "--out", str(out), "--pairs", "48",
                         "--heldout", "16", "--steps", "4", "--micro-batch", "4", "--seeds", "0", "--flips", "pair:0.3", "user:0.5",
                         "--variants", "dpo", "adaptive_dpo", "dpo_lr_meanW", "sft", "--draws", "1"],
@@ -331,3 +333,34 @@ def test_robustness_benchmark_smoke(tmp_path):
     cfg = (out / "runs" / "dpo_lr_meanW_pair30_s0" / "config.yaml").read_text()
     assert "lr: 0.0001\n" not in cfg  # scaled by the adaptive run's mean W
     assert (out / "accuracy_vs_steps.png").is_file() and "| adaptive_dpo |" in (out / "table.md").read_text()
+
+
+@pytest.mark.slow
+def test_noise_study_smoke(tiny_sd15, tmp_path):
+    """tools.noise_study at smoke size: a held-out world must be held out; then one world, annotators
+    flipped, DPO against EM-DPO: accuracy against the truth, minus-DPO paired by seed, EM-DPO's
+    estimated rate from its checkpoint and the AUROC over annotators, the table and the plot."""
+    from tools import noise_study
+
+    with pytest.raises(SystemExit, match="also in --worlds"):
+        noise_study.main(["--out", str(tmp_path / "x"), "--worlds", "brightness", "--heldout", "brightness"])
+    out = tmp_path / "ns"
+    out.mkdir()
+    (out / "model").symlink_to(tiny_sd15)  # the session's tiny model, not a new one
+    p = subprocess.run([sys.executable, "-m", "tools.noise_study", "--out", str(out), "--worlds", "brightness",
+                        "--heldout", "none", "--structures", "user:0.5", "--variants", "dpo", "em_dpo", "--seeds", "0",
+                        "--pairs", "64", "--heldout-pairs", "16", "--pairs-per-user", "4", "--steps", "4",
+                        "--micro-batch", "8", "--draws", "1", "--name", "_smoke"],
+                       cwd=ROOT, env=env(), capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert p.returncode == 0, p.stderr[-4000:]
+    res = json.loads((out / "results_smoke.json").read_text())
+    run = res["runs"]["brightness/em_dpo_user50_s0"]
+    # read from the checkpoint: still EM's starting rate, as 32 pairs are inside its 512-pair warm-up
+    assert 0 <= run["accuracy_true"] <= 1 and run["estimated_rate"] == pytest.approx(0.1)
+    assert run["annotator_score"] == "eps_user" and 0 <= run["auroc_annotators"] <= 1
+    # about half the annotators flipped: the share of labels against the truth is near 0.5
+    assert 0.2 < run["noisy_share"] < 0.8
+    row = res["table"]["brightness|user:0.5|em_dpo"]
+    dpo = res["runs"]["brightness/dpo_user50_s0"]
+    assert row["minus_dpo"]["mean"] == pytest.approx(run["accuracy_true"] - dpo["accuracy_true"])
+    assert "em_dpo" in (out / "table_smoke.md").read_text() and (out / "accuracy_smoke.png").is_file()

@@ -33,14 +33,12 @@ import argparse
 import json
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
-from tqdm import tqdm
 
-from tools.robustness import ROOT, _env, prepare
+from tools.robustness import ROOT, _env, prepare, train_all
 
 WORLD_MINORITY = {"brightness": "warmth", "warmth": "brightness", "daynight": "warmth", "green": "warmth"}
 CALIBRATED = "configs/train/tiny_adaptive_dpo_calibrated.yaml"
@@ -300,17 +298,7 @@ def main(argv: list[str] | None = None) -> int:
             a.noisy[(w, st, s)] = noisy_share(shards, st, s)
     # seed-major: an interrupted study has every cell at fewer seeds, not some cells at all of them
     jobs = [(w, st, v, s) for s in a.seeds for w in all_worlds(a) for st in a.structures for v in a.variants]
-    failed = []
-    with ThreadPoolExecutor(a.jobs) as pool, tqdm(total=len(jobs), desc="train", unit="run") as bar:
-        futs = [pool.submit(train_run, a, w, st, v, s, data[(w, st)][1]) for w, st, v, s in jobs]
-        for f in futs:
-            name, rc, err = f.result()
-            bar.update(1)
-            if rc:
-                failed.append(name)
-                print(f"\n{name} failed (exit {rc}):\n{err}", file=sys.stderr)
-    if failed:
-        print(f"{len(failed)} runs failed: {failed}", file=sys.stderr)
+    if not train_all(lambda j: train_run(a, *j, data[(j[0], j[1])][1]), [jobs], a.jobs):
         return 1
     results = evaluate_all(a, data, jobs)
     table = summarise(a, results)

@@ -199,6 +199,25 @@ def train_one(a, shards: Path, variant: str, flip: str, seed: int) -> tuple[str,
     return run.name, p.returncode, p.stderr[-3000:]
 
 
+def train_all(train, phases, workers: int) -> bool:
+    """Run ``train(job) -> (name, exit code, stderr)`` over each phase's jobs, ``workers`` at a time, a
+    phase starting when the one before it has ended; print every failure. True when none failed."""
+    failed = []
+    with (
+        ThreadPoolExecutor(workers) as pool,
+        tqdm(total=sum(map(len, phases)), desc="train", unit="run") as bar,
+    ):
+        for phase in phases:
+            for name, rc, err in pool.map(train, phase):
+                bar.update(1)
+                if rc:
+                    failed.append(name)
+                    print(f"\n{name} failed (exit {rc}):\n{err}", file=sys.stderr)
+    if failed:
+        print(f"{len(failed)} runs failed: {failed}", file=sys.stderr)
+    return not failed
+
+
 def _run_stats(run: Path) -> dict:
     """From the run's per-pair records: AUROC of u and -h against the flips, W on flipped vs clean,
     and with annotator flips the AUROC of the annotators' mean score against their flipped flag."""
@@ -416,16 +435,8 @@ def main(argv: list[str] | None = None) -> int:
     model, train_shards, heldout = prepare(a.out, a.pairs, a.heldout, **world)
     jobs = [(v, f, s) for v in a.variants for f in a.flips for s in a.seeds]
     later = [j for j in jobs if "lr_from" in VARIANTS[j[0]][2]]  # need their source runs finished
-    failed = []
-    with ThreadPoolExecutor(a.jobs) as pool, tqdm(total=len(jobs), desc="train", unit="run") as bar:
-        for phase in ([j for j in jobs if j not in later], later):
-            for name, rc, err in pool.map(lambda j: train_one(a, train_shards, *j), phase):
-                bar.update(1)
-                if rc:
-                    failed.append(name)
-                    print(f"\n{name} failed (exit {rc}):\n{err}", file=sys.stderr)
-    if failed:
-        print(f"{len(failed)} runs failed: {failed}", file=sys.stderr)
+    phases = ([j for j in jobs if j not in later], later)
+    if not train_all(lambda j: train_one(a, train_shards, *j), phases, a.jobs):
         return 1
     results = evaluate(a, model, heldout, [run_name(*j) for j in jobs])
     md = write_outputs(a, summarise(a, results))
