@@ -128,9 +128,7 @@ def train_run(a, world: str, structure: str, variant: str, seed: int, shards: Pa
 
 def run_stats(run: Path, structure: str, minority_users: set[int]) -> dict:
     """Detection figures from the run's per-pair records and its last checkpoint's objective state."""
-    from safetensors.torch import load_file
-
-    from pipeline.evaluate.minority_report import latest_per_pair
+    from pipeline.evaluate.minority_report import latest_per_pair, objective_state
     from pipeline.metrics_log import read_pair_records
     from pipeline.minority import auroc
 
@@ -142,9 +140,7 @@ def run_stats(run: Path, structure: str, minority_users: set[int]) -> dict:
         res["auroc_pairs_neg_h"] = auroc(-rec["h"], noisy)
         if has_u:
             res["auroc_pairs_u"] = auroc(rec["u"], noisy)
-    tag = (run / "checkpoints" / "latest").read_text().strip()
-    state_file = run / "checkpoints" / tag / "objective.safetensors"
-    state = load_file(str(state_file)) if state_file.is_file() else {}
+    state = objective_state(run)
     if "scalars" in state:
         res["estimated_rate"], res["tau"] = float(state["scalars"][0]), float(state["scalars"][1])
     kind, _ = parse_structure(structure)

@@ -77,12 +77,13 @@ VARIANTS: dict[str, tuple[str, list[str], dict]] = {
     ),
     # Robust-DPO's gradient at eps 0.3 is 1/(1 - 2 eps) = 2.5x DPO's at h = 0: is its gain the step size?
     "dpo_lr_x2.5": (DPO_CFG, ["objective.name=dpo"], {"lr_scale": 2.5}),
-    # no flip rate given: the rates are estimated during training (pipeline/losses/noise_model.py)
+    # no flip rate given: the rates are estimated during training (pipeline/losses/noise_model.py);
+    # em_dpo's default loss is Robust-DPO's at the estimated global rate, the posterior form uses q
     "em_dpo": ("configs/train/tiny_em_dpo.yaml", [], {}),
-    "em_dpo_global": ("configs/train/tiny_em_dpo.yaml", ["objective.noise.per_annotator=false"], {}),
-    "em_dpo_unbiased": (
+    "em_dpo_posterior": ("configs/train/tiny_em_dpo.yaml", ["objective.noise.loss=posterior"], {}),
+    "em_dpo_posterior_global": (
         "configs/train/tiny_em_dpo.yaml",
-        ["objective.noise.loss=unbiased", "objective.noise.per_annotator=false"],
+        ["objective.noise.loss=posterior", "objective.noise.per_annotator=false"],
         {},
     ),
     "adaptive_logit_halflife_renorm": (

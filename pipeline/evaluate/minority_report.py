@@ -72,17 +72,20 @@ def per_annotator(rec: dict[str, np.ndarray], high_q: float, min_pairs: int) -> 
     return rank_annotators(rec["user_id"].astype(int), score, high_q, min_pairs, extra)
 
 
-def estimated_flip_rates(run_dir: str | Path) -> tuple[float, dict[int, float]] | None:
-    """em_dpo's final estimates from the run's latest checkpoint: (global rate, {user_id: rate});
-    None for an objective that keeps none."""
+def objective_state(run_dir: str | Path) -> dict:
+    """The objective's state tensors in the run's latest checkpoint ({} when it keeps none)."""
     from safetensors.torch import load_file
 
     root = Path(run_dir) / "checkpoints"
     latest = root / "latest"
     f = root / latest.read_text().strip() / "objective.safetensors" if latest.is_file() else None
-    if f is None or not f.is_file():
-        return None
-    state = load_file(str(f))
+    return load_file(str(f)) if f is not None and f.is_file() else {}
+
+
+def estimated_flip_rates(run_dir: str | Path) -> tuple[float, dict[int, float]] | None:
+    """em_dpo's final estimates from the run's latest checkpoint: (global rate, {user_id: rate});
+    None for an objective that keeps none."""
+    state = objective_state(run_dir)
     if "user_rate" not in state or "scalars" not in state:
         return None
     return float(state["scalars"][0]), dict(zip(state["users"].tolist(), state["user_rate"].tolist()))
