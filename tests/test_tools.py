@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -25,6 +27,50 @@ def test_tiny_model_is_deterministic_for_a_seed(tiny_sd15, tmp_path):
     other = make_tiny_model("sd15", tmp_path / "other", seed=1)
     assert _digest(again) == _digest(tiny_sd15)
     assert _digest(other) != _digest(tiny_sd15)
+
+
+# Two "hosts" on this machine: the thread count and the vector kernels PyTorch and MKL may use, as a
+# user's machine differs from CI's (AVX512 / AMX or only AVX2; 1 or 2 threads, OMP_NUM_THREADS set or not).
+HOSTS = {
+    "1 thread": {"OMP_NUM_THREADS": "1"},
+    "2 threads, AVX2 kernels": {"OMP_NUM_THREADS": "2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+}  # fmt: skip
+
+
+def _rows_digest(folder) -> str:
+    """The toy data's content (not the parquet file's bytes, whose metadata names the pyarrow version)."""
+    h = hashlib.sha256()
+    for f in sorted(folder.glob("*.parquet")):
+        for row in pq.read_table(f).to_pylist():
+            h.update(repr(sorted(row.items())).encode())
+    return h.hexdigest()
+
+
+@pytest.mark.slow
+def test_tiny_model_with_a_trained_vae_and_the_toy_data_are_the_same_bytes_at_any_thread_count(tmp_path):
+    """The VAE training is the one float-order-sensitive part of the builder (tools/make_tiny_model.py:
+    before it was pinned, 1 and 2 threads wrote VAEs with scaling factors 0.806 and 0.819)."""
+    import os
+
+    from tests.helpers.run import ROOT, env
+
+    digests = {}
+    for name, extra in HOSTS.items():
+        out = tmp_path / name.replace(" ", "_").replace(",", "")
+        e = env(**extra)
+        if "OMP_NUM_THREADS" not in extra:
+            e.pop("OMP_NUM_THREADS")
+        for cmd in (["tools.make_tiny_model", "--family", "sd15", "--out", str(out / "model"), "--seed", "3",
+                     "--vae-steps", "12"],
+                    ["tools.make_pickapic", "--out", str(out / "data"), "--pairs", "40", "--seed", "3"]):  # fmt: skip
+            subprocess.run([sys.executable, "-m", *cmd], cwd=ROOT, env=e, check=True, capture_output=True)
+        digests[name] = (_digest(out / "model"), _rows_digest(out / "data"))
+        assert os.path.getsize(out / "model" / "vae" / "diffusion_pytorch_model.safetensors") > 0
+    first, second = digests.values()
+    assert first[0] == second[0], "the tiny model differs between thread counts / vector kernels"
+    assert first[1] == second[1], "the toy data differ between thread counts / vector kernels"
+    trained = (tmp_path / "1_thread" / "model" / "vae" / "config.json").read_text()
+    assert '"scaling_factor": 0.18215' not in trained  # the VAE was trained (its factor set from the latents)
 
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
