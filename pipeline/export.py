@@ -105,9 +105,9 @@ def stream_to_rank0(
     shard row; any device, cast to fp32) into ``dest`` on rank 0 (name -> contiguous fp32 CPU tensor
     of the parameter's shape; every layout name). Other ranks pass ``dest=None`` and hold one chunk
     of ``chunk`` elements at a time; rank 0 receives one chunk per rank per collective."""
-    import torch.distributed as dist
+    from pipeline.engine.dist import gather_to_rank0
 
-    world, rank = layout.world, layout.rank
+    rank = layout.rank
     if (rank == 0) != (dest is not None):
         raise ValueError("stream_to_rank0: dest on rank 0 only")
     for lay, part in zip(layout.groups, parts):
@@ -118,15 +118,10 @@ def stream_to_rank0(
             order = sorted(range(len(lay.names)), key=lambda i: lay.offsets[i])
             starts = [lay.offsets[i] for i in order]
             views = [dest[lay.names[i]].view(-1) for i in order]
-            bufs = [torch.empty(min(chunk, P), dtype=torch.float32, device=device) for _ in range(world)]
         for lo in range(0, P, chunk):
             n = min(chunk, P - lo)
             mine = part[lo : lo + n].to(device=device, dtype=torch.float32)
-            if world == 1:
-                got = [mine]
-            else:
-                got = [b[:n] for b in bufs] if rank == 0 else None
-                dist.gather(mine, got, dst=0)
+            got = gather_to_rank0(mine)  # rank 0: one piece per rank, on the collective's device
             del mine
             if rank != 0:
                 continue

@@ -15,7 +15,6 @@ the objective (``pipeline.train.workload``); everything else is library code in 
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import sys
 import time
@@ -32,12 +31,12 @@ from pipeline import cli
 from pipeline.config import dump_yaml, to_dict, write_resolved
 from pipeline.engine import checkpoint as ckpt
 from pipeline.engine.build import build_models
-from pipeline.engine.dist import all_reduce_max, init_distributed
+from pipeline.engine.dist import all_reduce_max, check_shared_dir, init_distributed, resolve_launch
 from pipeline.engine.precision import check_precision, flush_denormals, resolve_attention
 from pipeline.export import export_models
 from pipeline.losses.objectives import build_objective
 from pipeline.metrics_log import MetricsLogger, PairRecorder
-from pipeline.models import load_unet, pick_device
+from pipeline.models import load_unet
 from pipeline.schema.train import RESUMABLE_KEYS, TrainConfig
 from pipeline.train.stats import StatsAccumulator, engine_scalars, gather_pair_stats, summarize
 from pipeline.train.workload import Models, RunContext, build_workload
@@ -60,19 +59,23 @@ class Trainer:
         self.objective = build_objective(cfg.objective)
         self.workload = build_workload(cfg, self.objective)  # checks the data before any model loads
         self.info = self.workload.info
-        local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
-        self.device = pick_device(cfg.train.device, local_rank)
+        self.out = Path(cfg.output.dir)
+        self.ckroot = self.out / "checkpoints"
+        # resume: decided before any model loads, so a wrong config fails in seconds; a checkpoint of
+        # another world size is converted to DeepSpeed's universal format now, before the process group
+        # starts (rank 0 converts, the others wait on a file, not in a collective with a timeout)
+        launch = resolve_launch()
+        self.resume = ckpt.find_resume(self.ckroot, to_dict(cfg), RESUMABLE_KEYS, TrainConfig)
+        universal = self.resume is not None and self.resume.state["world_size"] != launch.world_size
+        if universal:
+            ckpt.ensure_universal(self.ckroot, self.resume.tag, launch.rank, cfg.dist.universal_wait_min)
+        info = init_distributed(cfg.train.device, cfg.dist.timeout_min)
+        self.rank, self.world, self.device = info.rank, info.world, info.device
         self.dtype = check_precision(cfg.train.precision, self.device, cfg.train.fp16_on_cpu)
         flush_denormals()
         self.attention = resolve_attention(cfg.model.attention, self.device)
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
-        self.rank, self.world, _ = init_distributed("nccl" if self.device.type == "cuda" else "gloo")
-        self.out = Path(cfg.output.dir)
-        self.ckroot = self.out / "checkpoints"
+        check_shared_dir(self.out)  # every rank writes checkpoints there
         self.workload.prepare(RunContext(self.rank, self.world, self.device, self.dtype))
-        # resume: decided before any model loads, so a wrong config fails in seconds
-        self.resume = ckpt.find_resume(self.ckroot, to_dict(cfg), RESUMABLE_KEYS, TrainConfig)
         if self.rank == 0:
             write_resolved(cfg, self.out / "config.yaml")
 
@@ -84,7 +87,7 @@ class Trainer:
             self.device,
             self.world,
             self.objective.needs_reference,
-            load_universal=self.resume is not None and self.resume.state["world_size"] != self.world,
+            load_universal=universal,
         )
         self.engine, self.layout, self.lora = built.engine, built.layout, built.lora
         self.reference, self.ema, self.n_trainable = built.reference, built.ema, built.n_trainable
@@ -100,7 +103,9 @@ class Trainer:
         resume_step = self.engine.global_steps
         self.logger = MetricsLogger(self.out, resume_step, cfg.output.tensorboard) if self.rank == 0 else None
         self.recorder = PairRecorder(self.out, self.rank, resume_step, cfg.output.pair_records)
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        # SIGUSR1: SLURM's warning before the end of a job (sbatch --signal=USR1@300): SIGTERM comes only
+        # KillWait (30 s by default) before SIGKILL, too little for an SDXL checkpoint
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
             signal.signal(sig, self._on_signal)
 
     def _on_signal(self, signum, frame) -> None:
@@ -154,7 +159,7 @@ class Trainer:
             out = self.workload.step(self.models, batch, self.micro_step, active)
             loss = out.loss.mean()
             self.micro_step += 1
-            if all_reduce_max(0.0 if torch.isfinite(loss).item() else 1.0, self.device) > 0:
+            if all_reduce_max(0.0 if torch.isfinite(loss).item() else 1.0) > 0:
                 self.counters["nonfinite_skipped"] += 1
                 consecutive_bad += 1
                 log.warning(
@@ -197,7 +202,7 @@ class Trainer:
                     pairs_s=f"{scalars['pairs_per_s']:.1f}",
                 )
                 t_log, steps_since_log = time.time(), 0
-            signalled = all_reduce_max(float(self.stop_signal), self.device)
+            signalled = all_reduce_max(float(self.stop_signal))
             if signalled or step % cfg.checkpoint.every == 0 or step == max_steps:
                 self.save_checkpoint()
             self.on_step_end(step)

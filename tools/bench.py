@@ -102,13 +102,13 @@ def bench_step(a) -> dict:
     from pipeline.schema.train import TrainConfig, TrainData, TrainOutput
     from pipeline.step import PreferenceStep
 
-    dev = _device(a.device)
+    info = init_distributed(_device(a.device).type)  # this rank's device (LOCAL_RANK), the process group
+    world, dev = info.world, info.device
     dtype = COMPUTE_DTYPE[a.precision]
     if a.memory_fraction and dev.type == "cuda":
         torch.cuda.set_per_process_memory_fraction(a.memory_fraction)
     if a.peak_tflops is None:
         a.peak_tflops = measured_peak_tflops(dev, dtype)
-    _, world, _ = init_distributed("nccl" if dev.type == "cuda" else "gloo")
     torch.manual_seed(0)
     B, L = a.micro_batch, a.latent
     cfg = TrainConfig(data=TrainData(shards="-", micro_batch=B), output=TrainOutput(dir="-"))
@@ -340,15 +340,14 @@ def bench_export(a) -> dict:
     import shutil
     import tempfile
 
-    import torch.distributed as dist
-
     from pipeline.engine.build import build_models
-    from pipeline.engine.dist import init_distributed
+    from pipeline.engine.dist import all_gather_object, barrier, init_distributed
     from pipeline.export import export_models
     from pipeline.schema.train import TrainConfig, TrainData, TrainOutput
 
     dev = torch.device("cpu")
-    rank, world, _ = init_distributed("gloo")
+    info = init_distributed("cpu")
+    rank, world = info.rank, info.world
     cfg = TrainConfig(data=TrainData(shards="-"), output=TrainOutput(dir="-"))
     cfg.ema.decays = [0.9999, 0.5]
     factory = _unet_factory(a.width, a.latent)
@@ -357,7 +356,7 @@ def bench_export(a) -> dict:
     model = tmp / "model"  # the UNet config a real model folder would hold
     factory(torch.float32).save_config(model / "unet")
     _return_freed_heap()  # else the baseline counts freed heap the export then reuses unseen
-    dist.barrier()
+    barrier()
     before = _rss_gb()
     t = time.perf_counter()
     with _PeakRSS() as peak:
@@ -365,8 +364,7 @@ def bench_export(a) -> dict:
                       tmp / "export", rank, dev)  # fmt: skip
     mine = {"rank": rank, "rss_before_gb": before, "peak_gb": peak.peak, "peak_increase_gb": peak.peak - before,
             "seconds": time.perf_counter() - t}  # fmt: skip
-    ranks: list = [None] * world
-    dist.all_gather_object(ranks, mine)
+    ranks = all_gather_object(mine)
     shutil.rmtree(tmp, ignore_errors=True)  # each rank's own folder
     return {
         "world_size": world,

@@ -111,9 +111,11 @@ def build_ema(
     if not decays:
         return None
     ema = ShardedEMA(layout, decays, cfg.ema.offload, device)
-    module = new_unet(factory, torch.float32, lora, attention)
+    # loaded in the compute dtype at once (an fp32 SDXL UNet is 10 GiB of host memory per rank): its
+    # trainable parameters are overwritten by the gathered shards anyway; frozen ones round the same way
+    module = new_unet(factory, dtype, lora, attention)
     if dtype != torch.float32:
-        module.to(dtype)
+        module.to(dtype)  # LoRA adapters are created in fp32
     if cfg.model.channels_last:
         module.to(memory_format=torch.channels_last)
     # a second buffer pays only where the gather is a collective that can overlap a forward

@@ -28,6 +28,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from pipeline.config import flatten, schema_default
+from pipeline.engine import dist
 from pipeline.engine.dist import barrier
 from pipeline.engine.safe_load import REFUSED_PREFIX, restricted_torch_load
 from pipeline.errors import UserError
@@ -112,7 +114,12 @@ def restore(resume: Resume, engine, ema, objective, world: int, rank: int) -> No
     EMA shards, this rank's RNG states and the objective's state. Another world size goes through
     DeepSpeed's universal checkpoint (the engine must have been built with ``load_universal``)."""
     st = resume.state
-    load_root = ensure_universal(resume.root, resume.tag, rank) if st["world_size"] != world else resume.root
+    if st["world_size"] != world:  # converted before the process group started (stages.train)
+        load_root = universal_root(resume.root)
+        if not (load_root / resume.tag / "done").is_file():
+            raise RuntimeError(f"{load_root / resume.tag} is not converted: call ensure_universal first")
+    else:
+        load_root = resume.root
     with restricted_torch_load():
         path, _ = engine.load_checkpoint(str(load_root), tag=resume.tag)
     if path is None:
@@ -146,10 +153,9 @@ def load_rng(folder: Path, rank: int) -> None:
 
 
 def check_same_on_all_ranks(state: dict[str, torch.Tensor], what: str) -> None:
-    """Collective: raise on every rank if ``state`` differs between ranks (one all-gather of a hash)."""
-    import torch.distributed as dist
-
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
+    """Collective: raise on every rank if ``state`` differs between ranks (one all-gather of a hash,
+    through the collective door: on NCCL the hash travels on the GPU)."""
+    if not dist.is_multi():
         return
     h = hashlib.sha256()
     for k in sorted(state):
@@ -157,9 +163,7 @@ def check_same_on_all_ranks(state: dict[str, torch.Tensor], what: str) -> None:
         h.update(f"{k}:{t.dtype}:{tuple(t.shape)}".encode())
         h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
     mine = torch.tensor([int.from_bytes(h.digest()[:8], "little", signed=True)], dtype=torch.int64)
-    parts = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, mine)
-    if len({int(p) for p in parts}) != 1:
+    if len(set(dist.all_gather_stack(mine).view(-1).tolist())) != 1:
         raise RuntimeError(
             f"{what} differs between ranks: its updates must depend only on the all-rank values they get"
         )
@@ -235,29 +239,55 @@ def _env_with_project() -> dict[str, str]:
     return env
 
 
-def ensure_universal(root: Path, tag: str, rank: int) -> Path:
-    """Convert ``tag`` to DeepSpeed's universal format (rank 0, once); returns the folder to load from."""
-    out_root = root / "universal"
-    if rank == 0 and not (out_root / tag / "done").is_file():
+def universal_root(root: Path) -> Path:
+    return root / "universal"
+
+
+def ensure_universal(root: Path, tag: str, rank: int, wait_min: float = 240.0, poll_s: float = 2.0) -> Path:
+    """Convert ``tag`` to DeepSpeed's universal format; returns the folder to load from. Called before
+    the process group exists: rank 0 converts (once: a ``done`` file marks it), every other rank waits
+    for ``done`` (or rank 0's ``failed`` file) by polling the shared file system, for up to ``wait_min``
+    minutes. No collective is open meanwhile, so a conversion longer than NCCL's timeout (SDXL: ~29 GiB
+    of optimizer state read, ~60 GB written) aborts nothing."""
+    out_root = universal_root(root)
+    done, failed = out_root / tag / "done", out_root / f"{tag}.failed"
+    if rank == 0 and not done.is_file():
         shutil.rmtree(out_root / tag, ignore_errors=True)
         out_root.mkdir(parents=True, exist_ok=True)
-        # DeepSpeed's converter, run inside restricted_torch_load (one worker each: no child processes
-        # that would escape it)
-        cmd = [sys.executable, "-m", "pipeline.engine.safe_load", "deepspeed.checkpoint.ds_to_universal",
-               "--input_folder", str(root / tag), "--output_folder", str(out_root / tag), "--inject_missing_state",
-               "--num_extract_workers", "1", "--num_merge_workers", "1"]  # fmt: skip
-        log.info("world size changed: converting %s to a universal checkpoint", tag)
-        p = subprocess.run(cmd, capture_output=True, text=True, env=_env_with_project())
-        refused = [ln for ln in p.stderr.splitlines() if ln.startswith(REFUSED_PREFIX)]
-        if refused:
-            raise UserError(refused[-1][len(REFUSED_PREFIX) :])
-        if p.returncode:
-            raise RuntimeError(
-                f"ds_to_universal failed on {root / tag}:\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}"
-            )
-        (out_root / tag / "done").write_text("ok\n")
-    barrier()
+        failed.unlink(missing_ok=True)
+        try:
+            _convert_to_universal(root, tag, out_root)
+        except Exception as e:
+            failed.write_text(f"{type(e).__name__}: {e}\n")
+            raise
+        done.write_text("ok\n")
+    elif rank != 0:
+        deadline = time.monotonic() + 60 * wait_min
+        while not done.is_file():
+            if failed.is_file():
+                raise UserError(f"rank 0 could not convert {root / tag} to a universal checkpoint: "
+                                f"{failed.read_text().strip()}")  # fmt: skip
+            if time.monotonic() > deadline:
+                raise UserError(f"waited {wait_min:g} min for rank 0 to convert {root / tag} to a universal "
+                                "checkpoint (dist.universal_wait_min): is rank 0 running, and is output.dir "
+                                "on a file system every node mounts?")  # fmt: skip
+            time.sleep(poll_s)
     return out_root
+
+
+def _convert_to_universal(root: Path, tag: str, out_root: Path) -> None:
+    # DeepSpeed's converter, run inside restricted_torch_load (one worker each: no child processes
+    # that would escape it)
+    cmd = [sys.executable, "-m", "pipeline.engine.safe_load", "deepspeed.checkpoint.ds_to_universal",
+           "--input_folder", str(root / tag), "--output_folder", str(out_root / tag), "--inject_missing_state",
+           "--num_extract_workers", "1", "--num_merge_workers", "1"]  # fmt: skip
+    log.info("world size changed: converting %s to a universal checkpoint", tag)
+    p = subprocess.run(cmd, capture_output=True, text=True, env=_env_with_project())
+    refused = [ln for ln in p.stderr.splitlines() if ln.startswith(REFUSED_PREFIX)]
+    if refused:
+        raise UserError(refused[-1][len(REFUSED_PREFIX) :])
+    if p.returncode:
+        raise RuntimeError(f"ds_to_universal failed on {root / tag}:\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}")
 
 
 def load_checkpoint_unet(folder: Path, base_path: str, dtype: torch.dtype = torch.float32):

@@ -134,8 +134,8 @@ class ShardedEMA:
         for b in [only] if only is not None else list(self._pending):
             if b in self._pending:
                 k, works, _ = self._pending.pop(b)
-                for w in works:
-                    w.wait()
+                for work, _source in works:
+                    work.wait()
                 self._holds[b] = k
 
     @torch.no_grad()

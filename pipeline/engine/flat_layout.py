@@ -17,7 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
+
+from pipeline.engine import dist
 
 
 @dataclass
@@ -35,8 +36,8 @@ class FlatLayout:
         if not hasattr(opt, "single_partition_of_fp32_groups"):
             raise RuntimeError(f"expected a ZeRO stage 1/2 optimizer, got {type(opt).__name__}")
         self.opt = opt
-        self.world = dist.get_world_size() if dist.is_initialized() else 1
-        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world = dist.world_size()
+        self.rank = dist.rank()
         names = {id(p): n for n, p in engine.module.named_parameters()}
         self.groups: list[GroupLayout] = []
         for g, params in enumerate(opt.bit16_groups):
@@ -64,17 +65,15 @@ class FlatLayout:
     def gather_into(
         self, parts: list[torch.Tensor], flats: list[torch.Tensor], async_op: bool = False
     ) -> list:
-        """All-gather ``parts`` (this rank's slice of each group, any dtype/device the backend takes)
-        into ``flats`` (full padded buffers of size P * world, same dtype/device). ``async_op``: return
-        the collectives' work handles to wait on (``parts`` must stay alive until then)."""
+        """All-gather ``parts`` (this rank's slice of each group, any dtype and device: cast and moved
+        to the buffer's) into ``flats`` (full padded buffers of P * world elements on the collective's
+        device), one ``all_gather_into_tensor`` per group. ``async_op``: return the pending handles,
+        ``(work, staged source)`` pairs to ``wait()`` on (holding the source alive until then)."""
         works = []
         for part, flat in zip(parts, flats):
-            if self.world == 1:
-                flat.copy_(part)
-            else:
-                w = dist.all_gather(list(flat.chunk(self.world)), part.to(flat.dtype), async_op=async_op)
-                if async_op:
-                    works.append(w)
+            w = dist.all_gather_flat(flat, part, async_op=async_op)
+            if w is not None:
+                works.append(w)
         return works
 
     def new_flats(self, dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:

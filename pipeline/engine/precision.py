@@ -20,11 +20,19 @@ def check_precision(precision: str, device: torch.device, fp16_on_cpu: bool = Fa
                 " train.fp16_on_cpu=true runs it anyway, for tests)"
             )
         allow_fp16_on_the_cpu_accelerator()
-    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+    if precision == "bf16" and device.type == "cuda" and not has_native_bf16(device):
+        major, minor = torch.cuda.get_device_capability(device)
         raise UserError(
-            f"train.precision=bf16 but {torch.cuda.get_device_name(device)} has no bf16: use fp16"
+            f"train.precision=bf16 but {torch.cuda.get_device_name(device)} (compute capability {major}.{minor}) "
+            "has no bf16 tensor cores (sm_80 and newer: A100, H100): use fp16"
         )
     return COMPUTE_DTYPE[precision]
+
+
+def has_native_bf16(device: torch.device) -> bool:
+    """bf16 in hardware: compute capability 8.0 or newer. Not ``torch.cuda.is_bf16_supported()``, which
+    counts emulation and says yes on a V100 (sm_70), where xformers' bf16 kernels do not exist."""
+    return torch.cuda.get_device_capability(device)[0] >= 8
 
 
 def allow_fp16_on_the_cpu_accelerator() -> None:

@@ -110,6 +110,14 @@ class Checkpointing:
 
 
 @dataclass
+class DistTimeouts:
+    timeout_min: Positive = (
+        30.0  # a collective waiting longer aborts the run (NCCL watchdog; DeepSpeed's own: 10)
+    )
+    universal_wait_min: Positive = 240.0  # other ranks wait this long for rank 0's universal conversion
+
+
+@dataclass
 class TrainOutput:
     dir: Text  # run folder: config.yaml, metrics.jsonl, tensorboard/, pairs/, checkpoints/, export/
     tensorboard: bool = True
@@ -126,6 +134,7 @@ class TrainConfig:
     train: TrainLoop = field(default_factory=TrainLoop)
     ema: EMAConfig = field(default_factory=EMAConfig)
     checkpoint: Checkpointing = field(default_factory=Checkpointing)
+    dist: DistTimeouts = field(default_factory=DistTimeouts)
 
     check_reads = ("objective", "ema")  # the sections check() reads: a bad value elsewhere does not hide it
 
@@ -171,6 +180,7 @@ RESUMABLE_KEYS = (
     "data.preferences",  # like data.shards: the online loop gives each round's trajectories and feedback
     "data.verify_sha256",
     "checkpoint.",
+    "dist.",
     "output.tensorboard",
     "ema.offload",
     "model.attention",

@@ -16,6 +16,7 @@ import torch
 
 from pipeline.data.loader import Layout, PairStream, make_loader
 from pipeline.data.shards import load_manifest, sha256_file
+from pipeline.engine.dist import all_gather_object
 from pipeline.errors import UserError
 from pipeline.evaluate.preference import accuracy as preference_accuracy
 from pipeline.minority import auroc
@@ -87,11 +88,7 @@ class PairWorkload(Workload):
             if i % ctx.world == ctx.rank
             and sha256_file(Path(self.cfg.data.shards) / s["name"]) != s["sha256"]
         ]
-        bad = mine
-        if ctx.world > 1 and torch.distributed.is_initialized():
-            parts: list = [None] * ctx.world
-            torch.distributed.all_gather_object(parts, mine)
-            bad = sorted(n for part in parts for n in part)
+        bad = sorted(n for part in all_gather_object(mine) for n in part)
         if bad:
             more = f" and {len(bad) - 8} more" if len(bad) > 8 else ""
             raise UserError(

@@ -23,7 +23,7 @@ def gather_pair_stats(
     dtype: floating -> float32, bool -> bool, integer -> int64 (exact). Every rank must pass the same
     names with the same B. Returns name -> [world * B] numpy arrays.
     """
-    import torch.distributed as dist
+    from pipeline.engine.dist import all_gather_stack
 
     rows, kinds = [], {}
     for name, t in sorted(stats.items()):
@@ -39,9 +39,7 @@ def gather_pair_stats(
             kinds[name] = "bool" if t.dtype == torch.bool else "int"
     mat = torch.stack(rows)  # [rows, B] int64
     if world > 1:
-        parts = [torch.empty_like(mat) for _ in range(world)]
-        dist.all_gather(parts, mat)
-        mat = torch.cat(parts, dim=1)
+        mat = all_gather_stack(mat).permute(1, 0, 2).reshape(len(rows), -1)  # [rows, world * B], rank order
     arr = mat.cpu().numpy()
     out = {}
     for i, (name, kind) in enumerate(kinds.items()):
