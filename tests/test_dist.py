@@ -66,7 +66,13 @@ def test_every_collective_goes_through_the_door():
     outside = [c for p in files for c in _collective_calls(p)]
     assert not outside, "collectives outside pipeline/engine/dist.py:\n" + "\n".join(outside)
     seen = {c.split()[-1] for c in _collective_calls(door_file)}  # the scanner sees the door's own calls
-    assert {"dist.all_reduce", "dist.gather", "dist.broadcast", "dist.barrier", "dist.all_gather_object"} <= seen
+    assert {
+        "dist.all_reduce",
+        "dist.gather",
+        "dist.broadcast",
+        "dist.barrier",
+        "dist.all_gather_object",
+    } <= seen
 
 
 def test_the_scanner_finds_each_way_of_calling_a_collective():
