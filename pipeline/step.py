@@ -80,7 +80,12 @@ class PreferenceStep:
         added = None
         if "pooled" in batch:
             pooled = batch["pooled"].to(dev, dt)
-            added = {"text_embeds": torch.cat([pooled, pooled]), "time_ids": batch["time_ids"].to(dev, dt)}
+            # time_ids stay fp32: original sizes and crop offsets are integers, and bf16 keeps 8 significant
+            # bits (1023 -> 1024, 777 -> 776); the UNet's Fourier projection computes in fp32 anyway
+            added = {
+                "text_embeds": torch.cat([pooled, pooled]),
+                "time_ids": batch["time_ids"].to(dev, torch.float32),
+            }
         return UNetInputs(noisy.to(dt), t, torch.cat([text, text]), added, target)
 
     def errors(self, out: torch.Tensor, x: UNetInputs) -> PairErrors:

@@ -189,6 +189,50 @@ def test_resume_on_another_world_size_keeps_the_weights(first, second, shards64,
     assert [r["step"] for r in m] == [1, 2, 3] and np.isfinite(m[-1]["loss"])
 
 
+def test_a_lora_checkpoint_holds_the_adapters_only_and_resumes_on_another_world_size(
+    tiny_sd15, shards64, tmp_path
+):
+    """The frozen base (1.6 GiB for SD1.5) is not in a LoRA run's checkpoints: DeepSpeed's
+    exclude_frozen_parameters on save, a non-strict module load on resume (the base is the model
+    folder's), the universal conversion and load_checkpoint_unet work on what remains."""
+    from safetensors.torch import load_file
+
+    from pipeline.engine.checkpoint import load_checkpoint_unet
+    from pipeline.engine.safe_load import restricted_torch_load
+
+    out = tmp_path / "run"
+    common = [
+        "model.lora_rank=4",
+        "optim.lr=1e-3",
+        "ema.decays=[0.9]",
+        "data.micro_batch=4",
+        "checkpoint.every=2",
+    ]
+    check(train(shards64, out, *common, "train.max_steps=2", nproc=2))
+    step2 = out / "checkpoints" / "step_00000002"
+    with restricted_torch_load():
+        module = torch.load(step2 / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)[
+            "module"
+        ]
+    assert module and all("lora_" in k for k in module), sorted(module)[:3]
+    saved = tmp_path / "export_first"
+    shutil.copytree(out / "export", saved)
+    # 2 ranks -> 1 at the same step: the same adapters come out; then it continues
+    check(train(shards64, out, *common, "train.max_steps=2", nproc=1))
+    for name in ("lora", "lora_ema_0.9"):
+        a = load_file(str(saved / name / "pytorch_lora_weights.safetensors"))
+        b = load_file(str(out / "export" / name / "pytorch_lora_weights.safetensors"))
+        assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a), name
+    check(train(shards64, out, *common, "train.max_steps=3", nproc=1))
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2, 3]
+    # the checkpoint's policy UNet: the base from the model folder, the adapters from the checkpoint
+    unet = load_checkpoint_unet(step2, str(tiny_sd15))
+    lora = {k: v for k, v in unet.state_dict().items() if "lora_" in k}
+    assert lora and any(
+        v.abs().sum() > 0 for k, v in lora.items() if "lora_B" in k
+    )  # trained (B starts at 0)
+
+
 def _wait_all(procs: list[subprocess.Popen], logs: list[Path], timeout: float) -> list[tuple[str, str]]:
     """Wait for every process; when one fails or the time is up, stop the others (a node whose
     peer died would wait for it until the rendezvous timeout) and return everyone's stderr log."""
