@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup system-deps demo test test-fast lint fmt clean
+.PHONY: setup system-deps demo test test-fast gpu-check lint fmt clean
 
 setup: $(VENV)/.installed
 
@@ -44,6 +44,22 @@ test: setup system-deps
 test-fast: setup system-deps
 	$(BIN)/python -m pytest -q -m "not slow" --durations=10
 
+# The one command for a machine with a GPU: does the project work here, and what does a step cost
+# (tools/gpu_check.py; under 10 minutes on one GPU; gpu_check/gpu_check.md is the table for
+# BENCHMARKS.md). Install CUDA torch first where PyPI's default build does not fit the GPU (README,
+# "Cluster install"; V100: the cu126 build); with a GPU present it also installs the xformers wheel
+# built for that torch (pinned to it: pip may not replace torch).
+gpu-check: setup
+	@if $(BIN)/python -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null && \
+	   ! $(BIN)/python -c "import xformers" 2>/dev/null; then \
+	  v=$$($(BIN)/python -c "import torch; print(torch.__version__.split('+')[0])"); \
+	  cu=$$($(BIN)/python -c "import torch; print('cu' + torch.version.cuda.replace('.', ''))"); \
+	  echo "installing xformers for torch $$v ($$cu)"; \
+	  $(BIN)/pip install -q xformers "torch==$$v" --index-url https://download.pytorch.org/whl/$$cu \
+	    || echo "no xformers wheel for torch $$v $$cu: the check runs with SDPA"; \
+	fi
+	$(BIN)/python -m tools.gpu_check --out gpu_check
+
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
@@ -51,4 +67,4 @@ fmt: setup
 	$(BIN)/ruff check --fix . && $(BIN)/ruff format .
 
 clean:
-	rm -rf demo .pytest_cache
+	rm -rf demo gpu_check .pytest_cache

@@ -14,6 +14,7 @@ the objective (``pipeline.train.workload``); everything else is library code in 
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import sys
@@ -32,7 +33,7 @@ from pipeline.config import dump_yaml, to_dict, write_resolved
 from pipeline.engine import checkpoint as ckpt
 from pipeline.engine.build import build_models
 from pipeline.engine.dist import all_reduce_max, check_shared_dir, init_distributed, resolve_launch
-from pipeline.engine.precision import check_precision, flush_denormals, resolve_attention
+from pipeline.engine.precision import check_precision, flush_denormals, resolve_attention, unet_head_dims
 from pipeline.export import export_models
 from pipeline.losses.objectives import build_objective
 from pipeline.metrics_log import MetricsLogger, PairRecorder
@@ -73,7 +74,10 @@ class Trainer:
         self.rank, self.world, self.device = info.rank, info.world, info.device
         self.dtype = check_precision(cfg.train.precision, self.device, cfg.train.fp16_on_cpu)
         flush_denormals()
-        self.attention = resolve_attention(cfg.model.attention, self.device)
+        unet_cfg = json.loads((Path(self.info.path) / "unet" / "config.json").read_text())
+        self.attention = resolve_attention(
+            cfg.model.attention, self.device, self.dtype, unet_head_dims(unet_cfg)
+        )
         check_shared_dir(self.out)  # every rank writes checkpoints there
         self.workload.prepare(RunContext(self.rank, self.world, self.device, self.dtype))
         if self.rank == 0:

@@ -258,3 +258,49 @@ def test_the_helpers_in_a_two_process_gloo_group(tmp_path):
         assert o["objects"] == [{"rank": 0}, {"rank": 1}]
         assert "is not the same folder on every rank: ranks [1]" in o["local"]
     assert res[0]["gather"] == [[0.0], [2.0]] and res[1]["gather"] is None
+
+
+# ---------------------------------------------------------------------------- attention: the xformers probe
+
+
+def test_head_dims_of_the_unet_configs():
+    from pipeline.engine.precision import unet_head_dims
+
+    sd15 = {"block_out_channels": [320, 640, 1280, 1280], "attention_head_dim": 8}
+    sdxl = {"block_out_channels": [320, 640, 1280], "attention_head_dim": [5, 10, 20]}
+    assert unet_head_dims(sd15) == [40, 80, 160] and unet_head_dims(sdxl) == [64]
+    assert unet_head_dims({**sd15, "num_attention_heads": [5, 10, 20, 20]}) == [64]
+
+
+def test_xformers_is_chosen_only_when_its_probe_passes(monkeypatch, caplog):
+    """auto falls back to SDPA with a warning; asking for xformers fails with the probe's reason."""
+    import importlib.util
+
+    from pipeline.engine import precision
+
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: object() if name == "xformers" else None
+    )
+    seen = []
+    monkeypatch.setattr(precision, "xformers_probe", lambda dev, dt, dims: seen.append((dt, dims)) or None)
+    assert precision.resolve_attention("auto", cuda, torch.float16, [40, 80, 160]) == "xformers"
+    assert seen == [(torch.float16, [40, 80, 160])]
+    assert precision.resolve_attention("auto", torch.device("cpu"), torch.float32, [40]) == "sdpa"
+    monkeypatch.setattr(
+        precision, "xformers_probe", lambda *a: "NotImplementedError: no kernel for bf16 on sm_70"
+    )
+    with caplog.at_level("WARNING"):
+        assert precision.resolve_attention("auto", cuda, torch.bfloat16, [64]) == "sdpa"
+    assert "failed its probe (NotImplementedError: no kernel" in caplog.text
+    with pytest.raises(UserError, match="model.attention=xformers but its probe failed .*no kernel"):
+        precision.resolve_attention("xformers", cuda, torch.bfloat16, [64])
+    assert precision.resolve_attention("sdpa", cuda, torch.float16, [40]) == "sdpa"
+
+
+def test_the_probe_reports_an_xformers_that_cannot_run_here():
+    """On this CPU machine the installed xformers (a CUDA build, or none) cannot run: a reason, not a crash."""
+    from pipeline.engine.precision import xformers_probe
+
+    why = xformers_probe(torch.device("cpu"), torch.float32, [40])
+    assert why is not None and ":" in why

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from tools.bench_models import clip_l_text, n_params, sd15_unet, sd15_vae
+from tools.bench_models import clip_l_text, n_params, sd15_unet, sd15_vae, sdxl_unet
 
 
 def _device(name: str) -> torch.device:
@@ -70,23 +70,24 @@ def measured_peak_tflops(dev: torch.device, dtype: torch.dtype, n: int = 2048, r
     return 2 * n**3 / t / 1e12
 
 
-def unet_forward_flops(unet, x, t, text) -> int:
+def unet_forward_flops(unet, x, t, text, added: dict | None = None) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
     with torch.no_grad(), FlopCounterMode(display=False) as fc:
-        unet(x, t, encoder_hidden_states=text)
+        unet(x, t, encoder_hidden_states=text, added_cond_kwargs=added)
     return fc.get_total_flops()
 
 
 # ---------------------------------------------------------------------------------------------- step
 
 
-def _unet_factory(width: float, latent: int):
-    """factory(dtype): a randomly initialised SD1.5-shaped UNet, the same weights at every call."""
-    state = {k: v.clone() for k, v in sd15_unet(width, latent).state_dict().items()}
+def _unet_factory(width: float, latent: int, shape: str = "sd15"):
+    """factory(dtype): a randomly initialised SD1.5- or SDXL-shaped UNet, the same weights at every call."""
+    make = {"sd15": sd15_unet, "sdxl": sdxl_unet}[shape]
+    state = {k: v.clone() for k, v in make(width, latent).state_dict().items()}
 
     def factory(dtype: torch.dtype) -> torch.nn.Module:
-        m = sd15_unet(width, latent)
+        m = make(width, latent)
         m.load_state_dict(state)
         return m.to(dtype)
 
@@ -114,23 +115,36 @@ def bench_step(a) -> dict:
     cfg = TrainConfig(data=TrainData(shards="-", micro_batch=B), output=TrainOutput(dir="-"))
     cfg.train.precision, cfg.model.gradient_checkpointing = a.precision, a.grad_ckpt
     cfg.ema.offload, cfg.ema.overlap_gather = a.offload, a.overlap_gather
-    factory = _unet_factory(a.width, L)
+    factory = _unet_factory(a.width, L, a.shape)
     # the trainer's own construction: engine, reference, EMA models (pipeline.engine.build)
     built = build_models(cfg, factory, a.attention, dtype, dev, world, needs_reference=True)
     engine, ref, layout = built.engine, built.reference, built.layout
+    names = a.objectives
     emas = {
         m: build_ema(cfg, factory, layout, None, a.attention, dtype, dev, [0.9999, 0.5][: m - 1])
         for m in (2, 3)
+        if f"adaptive_m{m}" in names
     }
     from diffusers import DDPMScheduler
 
     sched = DDPMScheduler(
         num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012
     )
-    batch = {"latents": torch.randn(2 * B, 4, L, L), "text": torch.randn(B, 77, 768)}
+    text_dim = 2048 if a.shape == "sdxl" else 768
+    batch = {"latents": torch.randn(2 * B, 4, L, L), "text": torch.randn(B, 77, text_dim)}
+    added = None
+    if a.shape == "sdxl":  # pooled text embedding and size/crop ids, as the loader gives them
+        batch["pooled"] = torch.randn(B, 1280)
+        batch["time_ids"] = torch.tensor([[8.0 * L, 8.0 * L, 0, 0, 8.0 * L, 8.0 * L]] * 2 * B)
+        added = {"text_embeds": torch.randn(2 * B, 1280, device=dev, dtype=dtype),
+                 "time_ids": batch["time_ids"].to(dev)}  # fmt: skip
     x = torch.randn(2 * B, 4, L, L, device=dev, dtype=dtype)
     fwd = unet_forward_flops(
-        ref, x, torch.full((2 * B,), 500, device=dev), torch.randn(2 * B, 77, 768, device=dev, dtype=dtype)
+        ref,
+        x,
+        torch.full((2 * B,), 500, device=dev),
+        torch.randn(2 * B, 77, text_dim, device=dev, dtype=dtype),
+        added,
     )
 
     def runner(obj_name: str, m: int | None):
@@ -158,6 +172,7 @@ def bench_step(a) -> dict:
             "adaptive_m2": ("adaptive_dpo", 2),
             "adaptive_m3": ("adaptive_dpo", 3),
         }.items()
+        if name in names
     }
     for fn in fns.values():
         fn()  # warm-up
@@ -182,9 +197,23 @@ def bench_step(a) -> dict:
             "floor_units": units[name],
             "all_s": ts,
         }
+    if dev.type == "cuda":  # the peak over every step above: the largest configuration built (M = 3's)
+        results["memory"] = {
+            "max_allocated_gb": torch.cuda.max_memory_allocated(dev) / 2**30,
+            "max_reserved_gb": torch.cuda.max_memory_reserved(dev) / 2**30,
+            "device_total_gb": torch.cuda.get_device_properties(dev).total_memory / 2**30,
+        }
     for name in ("adaptive_m2", "adaptive_m3"):
-        results[name]["ratio_to_dpo"] = results[name]["step_s"] / results["dpo"]["step_s"]
-        results[name]["floor_ratio"] = units[name] / units["dpo"]
+        if name in results and "dpo" in results:
+            results[name]["ratio_to_dpo"] = results[name]["step_s"] / results["dpo"]["step_s"]
+            results[name]["floor_ratio"] = units[name] / units["dpo"]
+    if 3 not in emas or a.skip_breakdown:
+        results["peak_tflops"], results["unet_params"], results["unet_fwd_tflop_2B"] = (
+            a.peak_tflops,
+            n_params(ref),
+            fwd / 1e12,
+        )
+        return results
     bd = breakdown(engine, ref, emas[3], batch, sched, dtype, dev, a.steps)
     results["breakdown_adaptive_m3"] = bd
     # the same ratio from the (steadier) per-phase medians: DPO = inputs + reference + policy fwd/bwd + optimizer;
@@ -220,7 +249,7 @@ def bench_step(a) -> dict:
     results["ema_gather_s_per_model"] = statistics.median(_timeit(gather_both, dev, a.steps)) / 2
     results["world_size"] = world  # > 1 under torchrun: the gather is an all-gather of the shards
     # the usual way: VAE + text encoder inside the step, from pixels
-    if not a.skip_usual:
+    if not a.skip_usual and a.shape == "sd15":
         vae = sd15_vae().to(dev, dtype).eval().requires_grad_(False)
         te = clip_l_text().to(dev, dtype).eval().requires_grad_(False)
         pix = torch.randn(2 * B, 3, 8 * L, 8 * L, device=dev, dtype=dtype)
@@ -645,6 +674,15 @@ def main(argv: list[str] | None = None) -> int:
         help="device peak for MFU (e.g. 125 for V100 fp16 tensor cores)",
     )
     p.add_argument("--skip-usual", action="store_true")
+    p.add_argument("--skip-breakdown", action="store_true", help="step: no per-phase timing")
+    p.add_argument("--shape", default="sd15", choices=["sd15", "sdxl"], help="step: the UNet's architecture")
+    p.add_argument(
+        "--objectives",
+        nargs="+",
+        default=["dpo", "adaptive_m2", "adaptive_m3"],
+        choices=["dpo", "adaptive_m2", "adaptive_m3"],
+        help="step: which steps to time (each built EMA model stays resident)",
+    )
     p.add_argument(
         "--keep-denormals",
         action="store_true",

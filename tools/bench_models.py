@@ -30,6 +30,33 @@ def sd15_unet(width: float = 1.0, sample_size: int = 64):
     )
 
 
+def sdxl_unet(width: float = 1.0, sample_size: int = 128):
+    """SDXL's public UNet config (2.57B parameters at width 1.0); narrower widths scale the channels
+    and the head counts alike (the head dim stays 64 where it divides)."""
+    from diffusers import UNet2DConditionModel
+
+    ch = tuple(max(32, int(round(c * width / 32)) * 32) for c in (320, 640, 1280))
+    heads = tuple(h if width == 1.0 else max(1, round(h * width)) for h in (5, 10, 20))
+    heads = tuple(h if c % h == 0 else 1 for c, h in zip(ch, heads))
+    return UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
+        block_out_channels=ch,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 10),
+        attention_head_dim=heads,
+        cross_attention_dim=2048,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,  # 6 size/crop ids x 256 + the 1280-d pooled text
+        norm_num_groups=32,
+    )
+
+
 def sd15_vae():
     from diffusers import AutoencoderKL
 

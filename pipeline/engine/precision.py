@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 
 import torch
 
 from pipeline.errors import UserError
 from pipeline.models import DTYPES as COMPUTE_DTYPE  # the configs' one vocabulary: fp32, fp16, bf16
+
+log = logging.getLogger(__name__)
 
 
 def check_precision(precision: str, device: torch.device, fp16_on_cpu: bool = False) -> torch.dtype:
@@ -55,8 +58,43 @@ def flush_denormals() -> None:
     torch.set_flush_denormal(True)
 
 
-def resolve_attention(choice: str, device: torch.device) -> str:
-    """auto -> xformers when installed and on CUDA, else PyTorch SDPA; asking for xformers without it fails."""
+def unet_head_dims(config: dict) -> list[int]:
+    """The attention head dims of a diffusers UNet config: SD1.5 40/80/160, SDXL 64. diffusers' legacy
+    ``attention_head_dim`` holds the number of heads when ``num_attention_heads`` is absent."""
+    ch = list(config["block_out_channels"])
+    heads = config.get("num_attention_heads") or config["attention_head_dim"]
+    heads = heads if isinstance(heads, (list, tuple)) else [heads] * len(ch)
+    return sorted({c // h for c, h in zip(ch, heads) if h and c % h == 0})
+
+
+def xformers_probe(device: torch.device, dtype: torch.dtype, head_dims: list[int]) -> str | None:
+    """None when xformers runs forward and backward at every head dim in ``dtype`` on ``device``; else
+    why not. Importability proves neither a wheel built for this torch nor a kernel for the dtype
+    (no bf16 below sm_80) and the head dims."""
+    try:
+        import xformers.ops as xops
+
+        for d in head_dims or [64]:
+            q, k, v = (
+                torch.randn(1, 64, 2, d, device=device, dtype=dtype, requires_grad=True) for _ in range(3)
+            )
+            out = xops.memory_efficient_attention(q, k, v)
+            out.float().sum().backward()
+            if not (torch.isfinite(out).all() and torch.isfinite(q.grad).all()):
+                return f"non-finite output at head dim {d}"
+    except (
+        Exception
+    ) as e:  # ImportError, NotImplementedError (no kernel), RuntimeError (a wheel for another torch)
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    return None
+
+
+def resolve_attention(
+    choice: str, device: torch.device, dtype: torch.dtype = torch.float32, head_dims: list[int] | None = None
+) -> str:
+    """auto -> xformers when it is installed, on CUDA, and passes ``xformers_probe`` for the run's dtype
+    and the UNet's head dims; else PyTorch SDPA (with a warning when xformers was there but failed).
+    Asking for xformers where it cannot run fails with the reason."""
     have = importlib.util.find_spec("xformers") is not None
     if choice == "xformers":
         if not have:
@@ -65,9 +103,16 @@ def resolve_attention(choice: str, device: torch.device) -> str:
             )
         if device.type != "cuda":
             raise UserError("model.attention=xformers needs a CUDA device; use sdpa on the CPU")
+        why = xformers_probe(device, dtype, head_dims or [])
+        if why:
+            raise UserError(f"model.attention=xformers but its probe failed ({why}): use sdpa, or an xformers "
+                            "wheel built for this torch")  # fmt: skip
         return "xformers"
-    if choice == "auto":
-        return "xformers" if have and device.type == "cuda" else "sdpa"
+    if choice == "auto" and have and device.type == "cuda":
+        why = xformers_probe(device, dtype, head_dims or [])
+        if why is None:
+            return "xformers"
+        log.warning("xformers is installed but failed its probe (%s): using PyTorch SDPA", why)
     return "sdpa"
 
 
