@@ -71,7 +71,10 @@ def test_ds_config_is_built_from_the_typed_config():
     assert ds["train_batch_size"] == 3 * 2 * 4 and ds["train_micro_batch_size_per_gpu"] == 3
     assert ds["zero_optimization"]["stage"] == 2
     assert ds["fp16"]["enabled"] and ds["fp16"]["loss_scale"] == 0 and not ds["bf16"]["enabled"]
-    assert ds["optimizer"]["params"]["torch_adam"] is False  # FusedAdam on CUDA
+    assert ds["optimizer"]["params"]["torch_adam"] is True and ds["optimizer"]["params"]["fused"] is True
+    cfg.optim.impl = "fused"  # DeepSpeed's FusedAdam (a JIT build) only when asked for
+    assert build_ds_config(cfg, world_size=4, on_cuda=True)["optimizer"]["params"]["torch_adam"] is False
+    cfg.optim.impl = "auto"
     assert (
         ds["scheduler"]["params"]["warmup_num_steps"] == 10
         and ds["scheduler"]["params"]["warmup_min_lr"] == 0.0

@@ -9,12 +9,13 @@ def build_ds_config(cfg: TrainConfig, world_size: int, on_cuda: bool, load_unive
     """ZeRO stage 2; total batch = micro_batch x grad_accum x world_size (in pairs).
 
     Precision: fp16 with dynamic loss scaling (V100; the scaler's settings: ``train.loss_scale``), bf16,
-    or fp32. Optimizer: AdamW (DeepSpeed's FusedAdam on CUDA unless ``optim.impl=torch``; torch's AdamW
-    on the CPU, which avoids a JIT build).
+    or fp32. Optimizer: AdamW, torch's fused kernel on CUDA and CPU (no build); DeepSpeed's FusedAdam
+    only with ``optim.impl=fused`` (JIT-built on first use: every fresh node needs a matching nvcc and
+    ninja, and a killed build leaves a lock that hangs later starts).
     Schedule: linear warm-up to ``optim.lr`` over ``optim.warmup_steps``, then constant.
     """
     o, ls = cfg.optim, cfg.train.loss_scale
-    fused = o.impl == "fused" or (o.impl == "auto" and on_cuda)
+    fused = o.impl == "fused"  # DeepSpeed's FusedAdam
     ds: dict = {
         "train_micro_batch_size_per_gpu": cfg.data.micro_batch,
         "gradient_accumulation_steps": cfg.train.grad_accum,

@@ -59,7 +59,7 @@ class Optim:
     warmup_steps: NonNegInt = 0  # linear warm-up, then constant (Diffusion-DPO recipe)
     grad_clip: NonNegFloat = 1.0  # 0: off
     impl: Literal["auto", "torch", "fused"] = (
-        "auto"  # auto: DeepSpeed's FusedAdam on CUDA, torch AdamW on CPU
+        "auto"  # auto/torch: torch's fused AdamW; fused: DeepSpeed's FusedAdam (JIT build)
     )
 
 
@@ -104,7 +104,7 @@ class EMAConfig:
 
 @dataclass
 class Checkpointing:
-    every: Count = 500  # optimizer steps; also on SIGTERM / SIGINT and at the end
+    every: Count = 500  # optimizer steps; also on SIGTERM / SIGINT / SIGUSR1 and at the end
     keep: Count = 3  # most recent complete checkpoints kept
     export: bool = True  # at the end: the policy and each EMA as diffusers UNet folders (or LoRA weights)
 
