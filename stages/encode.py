@@ -45,13 +45,14 @@ from pipeline.schema.encode import EncodeConfig
 
 log = logging.getLogger("stages.encode")
 ROW_COLUMNS = [*pickapic.REQUIRED_COLUMNS, *pickapic.OPTIONAL_COLUMNS]
+NONFINITE = "nonfinite_latent"  # skip reason: the VAE gave NaN / inf for one or both images of a pair
 
 
 def make_plan(cfg: EncodeConfig, info: ModelInfo, scan: pickapic.ScanResult) -> dict:
     latent = cfg.data.resolution // info.vae_scale_factor
     enc_cfg = to_dict(cfg)
     enc_cfg.pop("dist")
-    enc_cfg.pop("run")  # batch size and threads do not change the output
+    enc_cfg.pop("run")  # batch sizes (pairs, VAE images) and threads do not change the output
     enc_cfg["output"].pop("dir")  # the manifest lives there; keeps manifests comparable across copies
     return {
         "format": FORMAT,
@@ -130,12 +131,29 @@ def encode_shard(
     bs = cfg.run.batch_size
     for b in range(0, len(good), bs):
         chunk = good[b : b + bs]
+        n = len(chunk)
         pix = torch.from_numpy(
             np.stack([p[1].pixels for _, _, p in chunk] + [p[2].pixels for _, _, p in chunk])
         )
-        mean, std = encoder.encode_images(pix, with_std=cfg.output.store_std)
-        n = len(chunk)
+        mean, std = encoder.encode_images(pix, with_std=cfg.output.store_std, vae_batch=cfg.run.vae_batch)
+        # one device -> host copy per batch; the check reads the values as stored (an fp32 latent
+        # beyond fp16's range would be stored as inf)
+        with np.errstate(over="ignore"):
+            lat = mean.cpu().numpy().astype(lat_dtype)
+            lat_std = None if std is None else std.cpu().numpy().astype(lat_dtype)
+        finite = np.isfinite(lat.reshape(2 * n, -1)).all(axis=1)
+        if lat_std is not None:
+            finite &= np.isfinite(lat_std.reshape(2 * n, -1)).all(axis=1)
         for i, (row, ref, (w, pw, pl)) in enumerate(chunk):
+            if not (finite[i] and finite[n + i]):
+                bad = " and ".join(name for name, j in (("winner", i), ("loser", n + i)) if not finite[j])
+                skipped[NONFINITE] += 1
+                skipped_ids.setdefault(NONFINITE, []).append(int(row["ranking_id"]))
+                log.warning(
+                    "shard %d: skipping ranking_id %s: the VAE gave non-finite latents for the %s image",
+                    index, row["ranking_id"], bad,
+                )  # fmt: skip
+                continue
             meta = {
                 "caption": row["caption"],
                 "text": list(ref),  # [shard, row] of the caption's embedding in the text files
@@ -151,10 +169,10 @@ def encode_shard(
                 "extra": {c: row.get(c) for c in [*cfg.data.extra_columns, *cfg.data.optional_columns]},
             }
             arrays = {
-                "lat_w": mean[i].cpu().numpy().astype(lat_dtype),
-                "lat_l": mean[n + i].cpu().numpy().astype(lat_dtype),
-                "std_w": None if std is None else std[i].cpu().numpy().astype(lat_dtype),
-                "std_l": None if std is None else std[n + i].cpu().numpy().astype(lat_dtype),
+                "lat_w": lat[i],
+                "lat_l": lat[n + i],
+                "std_w": None if lat_std is None else lat_std[i],
+                "std_l": None if lat_std is None else lat_std[n + i],
             }
             key = pair_key(row["ranking_id"], row["image_0_uid"], row["image_1_uid"])
             samples.append(encode_sample(key, arrays, meta))

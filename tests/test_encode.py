@@ -213,3 +213,184 @@ def test_real_pickapic_input_without_the_toy_column_encodes_with_the_tiny_config
     assert cli_main(encode_args(tiny_sd15, src, out)) == 0
     s = next(iter(wds.WebDataset(str(out / "shard-000000.tar"), shardshuffle=False).map(decode_sample)))
     assert s["meta"]["extra"] == {"true_label_0": None}
+
+
+def _raw_samples(d: Path) -> dict[str, dict]:
+    """key -> raw sample (member suffix -> bytes) over every shard of an output folder."""
+    from pipeline.data.shards import iter_tar_samples
+
+    out = {}
+    for tar in sorted(d.glob("shard-*.tar")):
+        for raw in iter_tar_samples(tar):
+            out[raw["__key__"]] = {k: v for k, v in raw.items() if not k.startswith("__")}
+    return out
+
+
+@pytest.mark.parametrize("threads,resolution,pairs", [(1, 64, 20), (2, 256, 5)])
+def test_vae_sub_batches_do_not_change_a_bit(tiny_sd15, tmp_path, threads, resolution, pairs):
+    """fp32 latents, the same bytes whatever run.vae_batch: one image per VAE call, 3 (ending with a
+    lone image) and the whole batch in one. Each measure in pipeline/encoders.py is needed by one of
+    these cases (checked by removing it): per-image CPU convolutions (1 thread: 1x1 filters take oneDNN
+    from 16 images on), a lone image beside a copy (2 threads: one image takes a multi-threaded GEMM),
+    contiguous attention output (2 threads, 256 px: the channels-last GroupNorm that follows splits its
+    sums over the threads by batch)."""
+    from tools.make_pickapic import make_rows, write_parquet
+
+    src = tmp_path / "src"
+    write_parquet(
+        make_rows(pairs, seed=8, tie_rate=0, unlabelled_rate=0, identical_rate=0), src, rows_per_file=20
+    )
+    outs = []
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for vb in (1, 3, 2 * pairs):
+            outs.append(tmp_path / f"vb{vb}")
+            args = encode_args(tiny_sd15, src, outs[-1], f"output.shard_size={pairs}", f"run.batch_size={pairs}",
+                               f"run.vae_batch={vb}", f"data.resolution={resolution}", "output.latent_dtype=fp32")  # fmt: skip
+            assert cli_main(args) == 0
+    finally:
+        torch.set_num_threads(before)
+    for out in outs[1:]:
+        assert _tars(out) == _tars(outs[0])
+        assert (out / "manifest.json").read_text() == (outs[0] / "manifest.json").read_text()
+
+
+def test_a_lone_image_gets_the_same_bits_as_in_a_batch(tiny_sd15, tmp_path):
+    """On 2+ threads one image alone took a multi-threaded GEMM where a batch takes one thread per
+    image, and its latents changed in the last bits (seen with a VAE wider than the tiny one's: 32-128
+    channels): encode_images encodes a lone image beside a copy of itself."""
+    import shutil
+
+    from diffusers import AutoencoderKL
+
+    from pipeline.encoders import Encoder
+    from pipeline.models import inspect_model
+
+    model = tmp_path / "wide"
+    shutil.copytree(tiny_sd15, model)
+    torch.manual_seed(0)
+    AutoencoderKL(block_out_channels=(32, 64, 128, 128), down_block_types=("DownEncoderBlock2D",) * 4,
+                  up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, norm_num_groups=32,
+                  sample_size=64).save_pretrained(model / "vae")  # fmt: skip
+    enc = Encoder(inspect_model(model), torch.device("cpu"), torch.float32, torch.float32)
+    pix = torch.rand(3, 3, 64, 64) * 2 - 1
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        whole, whole_std = enc.encode_images(pix, with_std=True)
+        for vb in (1, 2):  # 1 + 1 + 1 and 2 + 1
+            mean, std = enc.encode_images(pix, with_std=True, vae_batch=vb)
+            assert torch.equal(mean, whole) and torch.equal(std, whole_std)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_sdxl_std_latents_do_not_depend_on_vae_batch(tiny_sdxl, tmp_path):
+    from tools.make_pickapic import make_rows, write_parquet
+
+    src = tmp_path / "src"
+    write_parquet(
+        make_rows(12, seed=4, tie_rate=0, unlabelled_rate=0, identical_rate=0), src, rows_per_file=12
+    )
+    outs = [tmp_path / "vb1", tmp_path / "vb3"]
+    for out, vb in zip(outs, (1, 3)):
+        assert cli_main(encode_args(tiny_sdxl, src, out, "output.store_std=true", f"run.vae_batch={vb}")) == 0
+    assert _tars(outs[0]) == _tars(outs[1])
+    assert all("std_l.npy" in s for s in _raw_samples(outs[0]).values())
+
+
+def test_fp16_vae_with_force_upcast_runs_in_fp32_with_one_warning(tiny_sdxl, tmp_path, caplog):
+    """The tiny SDXL VAE's config says force_upcast, as the real one's (it overflows in fp16): an fp16
+    request runs it in fp32, says so once, and writes what an fp32 run writes."""
+    import logging
+    import shutil
+
+    from pipeline.encoders import Encoder
+    from pipeline.models import inspect_model
+    from tools.make_pickapic import make_rows, write_parquet
+
+    assert json.loads((tiny_sdxl / "vae" / "config.json").read_text())["force_upcast"] is True
+    cpu = torch.device("cpu")
+    with caplog.at_level(logging.WARNING, logger="pipeline.encoders"):
+        enc16 = Encoder(inspect_model(tiny_sdxl), cpu, torch.float16, torch.float32)
+    warnings = [r.getMessage() for r in caplog.records if r.name == "pipeline.encoders"]
+    assert len(warnings) == 1 and "force_upcast" in warnings[0] and "sdxl-vae-fp16-fix" in warnings[0]
+    assert enc16.vae_dtype == torch.float32
+    assert {p.dtype for p in enc16.vae.parameters()} == {torch.float32}
+    enc32 = Encoder(inspect_model(tiny_sdxl), cpu, torch.float32, torch.float32)
+    pix = torch.rand(3, 3, 64, 64) * 2 - 1
+    assert torch.equal(enc16.encode_images(pix)[0], enc32.encode_images(pix)[0])
+
+    # a VAE fixed for fp16 (force_upcast false), or one whose config predates the key (SD1.5's), runs in fp16
+    for name, edit in (("fixed", lambda c: {**c, "force_upcast": False}),
+                       ("old", lambda c: {k: v for k, v in c.items() if k != "force_upcast"})):  # fmt: skip
+        model = tmp_path / name
+        shutil.copytree(tiny_sdxl, model)
+        cfg_path = model / "vae" / "config.json"
+        cfg_path.write_text(json.dumps(edit(json.loads(cfg_path.read_text()))))
+        caplog.clear()
+        enc = Encoder(inspect_model(model), cpu, torch.float16, torch.float32)
+        assert enc.vae_dtype == torch.float16 and next(enc.vae.parameters()).dtype == torch.float16
+        assert not [r for r in caplog.records if r.name == "pipeline.encoders"]
+
+    # the stage: fp16 requested, the same shards as fp32
+    src = tmp_path / "src"
+    write_parquet(make_rows(6, seed=3, tie_rate=0, unlabelled_rate=0, identical_rate=0), src, rows_per_file=6)
+    caplog.clear()
+    assert cli_main(encode_args(tiny_sdxl, src, tmp_path / "fp16", "model.vae_dtype=fp16")) == 0
+    assert len([r for r in caplog.records if "force_upcast" in r.getMessage()]) == 1
+    assert cli_main(encode_args(tiny_sdxl, src, tmp_path / "fp32", "model.vae_dtype=fp32")) == 0
+    assert _tars(tmp_path / "fp16") == _tars(tmp_path / "fp32")
+
+
+def test_nonfinite_latents_are_skipped_and_counted(encoded, tiny_sd15, pickapic_dir, tmp_path, monkeypatch):
+    """A VAE that gives NaN for one image (a loser) and, for another (a winner), values finite in fp32
+    but beyond fp16's range (stored as inf): both pairs are skipped as nonfinite_latent, every
+    other pair is written as in a clean run, and the counts add up."""
+    import pipeline.encoders as encoders_mod
+    from pipeline.data.shards import iter_tar_samples
+
+    files = pickapic.list_sources(str(pickapic_dir))
+    rows = {r["ranking_id"]: r for f in files for r in pq.read_table(f).to_pylist()}
+    first = [decode_sample(r) for r in iter_tar_samples(encoded / "shard-000000.tar")]
+    third = [decode_sample(r) for r in iter_tar_samples(encoded / "shard-000002.tar")]
+    targets = []  # (ranking_id, pixels of the poisoned image, value)
+    for s, which, value in ((first[2], "loser", float("nan")), (third[5], "winner", 1e30)):
+        rid, w = s["meta"]["ranking_id"], s["meta"]["winner"]
+        img = rows[rid][f"jpg_{w if which == 'winner' else 1 - w}"]
+        targets.append((rid, torch.from_numpy(prepare(img, 64).pixels), value))
+
+    def poison(module, args, output):
+        for k, x in enumerate(args[0]):
+            for _, px, value in targets:
+                if torch.equal(x, px):
+                    output[k] = value
+        return output
+
+    real_load_vae = encoders_mod.load_vae
+
+    def load_vae(*a, **kw):
+        vae = real_load_vae(*a, **kw)
+        vae.encoder.register_forward_hook(poison)
+        return vae
+
+    monkeypatch.setattr(encoders_mod, "load_vae", load_vae)
+    out = tmp_path / "o"
+    assert cli_main(encode_args(tiny_sd15, pickapic_dir, out, "run.vae_batch=3")) == 0
+
+    m = json.loads((out / "manifest.json").read_text())
+    clean = json.loads((encoded / "manifest.json").read_text())
+    c = m["counts"]
+    assert c["skipped"]["nonfinite_latent"] == 2
+    assert m["skipped_ranking_ids"]["nonfinite_latent"] == sorted(rid for rid, _, _ in targets)
+    assert c["pairs"] == clean["counts"]["pairs"] - 2
+    assert c["pairs"] + sum(c["skipped"].values()) == c["rows_read"] == clean["counts"]["rows_read"]
+    recs = [json.loads((out / s["name"]).with_suffix(".json").read_text()) for s in m["shards"]]
+    for rec in recs:  # per shard: pairs + skipped rows == the shard's rows
+        assert rec["count"] + sum(rec["skipped"].values()) == rec["rows"][1] - rec["rows"][0]
+    assert [r["skipped"].get("nonfinite_latent", 0) for r in recs] == [1, 0, 1] + [0] * (len(recs) - 3)
+    assert recs[0]["skipped_ids"]["nonfinite_latent"] == [targets[0][0]]
+    got, want = _raw_samples(out), _raw_samples(encoded)
+    assert {x["__key__"] for x in (first[2], third[5])} == set(want) - set(got)
+    assert all(got[k] == want[k] for k in got)  # every other pair: the same bytes

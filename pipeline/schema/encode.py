@@ -11,7 +11,7 @@ from pipeline.schema.common import Count, Device, Dtype, NonNegInt, Resolution, 
 @dataclass
 class EncodeModel:
     path: Text  # local diffusers model folder (sd15 or sdxl; the family is read from model_index.json)
-    vae_dtype: Dtype = "fp32"  # SDXL's VAE overflows in fp16: keep fp32 there
+    vae_dtype: Dtype = "fp32"  # fp16 with a VAE whose config sets force_upcast (SDXL's) runs in fp32
     text_dtype: Dtype = "fp32"  # text encoder(s); states are stored as fp16 either way
     device: Device = "auto"  # auto: cuda:LOCAL_RANK when present, else cpu
 
@@ -34,7 +34,8 @@ class EncodeOutput:
 
 @dataclass
 class EncodeRun:
-    batch_size: Count = 16  # pairs per VAE call (2x images)
+    batch_size: Count = 16  # pairs per batch (2x images) and captions per text encoder call
+    vae_batch: Count = 4  # images per VAE call: a batch runs in sub-batches of it (fp32 activations: ~0.6 GiB per 512 px image, ~2.5 GiB per 1024 px)
     decode_threads: Count = 4  # JPEG decode + resize threads
     verify_existing: bool = True  # re-hash finished shards before skipping them
 
