@@ -228,8 +228,9 @@ def make_tiny_model(family: str, out: str | Path, seed: int = 0, vae_steps: int 
         steps_offset=1,  # as in SD1.5's published scheduler config
     )
     vae = _vae()
-    if family == "sdxl":  # as the real SDXL VAE's config says: it overflows in fp16, run it in fp32
-        vae.register_to_config(force_upcast=True)  # (diffusers' default too, so sd15's carries it as well)
+    # as the real VAEs behave: SDXL's overflows in fp16 (its config says force_upcast), SD1.5's runs in fp16
+    # (its config predates the key; diffusers' default, true, would upcast it)
+    vae.register_to_config(force_upcast=family == "sdxl")
     if vae_steps:
         vae.register_to_config(scaling_factor=round(train_vae_reproducibly(vae, vae_steps, seed), 5))
     common = dict(
