@@ -11,12 +11,14 @@ model), PNG plots, image grids, and per run with flipped labels the minority-det
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from pipeline import cli
 from pipeline.config import to_dict, write_resolved
@@ -25,9 +27,9 @@ from pipeline.data.shards import label_agrees_with_truth, load_manifest
 from pipeline.engine.precision import flush_denormals
 from pipeline.errors import UserError
 from pipeline.evaluate import unet_specs
-from pipeline.evaluate.generate import generate, grid, read_prompts
+from pipeline.evaluate.generate import build_pipeline, generate, grid, read_prompts
 from pipeline.evaluate.minority_report import run_report
-from pipeline.evaluate.preference import implicit_margins, iter_pairs
+from pipeline.evaluate.preference import implicit_margins, iter_pairs, reference_errors
 from pipeline.evaluate.report import bar_plot, markdown_table, mean_sem
 from pipeline.evaluate.scorers import build_scorers
 from pipeline.models import DTYPES, inspect_model, load_scheduler, load_unet, pick_device
@@ -59,14 +61,19 @@ def preference_section(cfg: EvalConfig, specs, info, device, dtype, rows: dict, 
         raise UserError(f"preference.shards={p.shards} were encoded with another model than {info.path}")
     samples = list(iter_pairs(p.shards, p.max_pairs))
     truth = np.array([label_agrees_with_truth(s["meta"]) for s in samples])
-    ref = load_unet(info.path, dtype).to(device).eval()
     sched = load_scheduler(info)
+    common = (samples, manifest, sched, info.prediction_type, device, dtype, p.draws, p.batch_size, p.seed)
+    # one UNet on the device at a time: the reference's errors first (kept on the CPU), then each model's
+    ref = load_unet(info.path, dtype).to(device).eval()
+    ref_d = reference_errors(ref, *common)
+    del ref
+    free_device(device)
     sec = {"pairs": len(samples), "draws": p.draws, "models": {}}
     for spec in specs:
         unet = unet_specs.load(spec, info, dtype).to(device).eval()
         h = implicit_margins(
             {spec.name: unet},
-            ref,
+            ref_d,
             samples,
             manifest,
             sched,
@@ -92,6 +99,7 @@ def preference_section(cfg: EvalConfig, specs, info, device, dtype, rows: dict, 
             rows[spec.name]["accuracy_flipped_view"] = entry["accuracy_flipped_view"]
         sec["models"][spec.name] = entry
         del unet
+        free_device(device)
     # the reference itself: h = 0 on every pair, a tie each time, so 0.5 exactly (the chance line)
     chance = {"mean": 0.5, "sem": 0.0, "n": len(samples)}
     rows["base"]["accuracy_labels"] = chance
@@ -102,38 +110,62 @@ def preference_section(cfg: EvalConfig, specs, info, device, dtype, rows: dict, 
     report["preference"] = sec
 
 
+CPU = torch.device("cpu")
+
+
+def free_device(device: torch.device) -> None:
+    """Give the device's cached blocks back once a model is dropped (the caching allocator keeps them)."""
+    gc.collect()
+    if device.type == "cuda" and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def place_scorer(scorer, device: torch.device) -> None:
+    """Move a scorer's modules to ``device``, and its inputs with them (``Scorer.device``)."""
+    for value in vars(scorer).values():
+        if isinstance(value, torch.nn.Module):
+            value.to(device)
+    scorer.device = device
+
+
 def generation_section(
     cfg: EvalConfig, specs, info, device, dtype, rows: dict, report: dict, out: Path
 ) -> None:
-    import diffusers
-
+    """Images of every model (the base first) from the same seeds, and their scores. One UNet is on the
+    device at a time, and never beside the scorers: the scorers wait on the CPU (loaded first, so a bad
+    folder fails before any image is made) and come to the device to score each model's images once
+    its UNet has left. SDXL in fp16 on a 16 GB V100: UNet 5.1 GB + text encoders 1.6 GB + VAE, the
+    UNet's activations for ``generation.batch_size`` x 2 (guidance) latents, then one image's fp32 VAE
+    decode at a time; the four scorers (~4 GB) only while no UNet is there."""
     g = cfg.generation
     prompts = read_prompts(g.prompts, g.max_prompts)
-    scorers, notes = build_scorers(cfg.scorers, device, dtype)
-    pipe = (
-        getattr(diffusers, info.family.pipeline_class)
-        .from_pretrained(info.path, torch_dtype=dtype)
-        .to(device)
-    )
-    pipe.set_progress_bar_config(disable=True)
-    base_unet = pipe.unet
+    scorers, notes = build_scorers(cfg.scorers, CPU, dtype)
+    pipe = build_pipeline(info, dtype, device)
     sec = {"prompts": len(prompts), "scorer_notes": notes, "models": {}}
     grids = []
-    for spec in [unet_specs.UNetSpec("base", "unet", Path(info.path) / "unet")] + list(specs):
-        pipe.unet = base_unet if spec.name == "base" else unet_specs.load(spec, info, dtype).to(device).eval()
+    everyone = [unet_specs.UNetSpec("base", "unet", Path(info.path) / "unet")] + list(specs)
+    for i, spec in enumerate(everyone):
+        unet = pipe.unet if i == 0 else unet_specs.load(spec, info, dtype)  # the base: the pipeline's own
+        pipe.unet = unet.to(device).eval()
         images = generate(pipe, prompts, g.seed, g.steps, g.guidance, g.resolution, g.batch_size)
+        pipe.unet = None  # none of them is needed again (a LoRA loads the base afresh)
+        del unet
+        free_device(device)
         folder = out / "images" / spec.name.replace(":", "_")
         folder.mkdir(parents=True, exist_ok=True)
-        for i, img in enumerate(images):
-            img.save(folder / f"{i:05d}.png")
+        for k, img in enumerate(images):
+            img.save(folder / f"{k:05d}.png")
         grids.append(images[: g.grid_prompts])
         entry = {}
         for sc in scorers:
+            place_scorer(sc, device)
             vals = np.concatenate(
                 [sc.score(images[b : b + 16], prompts[b : b + 16]) for b in range(0, len(images), 16)]
             )
+            place_scorer(sc, CPU)
             entry[sc.name] = mean_sem(vals)
             rows.setdefault(spec.name, {})[sc.name] = entry[sc.name]
+        free_device(device)
         sec["models"][spec.name] = entry
     names = ["base"] + [s.name for s in specs]
     grid(grids, names).save(out / "grid.png")
@@ -180,6 +212,7 @@ def main(cfg: EvalConfig) -> int:
             rows = {"base": {}, **rows}
         if cfg.preference.shards:
             preference_section(cfg, specs, info, device, dtype, rows, report)
+            free_device(device)
         if cfg.generation.prompts:
             generation_section(cfg, specs, info, device, dtype, rows, report, out)
     m = cfg.minority

@@ -14,12 +14,22 @@ of the same command skips finished phases and redoes an unfinished one, which is
 stage is restart-safe by itself (sample skips finished shards, feedback rewrites identical bytes,
 train resumes from its latest checkpoint exactly), so a killed loop ends with the same weights and
 rewards as an uninterrupted one.
+
+Every phase runs in a child process (sample, feedback and eval as ``python -m stages.online`` in a
+phase mode, reading ``<out>/config.yaml``; train as ``stages.train``), and the loop itself loads no
+model and never touches the GPU: a process's CUDA memory (the caching allocator's blocks, the
+context) is only given back when it exits, so a sampler or scorer in the loop's own process would
+keep gigabytes from the trainer on the same GPU. Each child dies with the loop (Linux:
+``PR_SET_PDEATHSIG``), so a killed loop leaves nothing writing to its folder.
 """
 
 from __future__ import annotations
 
+import ctypes
+import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -36,6 +46,7 @@ from pipeline.schema.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 PHASES = ("sample", "feedback", "train", "eval")
+PHASE_MODE = "--phase"  # python -m stages.online --phase CONFIG PHASE ROUND: one phase, in a child
 
 
 class Loop:
@@ -157,18 +168,45 @@ class Loop:
         as stages.sample resolves a run folder)."""
         return None if r == 0 else str(self.run_dir)
 
-    def do_sample(self, r: int) -> dict:
-        from stages import sample
+    def env(self) -> dict[str, str]:
+        """The children's environment: this repository importable from any working directory."""
+        path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+        return dict(os.environ, PYTHONPATH=path)
 
+    def in_child(self, phase: str, r: int) -> None:
+        """Run round r's ``phase`` (r = -1: the base's eval) in a child process (``run_phase``), with
+        the loop's working directory (relative paths resolve as here) and its stdout / stderr."""
+        cfg = str(self.out / "config.yaml")
+        cmd = [sys.executable, "-m", "stages.online", PHASE_MODE, cfg, phase, str(r)]
+        rc = spawn(cmd, cwd=os.getcwd(), env=self.env()).returncode
+        if rc != 0:
+            where = "the base's eval" if r < 0 else f"round {r}: {phase}"
+            raise PhaseFailed(rc, f"{where} exited {rc} (its error above)")
+
+    def run_phase(self, phase: str, r: int) -> None:
+        """The work of one phase, done in this process (the child's side of ``in_child``)."""
+        if phase == "sample":
+            from stages import sample
+
+            c = self.sample_cfg(self.prompts, self.round_dir(r) / "sample", self.cfg.seed + r, self.policy(r))
+            sample.main(c)
+        elif phase == "feedback":
+            from stages import feedback
+
+            rd = self.round_dir(r)
+            feedback.main(self.feedback_cfg(rd / "sample", rd / "feedback", r))
+        elif phase == "eval":
+            self.evaluate(*self.eval_target(r))
+        else:
+            raise UserError(f"{PHASE_MODE} {phase}: not a phase run in a child (sample, feedback, eval)")
+
+    def do_sample(self, r: int) -> dict:
+        self.in_child("sample", r)
         c = self.sample_cfg(self.prompts, self.round_dir(r) / "sample", self.cfg.seed + r, self.policy(r))
-        sample.main(c)
         return {"unet": c.model.unet or "base", "sampler_seed": c.sampler.seed}
 
     def do_feedback(self, r: int) -> dict:
-        from stages import feedback
-
-        rd = self.round_dir(r)
-        feedback.main(self.feedback_cfg(rd / "sample", rd / "feedback", r))
+        self.in_child("feedback", r)
         return {}
 
     def do_train(self, r: int) -> dict:
@@ -182,19 +220,14 @@ class Loop:
         else:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                    "--nproc_per_node", str(self.cfg.train_nproc), "-m", "stages.train", *args]  # fmt: skip
-        env = dict(
-            os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-        )
         log_file = rd / "train.log"
         with open(log_file, "ab") as f:
             f.write(f"\n$ {' '.join(cmd)}\n".encode())
             f.flush()
-            p = subprocess.run(
-                cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent
-            )
+            p = spawn(cmd, cwd=ROOT, env=self.env(), stdout=f, stderr=subprocess.STDOUT)
         if p.returncode != 0:
             tail = "\n".join(log_file.read_text(errors="replace").splitlines()[-15:])
-            raise TrainFailed(
+            raise PhaseFailed(
                 p.returncode, f"round {r}: stages.train exited {p.returncode} (log: {log_file}):\n{tail}"
             )
         first = r * self.cfg.steps_per_round + 1
@@ -204,8 +237,20 @@ class Loop:
             )
         }
 
-    def do_eval(self, folder: Path, unet: str | None) -> dict:
-        """Fresh samples of the eval prompts with the eval seed, scored with the feedback's rewards."""
+    def eval_target(self, r: int) -> tuple[Path, str | None]:
+        """(folder, policy) of round r's evaluation; r = -1: the base's, before any training."""
+        if r < 0:
+            return self.out / "eval_base", None
+        return self.round_dir(r) / "eval", str(self.run_dir)
+
+    def do_eval(self, r: int) -> dict:
+        self.in_child("eval", r)
+        scores = json.loads((self.eval_target(r)[0] / "scores.json").read_text())["rewards"]
+        return {"rewards": {k: {"mean": v["mean"], "se": v["se"], "n": v["n"]} for k, v in scores.items()}}
+
+    def evaluate(self, folder: Path, unet: str | None) -> None:
+        """Fresh samples of the eval prompts with the eval seed, scored with the feedback's rewards
+        (``scores.json``, written last, and ``grid.png``)."""
         from pipeline.d3po.rewards import make_reward
         from stages import sample
 
@@ -221,7 +266,6 @@ class Loop:
         ol.write_json(
             folder / "scores.json", {"unet": unet or "base", "seed": self.cfg.eval.seed, "rewards": scores}
         )
-        return {"rewards": {k: {"mean": v["mean"], "se": v["se"], "n": v["n"]} for k, v in scores.items()}}
 
     # ------------------------------------------------------------------ the loop
 
@@ -234,7 +278,7 @@ class Loop:
             f"online loop -> {self.out}: {self.cfg.rounds} rounds x {self.cfg.steps_per_round} steps",
             flush=True,
         )
-        base = self.phase(self.out / "eval_base", "eval", self.do_eval, self.out / "eval_base", None)
+        base = self.phase(self.out / "eval_base", "eval", self.do_eval, -1)
         rows = [{"round": -1, "eval": base["rewards"], "seconds": {"eval": base["seconds"]}}]
         for r in range(self.cfg.rounds):
             rd = self.round_dir(r)
@@ -244,7 +288,7 @@ class Loop:
                 "sample": self.phase(rd, "sample", self.do_sample, r),
                 "feedback": self.phase(rd, "feedback", self.do_feedback, r),
                 "train": self.phase(rd, "train", self.do_train, r),
-                "eval": self.phase(rd, "eval", self.do_eval, rd / "eval", str(self.run_dir)),
+                "eval": self.phase(rd, "eval", self.do_eval, r),
             }
             report = self.round_report(r, done)
             ol.write_json(rd / "report.json", report)
@@ -278,8 +322,6 @@ class Loop:
             )
 
     def round_report(self, r: int, done: dict) -> dict:
-        import json
-
         fb = json.loads((self.round_dir(r) / "feedback" / "summary.json").read_text())
         return {
             "round": r,
@@ -291,20 +333,52 @@ class Loop:
         }
 
 
-class TrainFailed(Exception):
+class PhaseFailed(Exception):
     def __init__(self, rc: int, message: str):
         super().__init__(message)
         self.rc = rc
 
 
-def _die_with_parent() -> None:
-    """Linux: the training process gets SIGKILL when the loop dies, so a killed loop leaves no trainer
-    writing to the run while a rerun starts another one."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-        import signal
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+def _libc_prctl():
+    """libc's ``prctl``, resolved now, at import: ``_die_with_parent`` runs in the forked child before
+    exec, a copy of a process whose other threads (CUDA's, PyTorch's pools, the tokenizers') vanished
+    holding whatever locks they held. Loading a library there (``dlopen`` takes the loader's lock, and
+    allocates) can deadlock; a call of a function resolved beforehand is a plain system call."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_PRCTL = _libc_prctl()
+_SIGKILL = int(signal.SIGKILL)
+
+
+def _die_with_parent(parent: int) -> None:
+    """preexec_fn (Linux): the child gets SIGKILL when the loop dies, so a killed loop leaves no trainer
+    or sampler writing to its folder while a rerun starts another one. Only system calls: no import,
+    no library loading (see ``_libc_prctl``). The signal follows the thread that started the child (the
+    loop's main thread, which lives as long as the loop); a loop that died before the prctl is caught
+    by the parent check."""
+    _PRCTL(PR_SET_PDEATHSIG, _SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:
+        os.kill(os.getpid(), _SIGKILL)
+
+
+def spawn(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
+    """``subprocess.run`` of a child that dies with this process (where the platform allows)."""
+    if _PRCTL is not None:
+        parent = os.getpid()
+        kwargs["preexec_fn"] = lambda: _die_with_parent(parent)
+    return subprocess.run(cmd, **kwargs)
 
 
 def table(rows: list[dict], names: list[str]) -> str:
@@ -324,12 +398,26 @@ def main(cfg: OnlineConfig) -> int:
     loop = Loop(cfg)
     try:
         return loop.run()
-    except TrainFailed as e:
+    except PhaseFailed as e:
         print(f"python -m stages.online: error: {e}", file=sys.stderr, flush=True)
         return e.rc
 
 
+def phase_main(config: str, phase: str, r: str) -> int:
+    """The child of ``Loop.in_child``: one phase of the loop saved in ``config`` (``<out>/config.yaml``)."""
+    return cli.run(
+        "python -m stages.online",
+        OnlineConfig,
+        lambda cfg: Loop(cfg).run_phase(phase, int(r)),
+        ["--config", config],
+        "one phase of the online loop",
+    )
+
+
 def cli_main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == [PHASE_MODE] and len(argv) == 4:
+        return phase_main(*argv[1:])
     return cli.run("python -m stages.online", OnlineConfig, main, argv, __doc__.split("\n\n")[0])
 
 

@@ -90,7 +90,7 @@ def make_plan(
     k, n = cfg.sampler.images_per_prompt, cfg.sampler.steps
     sample_cfg = to_dict(cfg)
     sample_cfg.pop("dist")
-    sample_cfg.pop("run")  # batch size and re-hashing: how, not what
+    sample_cfg.pop("run")  # batch sizes and re-hashing: how, not what
     sample_cfg["output"].pop("dir")
     kept_digest = hashlib.sha256(json.dumps([[i, prompts.prompts[i]] for i in screened.kept]).encode())
     return {
@@ -273,6 +273,7 @@ def main(cfg: SampleConfig) -> int:
             unet, encoder.vae, sched, torch.from_numpy(uncond),
             eta=cfg.sampler.eta, guidance=cfg.sampler.guidance, images_per_prompt=k,
             latent_shape=(info.latent_channels, h, h), scaling_factor=info.scaling_factor, device=device,
+            decode_batch=cfg.run.decode_batch,
         )  # fmt: skip
         total = sum(ranges[i][1] - ranges[i][0] for i in todo)
         with tqdm(total=total, unit="group", desc=f"sample job {job.rank}") as pbar:
@@ -291,6 +292,7 @@ def main(cfg: SampleConfig) -> int:
                         "groups": [start, end],
                         "uncond_sha256": uncond_sha,
                         "batch_size": cfg.run.batch_size,
+                        "decode_batch": cfg.run.decode_batch,
                     },
                 )
                 written += 1

@@ -364,3 +364,118 @@ def test_noise_study_smoke(tiny_sd15, tmp_path):
     dpo = res["runs"]["brightness/dpo_user50_s0"]
     assert row["minus_dpo"]["mean"] == pytest.approx(run["accuracy_true"] - dpo["accuracy_true"])
     assert "em_dpo" in (out / "table_smoke.md").read_text() and (out / "accuracy_smoke.png").is_file()
+
+
+@pytest.fixture(scope="module")
+def sd15_with_checker(tiny_sd15, tmp_path_factory):
+    """The tiny SD1.5 folder with a tiny safety checker that flags every image, as SD1.5's folders name
+    one (``safety_checker``, ``feature_extractor``, ``requires_safety_checker: true``)."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    tower = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2)
+    cfg = CLIPConfig(
+        text_config=dict(tower, vocab_size=99),
+        vision_config=dict(tower, image_size=32, patch_size=8),
+        projection_dim=16,
+    )
+    checker = StableDiffusionSafetyChecker(cfg).eval()
+    with torch.no_grad():
+        checker.concept_embeds_weights.fill_(-10.0)  # cos - (-10) > 0: every image is "flagged"
+    base = StableDiffusionPipeline.from_pretrained(
+        tiny_sd15, safety_checker=None, requires_safety_checker=False
+    )
+    fe = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    parts = {k: v for k, v in base.components.items() if k not in ("safety_checker", "feature_extractor")}
+    pipe = StableDiffusionPipeline(**parts, safety_checker=checker, feature_extractor=fe)
+    out = tmp_path_factory.mktemp("with_checker") / "sd15"
+    pipe.save_pretrained(out)
+    return out
+
+
+def test_generation_has_no_safety_checker(sd15_with_checker, tmp_path):
+    """A folder that names a safety checker: diffusers' own pipeline loads it and it blacks out the
+    flagged images; the stage's pipeline is built without it, so every image is the model's."""
+    from diffusers import StableDiffusionPipeline
+
+    direct = StableDiffusionPipeline.from_pretrained(sd15_with_checker)
+    assert direct.safety_checker is not None
+    img = direct(["a red cat"], num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
+    assert np.asarray(img).max() == 0  # blacked out: what every score used to see
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red cat\na blue house\n")
+    out = tmp_path / "r"
+    assert cli_main(["--config", "configs/eval/tiny.yaml", f"output={out}", f"models.base={sd15_with_checker}",
+                     f"generation.prompts={prompts}", "generation.steps=2"]) == 0  # fmt: skip
+    from PIL import Image
+
+    pngs = sorted((out / "images" / "base").glob("*.png"))
+    assert len(pngs) == 2 and all(np.asarray(Image.open(f)).max() > 0 for f in pngs)
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_one_unet_on_the_device_per_model_and_images_unchanged(
+    family, tiny_sd15, tiny_sdxl, tmp_path, monkeypatch
+):
+    """A spy on each generation call: the UNets alive that the stage made and that sit on the compute
+    device are exactly one, the pipeline's; the VAE decodes image by image; no safety checker. The
+    images equal a plain diffusers pipeline's with everything on the device (same seeds, batches and
+    sliced decode): moving the UNets in and out changes no pixel."""
+    import gc
+
+    from diffusers import UNet2DConditionModel
+
+    import stages.evaluate as ev
+
+    model = tiny_sd15 if family == "sd15" else tiny_sdxl
+    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.mul_(1.05)
+    unet.save_pretrained(tmp_path / "p" / "unet")
+    del unet
+
+    def unets_on(device) -> list:
+        gc.collect()
+        return [o for o in gc.get_objects() if isinstance(o, UNet2DConditionModel) and id(o) not in before
+                and next(o.parameters()).device == device]  # fmt: skip
+
+    seen = []
+    real = ev.generate
+
+    def spy(pipe, *a, **k):
+        seen.append(
+            (len(unets_on(pipe.unet.device)), getattr(pipe, "safety_checker", None), pipe.vae.use_slicing)
+        )
+        return real(pipe, *a, **k)
+
+    monkeypatch.setattr(ev, "generate", spy)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red cat\na blue house\na green tree\n")
+    out = tmp_path / "r"
+    gc.collect()
+    before = {id(o) for o in gc.get_objects() if isinstance(o, UNet2DConditionModel)}
+    assert cli_main(["--config", "configs/eval/tiny.yaml", f"output={out}", f"models.base={model}",
+                     f"models.unets.p={tmp_path / 'p' / 'unet'}", f"generation.prompts={prompts}",
+                     "generation.steps=2", "generation.batch_size=2"]) == 0  # fmt: skip
+    assert seen == [(1, None, True), (1, None, True)]
+    assert unets_on(torch.device("cpu")) == []  # and none is left once the stage returns
+
+    import diffusers
+    from PIL import Image
+
+    from pipeline.evaluate.generate import generate
+    from pipeline.models import inspect_model
+
+    cls = getattr(diffusers, inspect_model(model).family.pipeline_class)
+    extra = {"safety_checker": None, "requires_safety_checker": False} if family == "sd15" else {}
+    pipe = cls.from_pretrained(model, **extra)
+    pipe.vae.enable_slicing()
+    pipe.set_progress_bar_config(disable=True)
+    for name in ("base", "p"):
+        if name == "p":
+            pipe.unet = UNet2DConditionModel.from_pretrained(tmp_path / "p" / "unet")
+        want = generate(pipe, ["a red cat", "a blue house", "a green tree"], 0, 2, 5.0, None, 2)
+        got = [Image.open(f) for f in sorted((out / "images" / name).glob("*.png"))]
+        assert [np.asarray(w).tobytes() for w in want] == [np.asarray(x).tobytes() for x in got], name

@@ -172,3 +172,95 @@ def test_pair_flips_are_redrawn_every_round_prompt_flips_are_not(tiny_sd15, file
 
     assert seeds("pair") == [7, 8, 9]
     assert seeds("prompt") == [7, 7, 7]
+
+
+def test_the_loop_process_loads_no_model(tiny_sd15, files, tmp_path, monkeypatch):
+    """Sample, feedback and eval run in children (a process gives its CUDA memory back only when it
+    exits, and the trainer shares the GPU): in the loop's own process, loading a sampler, a feedback
+    run or a reward fails this test, and the loop still finishes."""
+    import stages.feedback
+    import stages.sample
+    from pipeline.d3po import rewards
+    from stages.online import cli_main
+
+    def banned(*a, **k):
+        raise AssertionError("a model phase ran in the loop's process")
+
+    for mod, name in ((stages.sample, "main"), (stages.feedback, "main"), (rewards, "make_reward")):
+        monkeypatch.setattr(mod, name, banned)
+    out = tmp_path / "loop"
+    assert cli_main(args(tiny_sd15, files, out, "rounds=1", "steps_per_round=1")) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert [r["round"] for r in rep["rounds"]] == [-1, 0]
+    assert (out / "round_000" / "eval" / "scores.json").is_file()
+
+
+def test_a_failing_phase_child_stops_the_loop_with_its_code(tiny_sd15, files, tmp_path):
+    """A phase child's error (here: the eval prompts vanish after the config check) ends the loop with
+    the child's exit code, and leaves the phase unfinished for a rerun."""
+    from pipeline.config import load_config, write_resolved
+    from pipeline.schema.online import OnlineConfig
+    from stages.online import Loop, PhaseFailed
+
+    gone = tmp_path / "eval.txt"
+    gone.write_text("\n".join(EVAL) + "\n")
+    over = [*args(tiny_sd15, files, tmp_path / "loop")[2:], f"eval.prompts={gone}"]
+    loop = Loop(load_config(OnlineConfig, CONFIG, over))
+    loop.out.mkdir(parents=True)
+    write_resolved(loop.cfg, loop.out / "config.yaml")
+    gone.unlink()
+    with pytest.raises(PhaseFailed) as e:
+        loop.phase(loop.out / "eval_base", "eval", loop.do_eval, -1)
+    assert e.value.rc == 2 and "the base's eval exited 2" in str(e.value)
+    assert not (loop.out / "eval_base" / "eval.done").exists()
+
+
+CHILD_OF_A_KILLED_LOOP = """
+import ctypes, os, sys, threading, time
+from pathlib import Path
+from stages.online import spawn
+
+def no_dlopen(*a, **k):
+    raise RuntimeError("a library loaded between fork and exec")
+
+ctypes.CDLL = no_dlopen  # the child's preexec_fn may use only what was resolved at import
+stop = threading.Event()
+busy = [threading.Thread(target=lambda: [time.sleep(0) for _ in iter(stop.is_set, True)], daemon=True)
+        for _ in range(4)]  # threads running while the loop forks, as CUDA's and the tokenizers' do
+for t in busy:
+    t.start()
+pid_file = Path(sys.argv[1])
+code = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(300)"
+spawn([sys.executable, "-c", code])
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state not in ("Z", "X")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_children_die_with_the_loop(tmp_path):
+    """SIGKILL of the loop alone (not its process group): its child gets SIGKILL too, from the prctl
+    made in a preexec_fn that loads nothing (ctypes.CDLL is sabotaged) while other threads run."""
+    pid_file = tmp_path / "child.pid"
+    p = subprocess.Popen([sys.executable, "-c", CHILD_OF_A_KILLED_LOOP, str(pid_file)], cwd=ROOT, env=env(),
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    deadline = time.time() + 60
+    while not (pid_file.is_file() and pid_file.read_text()) and time.time() < deadline:
+        assert p.poll() is None, p.communicate()[0]
+        time.sleep(0.05)
+    child = int(pid_file.read_text())
+    assert _alive(child)
+    p.kill()
+    p.communicate(timeout=30)
+    deadline = time.time() + 10
+    while _alive(child) and time.time() < deadline:
+        time.sleep(0.05)
+    if _alive(child):
+        os.kill(child, signal.SIGKILL)
+        pytest.fail("the child outlived the loop")

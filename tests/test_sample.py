@@ -285,3 +285,60 @@ def test_a_complete_folder_is_a_labelling_source_keyed_as_the_feedback_reads(sam
             )
             assert Path(ref["file"]).read_bytes() == groups[key]["jpegs"][int(j)]
     assert len(load_source(str(sampled)).items) == len(groups)  # best of K by default: one item a prompt
+
+
+def _decode_stored(model, groups: list[dict], chunk: int) -> list[bytes]:
+    """The groups' final latents x_0 decoded as the sampler documents it, ``chunk`` images per VAE call
+    (never across a sampler call: the groups given), rounded to uint8 and JPEG-encoded at quality 95."""
+    from pipeline.models import inspect_model, load_vae
+
+    info = inspect_model(str(model))
+    vae = load_vae(info, torch.float32, torch.device("cpu"))
+    x0 = torch.from_numpy(np.concatenate([g["latents"][:, -1] for g in groups]))
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(x0), chunk):
+            img = vae.decode(x0[i : i + chunk].float() / info.scaling_factor).sample.float()
+            px = ((img / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+            out += [tj.jpeg_bytes(a, 95) for a in px]
+    return out
+
+
+def _sampler_calls(groups: list[dict]) -> list[list[dict]]:
+    """The stage's sampler calls: BATCH groups at a time within each shard (3, 3, 1 groups)."""
+    calls, start = [], 0
+    for size in (3, 3, 1):
+        calls += [groups[b : min(b + BATCH, start + size)] for b in range(start, start + size, BATCH)]
+        start += size
+    return calls
+
+
+def test_each_image_is_decoded_from_its_own_x0_alone(sampled, tiny_sd15):
+    """run.decode_batch=1 (the default): every stored JPEG is its own x_0 decoded by itself, so an image's
+    pixels depend neither on the groups that shared its UNet call nor on the decode chunking."""
+    groups = list(tj.read_groups(sampled))
+    want = _decode_stored(tiny_sd15, groups, 1)
+    assert [j for g in groups for j in g["jpegs"]] == want
+
+
+def test_decode_batch_chunks_the_vae_calls_and_changes_nothing_else(
+    sampled, tiny_sd15, prompt_file, tmp_path
+):
+    """run.decode_batch=3 over calls of 2 groups x K=2 = 4 images: chunks of 3 and 1 images, crossing the
+    groups' edge. The plan (decode_batch is how, not what), the latents, log-probs, embeddings and
+    metadata are the default's byte for byte; each image is the documented chunked decode. (The pixels
+    themselves may differ from the default's by float rounding: oneDNN's convolutions pick their
+    kernels by batch size, so the same latent decoded alone or beside others can round differently.)"""
+    out = tmp_path / "decode3"
+    assert cli_main(sample_args(tiny_sd15, prompt_file, out, "run.decode_batch=3")) == 0
+    assert (out / "plan.json").read_bytes() == (sampled / "plan.json").read_bytes()
+    a, b = list(tj.read_groups(sampled)), list(tj.read_groups(out))
+    assert [g["key"] for g in a] == [g["key"] for g in b]
+    for ga, gb in zip(a, b):
+        for k in ("latents", "log_probs", "timesteps", "txt"):
+            assert np.array_equal(ga[k], gb[k]), k
+        assert ga["meta"] == gb["meta"]
+    stored = [j for g in b for j in g["jpegs"]]
+    assert stored == [j for call in _sampler_calls(b) for j in _decode_stored(tiny_sd15, call, 3)]
+    rec = json.loads(next(out.glob("shard-*.json")).read_text())
+    assert rec["decode_batch"] == 3 and rec["batch_size"] == BATCH

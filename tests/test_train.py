@@ -69,7 +69,9 @@ def test_ds_config_is_built_from_the_typed_config():
     cfg.train.grad_accum, cfg.train.precision, cfg.optim.warmup_steps = 2, "fp16", 10
     ds = build_ds_config(cfg, world_size=4, on_cuda=True)
     assert ds["train_batch_size"] == 3 * 2 * 4 and ds["train_micro_batch_size_per_gpu"] == 3
-    assert ds["zero_optimization"]["stage"] == 2
+    assert ds["zero_optimization"]["stage"] == 2 and ds["zero_optimization"]["reduce_bucket_size"] == 5e8
+    lora = build_ds_config(cfg, world_size=4, on_cuda=True, n_trainable=1_600_000)["zero_optimization"]
+    assert lora["reduce_bucket_size"] == lora["allgather_bucket_size"] == 1_600_000  # not 1.86 GiB of buckets
     assert ds["fp16"]["enabled"] and ds["fp16"]["loss_scale"] == 0 and not ds["bf16"]["enabled"]
     assert ds["optimizer"]["params"]["torch_adam"] is True and ds["optimizer"]["params"]["fused"] is True
     cfg.optim.impl = "fused"  # DeepSpeed's FusedAdam (a JIT build) only when asked for

@@ -7,6 +7,14 @@ through ``pipeline.d3po.ddim`` (``cfg_noise_pred`` + ``ddim_step_with_logprob``,
 trainer re-scores with) for a batch of prompt groups. Every random draw of a group (its x_T, then the
 noise of every step, K images at a time) comes from that group's own CPU generator, so a group's
 trajectories do not depend on which groups share its batch, on the job layout or on the device.
+
+The final latents are decoded ``decode_batch`` images per VAE call (default 1). One image per call makes
+every image a function of its own x_0 alone: convolution kernels pick their algorithm by batch size
+(oneDNN on the CPU, cuDNN's heuristics on CUDA), so a batched decode can round an image differently
+depending on its batch size, and uint8 rounding turns that into changed pixels. Measured on the CPU
+(torch 2.13, oneDNN's convolutions and the channels-last GroupNorm): a latent decoded alone or within
+a batch differs by up to 1e-5 (the tiny VAE) or 2e-5 (an SD-sized VAE, random weights), and a few
+pixels round differently.
 """
 
 from __future__ import annotations
@@ -155,7 +163,10 @@ class TrajectorySampler:
         latent_shape: tuple[int, int, int],
         scaling_factor: float,
         device: torch.device,
+        decode_batch: int = 1,
     ):
+        if decode_batch < 1:
+            raise ValueError(f"decode_batch={decode_batch}: must be >= 1")
         self.unet, self.vae, self.scheduler = unet, vae, scheduler
         self.unet_dtype = next(unet.parameters()).dtype
         self.vae_dtype = next(vae.parameters()).dtype
@@ -164,6 +175,7 @@ class TrajectorySampler:
         self.latent_shape = tuple(latent_shape)
         self.scaling_factor = scaling_factor
         self.device = device
+        self.decode_batch = decode_batch
 
     @property
     def timesteps(self) -> np.ndarray:
@@ -193,7 +205,14 @@ class TrajectorySampler:
         ]
 
     def decode(self, x0: torch.Tensor) -> np.ndarray:
-        """Latents x_0 (scaled) -> uint8 [B, H, W, 3], as diffusers' image processor rounds them."""
+        """Latents x_0 (scaled) -> uint8 [B, H, W, 3], as diffusers' image processor rounds them;
+        ``decode_batch`` images per VAE call, each chunk's pixels moved to the host before the next, so
+        the device holds one chunk's activations (about 0.8 GiB an image at 512 px in fp32)."""
+        return np.concatenate(
+            [self._decode(x0[i : i + self.decode_batch]) for i in range(0, len(x0), self.decode_batch)]
+        )
+
+    def _decode(self, x0: torch.Tensor) -> np.ndarray:
         img = self.vae.decode((x0.float() / self.scaling_factor).to(self.vae_dtype)).sample.float()
         img = (img / 2 + 0.5).clamp(0, 1)
         return (img * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()

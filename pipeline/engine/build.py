@@ -76,10 +76,11 @@ def build_engine(
     if cfg.model.channels_last:
         unet.to(memory_format=torch.channels_last)
     unet.to(device)
-    ds_cfg = build_ds_config(cfg, world, device.type == "cuda", load_universal=load_universal)
     params = [p for p in unet.parameters() if p.requires_grad]
+    n = sum(p.numel() for p in params)
+    ds_cfg = build_ds_config(cfg, world, device.type == "cuda", load_universal=load_universal, n_trainable=n)
     engine, _, _, _ = deepspeed.initialize(model=unet, model_parameters=params, config=ds_cfg)
-    return engine, sum(p.numel() for p in params)
+    return engine, n
 
 
 def build_reference(

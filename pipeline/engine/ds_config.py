@@ -5,7 +5,13 @@ from __future__ import annotations
 from pipeline.schema.train import TrainConfig
 
 
-def build_ds_config(cfg: TrainConfig, world_size: int, on_cuda: bool, load_universal: bool = False) -> dict:
+def build_ds_config(
+    cfg: TrainConfig,
+    world_size: int,
+    on_cuda: bool,
+    load_universal: bool = False,
+    n_trainable: int | None = None,
+) -> dict:
     """ZeRO stage 2; total batch = micro_batch x grad_accum x world_size (in pairs).
 
     Precision: fp16 with dynamic loss scaling (V100; the scaler's settings: ``train.loss_scale``), bf16,
@@ -16,6 +22,10 @@ def build_ds_config(cfg: TrainConfig, world_size: int, on_cuda: bool, load_unive
     """
     o, ls = cfg.optim, cfg.train.loss_scale
     fused = o.impl == "fused"  # DeepSpeed's FusedAdam
+    # ZeRO-2 allocates its reduce buckets at this size whatever trains (two with overlap_comm): 5e8
+    # elements are 1.86 GiB of fp16 per GPU, for a LoRA run's ~1M parameters too. No larger than the
+    # trainable parameters (tools/memory_estimate.py)
+    bucket = int(min(5e8, max(n_trainable or 5e8, 1_000_000)))
     ds: dict = {
         "train_micro_batch_size_per_gpu": cfg.data.micro_batch,
         "gradient_accumulation_steps": cfg.train.grad_accum,
@@ -26,8 +36,8 @@ def build_ds_config(cfg: TrainConfig, world_size: int, on_cuda: bool, load_unive
             "overlap_comm": on_cuda,
             "contiguous_gradients": True,
             "reduce_scatter": True,
-            "allgather_bucket_size": 5e8,
-            "reduce_bucket_size": 5e8,
+            "allgather_bucket_size": bucket,
+            "reduce_bucket_size": bucket,
         },
         "optimizer": {
             "type": "AdamW",

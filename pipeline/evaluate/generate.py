@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import torch
@@ -18,6 +19,30 @@ def read_prompts(path: str, max_prompts: int) -> list[str]:
     if not prompts:
         raise UserError(f"generation.prompts={path}: no prompts (one per line)")
     return prompts[:max_prompts]
+
+
+def build_pipeline(info, dtype: torch.dtype, device: torch.device):
+    """The model family's diffusers pipeline for evaluation images, built to fit one 16 GB GPU:
+
+    - the UNet stays on the CPU: the caller puts one UNet at a time on ``device`` (``pipe.unet``);
+      every other module (text encoders, VAE) goes to ``device`` now;
+    - the VAE decodes one image at a time (``enable_slicing``): SDXL's VAE, upcast to fp32, needs
+      several GiB per 1024 px image, so a batch of four at once would not fit beside the UNet;
+    - no safety checker (SD1.5's folders name one): it replaces every image it flags by a black one,
+      which would score as a poor image for any reward and bias every model's mean."""
+    import diffusers
+
+    cls = getattr(diffusers, info.family.pipeline_class)
+    kwargs = {}
+    if "safety_checker" in inspect.signature(cls.__init__).parameters:
+        kwargs = {"safety_checker": None, "requires_safety_checker": False}
+    pipe = cls.from_pretrained(info.path, torch_dtype=dtype, **kwargs)
+    for name, module in pipe.components.items():
+        if isinstance(module, torch.nn.Module) and name != "unet":
+            module.to(device)
+    pipe.vae.enable_slicing()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 @torch.no_grad()

@@ -39,9 +39,41 @@ class _Probe(Objective):
     """Marks every model as needed so PreferenceStep.inputs/errors behave as in DPO training."""
 
 
+class _Draws:
+    """The held-out pairs as (batch, draw) inputs, identical for every model: ``d(model)`` gives each
+    batch and draw's d_m = e_m(z_w) - e_m(z_l), [B] float32 on the CPU."""
+
+    def __init__(self, samples, manifest, scheduler, prediction_type, device, dtype, draws, batch_size, seed):
+        self.step = PreferenceStep(
+            _Probe(ObjectiveConfig()), scheduler, prediction_type, dtype, device, seed, rank=0
+        )
+        sdxl = manifest.get("pooled_dim") is not None
+        self.batches = [
+            collate_pairs(samples[bi : bi + batch_size], [False] * len(samples[bi : bi + batch_size]),
+                          manifest["resolution"], sdxl)
+            for bi in range(0, len(samples), batch_size)
+        ]  # fmt: skip
+        self.draws, self.batch_size = draws, batch_size
+
+    @torch.no_grad()
+    def d(self, model: Callable) -> list[list[torch.Tensor]]:
+        out = []
+        for i, batch in enumerate(self.batches):
+            row = []
+            for d in range(self.draws):
+                x = self.step.inputs(batch, micro_step=i * self.batch_size * self.draws + d)
+                row.append(self.step.errors(run_unet(model, x), x).d.cpu())
+            out.append(row)
+        return out
+
+    @property
+    def keys(self) -> np.ndarray:
+        return np.array([k for b in self.batches for k in b["keys"]])
+
+
 def implicit_margins(
     models: dict[str, Callable],
-    reference: Callable,
+    reference: Callable | list,
     samples: list[dict],
     manifest: dict,
     scheduler,
@@ -52,27 +84,43 @@ def implicit_margins(
     batch_size: int = 16,
     seed: int = 1234,
 ) -> dict[str, np.ndarray]:
-    """Per-pair mean h over ``draws`` for each model in ``models``: {name: [N]}, plus "keys"."""
-    step = PreferenceStep(_Probe(ObjectiveConfig()), scheduler, prediction_type, dtype, device, seed, rank=0)
-    sdxl = manifest.get("pooled_dim") is not None
-    out = {name: [] for name in models}
-    keys = []
-    with torch.no_grad():
-        for bi in range(0, len(samples), batch_size):
-            chunk = samples[bi : bi + batch_size]
-            batch = collate_pairs(chunk, [False] * len(chunk), manifest["resolution"], sdxl)
-            keys += batch["keys"]
-            acc = {name: torch.zeros(len(chunk)) for name in models}
-            for d in range(draws):
-                x = step.inputs(batch, micro_step=bi * draws + d)
-                ref_d = step.errors(run_unet(reference, x), x).d
-                for name, model in models.items():
-                    acc[name] += (ref_d - step.errors(run_unet(model, x), x).d).cpu()
-            for name in models:
-                out[name].append((acc[name] / draws).numpy())
-    res = {name: np.concatenate(v) for name, v in out.items()}
-    res["keys"] = np.array(keys)
+    """Per-pair mean h over ``draws`` for each model in ``models``: {name: [N]}, plus "keys".
+
+    One model runs at a time: the reference first (or ``reference`` is its result from
+    ``reference_errors``, computed once for many calls), then each model in turn, so a caller can keep
+    a single UNet on the GPU (SDXL in fp16: 5 GiB each)."""
+    pairs = _Draws(samples, manifest, scheduler, prediction_type, device, dtype, draws, batch_size, seed)
+    ref = reference if isinstance(reference, list) else pairs.d(reference)
+    res = {}
+    for name, model in models.items():
+        per_batch = []
+        for ref_row, row in zip(ref, pairs.d(model)):
+            acc = torch.zeros_like(row[0])
+            for ref_d, d in zip(ref_row, row):
+                acc += ref_d - d
+            per_batch.append((acc / draws).numpy())
+        res[name] = np.concatenate(per_batch) if per_batch else np.zeros(0, dtype=np.float32)
+    res["keys"] = pairs.keys
     return res
+
+
+def reference_errors(
+    reference: Callable,
+    samples: list[dict],
+    manifest: dict,
+    scheduler,
+    prediction_type: str,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+    draws: int = 4,
+    batch_size: int = 16,
+    seed: int = 1234,
+) -> list:
+    """The reference's d per batch and draw, for ``implicit_margins`` called once per model (the same
+    arguments must follow)."""
+    return _Draws(samples, manifest, scheduler, prediction_type, device, dtype, draws, batch_size, seed).d(
+        reference
+    )
 
 
 def accuracy(margin: np.ndarray, label_agrees: np.ndarray | None = None) -> float:

@@ -33,7 +33,7 @@ class EvalGeneration:
     guidance: NonNegFloat = 7.5  # classifier-free guidance scale (<= 1: none)
     resolution: Resolution | None = None  # null: the UNet's native size
     seed: NonNegInt = 0  # image i of every model uses seed + i
-    batch_size: Count = 4
+    batch_size: Count = 4  # prompts per pipeline call (x2 latents with guidance); decoded one at a time
     grid_prompts: Count = 8  # prompts shown in the PNG grids
 
 

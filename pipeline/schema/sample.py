@@ -56,6 +56,12 @@ class SampleOutput:
 @dataclass
 class SampleRun:
     batch_size: Count = 4  # prompt groups per UNet call (K images each, x2 with guidance)
+    # Memory of the decode: SD1.5's VAE decoding 512 px in fp32 takes about 0.8 GiB an image, so 1 (or 4:
+    # 3.2 GiB) fits a 16 GB V100 beside the fp16 UNet (1.7 GB), the text encoder and VAE (0.5 GB), the
+    # UNet's cached activations and the CUDA context, where a whole call of 8 groups x K=2 (16 images,
+    # ~13 GiB) does not. 1 also makes an image's pixels a function of its own x_0: convolution kernels
+    # are chosen by batch size (oneDNN, cuDNN), so a batched decode can round an image differently.
+    decode_batch: Count = 1  # images per VAE decode call; >1 may round differently: same for every job
     verify_existing: bool = True  # re-hash finished shards before skipping them
 
 
