@@ -40,12 +40,13 @@ demo: setup
 test: setup system-deps
 	$(BIN)/python -m pytest -q --durations=25
 
-# The developer's tier: no subprocesses, a minute or two.
+# The developer's tier: no subprocesses and no servers (tests/conftest.py fails a test not marked slow
+# that starts one), a minute or two.
 test-fast: setup system-deps
 	$(BIN)/python -m pytest -q -m "not slow" --durations=10
 
 # The one command for a machine with a GPU: does the project work here, and what does a step cost
-# (tools/gpu_check.py; under 10 minutes on one GPU; gpu_check/gpu_check.md is the table for
+# (tools/benchmarks/gpu_check.py; under 10 minutes on one GPU; gpu_check/gpu_check.md is the table for
 # BENCHMARKS.md). Install CUDA torch first where PyPI's default build does not fit the GPU (README,
 # "Cluster install"; V100: the cu126 build); with a GPU present it also installs the xformers wheel
 # built for that torch (pinned to it: pip may not replace torch).
@@ -58,7 +59,7 @@ gpu-check: setup
 	  $(BIN)/pip install -q xformers "torch==$$v" --index-url https://download.pytorch.org/whl/$$cu \
 	    || echo "no xformers wheel for torch $$v $$cu: the check runs with SDPA"; \
 	fi
-	$(BIN)/python -m tools.gpu_check --out gpu_check
+	$(BIN)/python -m tools.benchmarks.gpu_check --out gpu_check
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+SLURM_SOURCE = "SLURM_PROCID/SLURM_NTASKS"
+
 
 @dataclass(frozen=True)
 class JobInfo:
@@ -28,7 +30,7 @@ def job_info(
         r, w, src = int(env["RANK"]), int(env["WORLD_SIZE"]), "RANK/WORLD_SIZE"
         local = int(env.get("LOCAL_RANK", 0))
     elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        r, w, src = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), "SLURM_PROCID/SLURM_NTASKS"
+        r, w, src = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), SLURM_SOURCE
         local = int(env.get("SLURM_LOCALID", 0))
     else:
         r, w, src, local = 0, 1, "default (single job)", 0

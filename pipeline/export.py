@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from pipeline.engine.context import RunContext
+from pipeline.engine.dist import barrier, gather_to_rank0
 from pipeline.models import load_unet
 
 # elements per rank and collective: 16 MiB of fp32 from each rank, world x that on rank 0
@@ -105,8 +107,6 @@ def stream_to_rank0(
     shard row; any device, cast to fp32) into ``dest`` on rank 0 (name -> contiguous fp32 CPU tensor
     of the parameter's shape; every layout name). Other ranks pass ``dest=None`` and hold one chunk
     of ``chunk`` elements at a time; rank 0 receives one chunk per rank per collective."""
-    from pipeline.engine.dist import gather_to_rank0
-
     rank = layout.rank
     if (rank == 0) != (dest is not None):
         raise ValueError("stream_to_rank0: dest on rank 0 only")
@@ -146,15 +146,13 @@ def export_models(
     model_path: str,
     pipeline_class: str,
     out: Path,
-    rank: int,
-    device: torch.device,
+    ctx: RunContext,
 ) -> Path:
     """Collective: the policy (``unet``) and every EMA model (``unet_ema_<decay>``) under ``out``, as
     diffusers UNet folders of the UNet config in ``model_path``, or LoRA weights (``lora``,
     ``lora_ema_<decay>``; ``pipeline_class`` writes them) for LoRA runs. One model at a time, streamed
     to rank 0 (``stream_to_rank0``): no rank but 0 holds a whole model."""
-    from pipeline.engine.dist import barrier
-
+    rank = ctx.rank
     models = [("unet", lambda: layout.local_partitions())]
     models += [(f"unet_ema_{d:g}", lambda k=k: ema.shards[k]) for k, d in enumerate(decays)]
     unet = None
@@ -182,7 +180,7 @@ def export_models(
     else:
         dest = None
     for name, parts in models:
-        stream_to_rank0(layout, parts(), dest, device)
+        stream_to_rank0(layout, parts(), dest, ctx.device)
         if rank != 0:
             continue
         if lora is not None:

@@ -20,9 +20,17 @@ import sys
 import tempfile
 from pathlib import Path
 
+import uvicorn
+
 from pipeline import cli
 from pipeline.config import write_resolved
 from pipeline.errors import UserError
+from pipeline.label import app as label_app
+from pipeline.label import people
+from pipeline.label.audit import summary
+from pipeline.label.export import export as export_labels
+from pipeline.label.sources import load_source
+from pipeline.label.storage import Database, load_items
 from pipeline.schema.label import LabelConfig
 
 log = logging.getLogger("stages.label")
@@ -30,12 +38,6 @@ PROG = "python -m stages.label"
 
 
 def serve(cfg: LabelConfig) -> int:
-    import uvicorn
-
-    from pipeline.label import app as label_app
-    from pipeline.label.sources import load_source
-    from pipeline.label.storage import Database, load_items
-
     db = Database(cfg.db)
     it = cfg.items
     src = load_source(
@@ -59,8 +61,10 @@ def serve(cfg: LabelConfig) -> int:
         flush=True,
     )
     if cfg.server.host not in ("127.0.0.1", "localhost", "::1"):
-        log.warning("listening on %s: put it behind a TLS reverse proxy (README, 'Collect your own preferences')",
-                    cfg.server.host)  # fmt: skip
+        log.warning(
+            "listening on %s: put it behind a TLS reverse proxy (README, 'Collect your own preferences')",
+            cfg.server.host,
+        )
     options = dict(
         host=cfg.server.host,
         port=cfg.server.port,
@@ -81,8 +85,6 @@ def serve(cfg: LabelConfig) -> int:
 
 
 def _db(args, create: bool = False):
-    from pipeline.label.storage import Database
-
     return Database(args.db, create=create)
 
 
@@ -91,9 +93,7 @@ def _link(base: str, token: str, admin: bool) -> str:
 
 
 def add_person(args, role: str) -> int:
-    from pipeline.label.people import add_person as add
-
-    p, token = add(_db(args, create=True), args.name, role, args.user_id)
+    p, token = people.add_person(_db(args, create=True), args.name, role, args.user_id)
     print(f"{p.role} {p.name} (user_id {p.user_id}); sign-in link (shown once, keep it private):")
     print(_link(args.url, token, role == "admin"))
     print(f"token: {token}")
@@ -101,9 +101,7 @@ def add_person(args, role: str) -> int:
 
 
 def reset_token(args) -> int:
-    from pipeline.label.people import reset_token as reset
-
-    token = reset(_db(args), args.name)
+    token = people.reset_token(_db(args), args.name)
     print(f"new sign-in link for {args.name} (the old one no longer works):")
     print(_link(args.url, token, args.admin))
     print(f"token: {token}")
@@ -111,17 +109,13 @@ def reset_token(args) -> int:
 
 
 def revoke(args) -> int:
-    from pipeline.label.people import revoke as rv
-
-    rv(_db(args), args.name)
+    people.revoke(_db(args), args.name)
     print(f"{args.name}: token revoked (their labels stay)")
     return 0
 
 
 def annotators(args) -> int:
-    from pipeline.label.people import list_people
-
-    rows = list_people(_db(args))
+    rows = people.list_people(_db(args))
     print(f"{'name':<24} {'user_id':>8} {'role':<10} {'active':<6} {'labels':>7}")
     for r in rows:
         print(f"{r['name']:<24} {r['user_id']:>8} {r['role']:<10} {str(r['active']):<6} {r['labels']:>7}")
@@ -129,8 +123,6 @@ def annotators(args) -> int:
 
 
 def status(args) -> int:
-    from pipeline.label.audit import summary
-
     db = _db(args)
     s = summary(db, args.per_item or int(db.get_meta("per_item", 3)))
     alpha = "-" if s["alpha"] is None else f"{s['alpha']:.3f}"
@@ -147,15 +139,15 @@ def status(args) -> int:
         return "-" if x is None else (f"{100 * x:.1f}%" if pct else f"{x:.2f}")
 
     for i, a in enumerate(s["annotators"], 1):
-        print(f"{i:>3} {a['annotator']:<20} {a['user_id']:>8} {a['labels']:>7} {a['skips']:>6} "
-              f"{f(a['agreement']):>9} {f(a['check_accuracy']):>8} {f(a['median_s'], False):>8}")  # fmt: skip
+        print(
+            f"{i:>3} {a['annotator']:<20} {a['user_id']:>8} {a['labels']:>7} {a['skips']:>6} "
+            f"{f(a['agreement']):>9} {f(a['check_accuracy']):>8} {f(a['median_s'], False):>8}"
+        )
     return 0
 
 
 def export(args) -> int:
-    from pipeline.label.export import export as run_export
-
-    s = run_export(_db(args), args.out, include_checks=not args.no_checks)
+    s = export_labels(_db(args), args.out, include_checks=not args.no_checks)
     print(
         f"exported {s['labels']} labels as {s['rows']} Pick-a-Pic rows in {len(s['files'])} file(s) to {args.out} "
         f"({s['choices']}); per-image preferences: {Path(args.out) / s['preferences']}"

@@ -14,16 +14,79 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 
+# The fast tier (`make test-fast`: -m "not slow") promises no subprocesses and no servers. While it runs,
+# a test that is not marked slow and starts a process (subprocess, multiprocessing, os.fork / spawn) or
+# listens on a socket fails, in its setup (fixtures included), call or teardown, even where the code
+# under test catches the error. (A C++ listener such as torch.distributed's TCPStore is not seen.)
+_GUARD: dict = {"item": None, "hits": []}
+
+
+def _fast_tier(config) -> bool:
+    return "not slow" in (config.getoption("markexpr") or "")
+
+
+def _guarded(what: str, real):
+    def check(*args, **kwargs):
+        item = _GUARD["item"]
+        if item is not None:
+            msg = (
+                f"{item.nodeid} {what} in the fast tier (-m 'not slow' promises no subprocesses and no "
+                "servers): mark the test @pytest.mark.slow"
+            )
+            _GUARD["hits"].append(msg)
+            raise RuntimeError(msg)
+        return real(*args, **kwargs)
+
+    check.__wrapped__ = real
+    return check
+
+
+def pytest_configure(config):
+    if not _fast_tier(config):
+        return
+    import multiprocessing.process
+    import socket
+    import subprocess
+
+    subprocess.Popen._execute_child = _guarded("started a subprocess", subprocess.Popen._execute_child)
+    multiprocessing.process.BaseProcess.start = _guarded(
+        "started a multiprocessing process", multiprocessing.process.BaseProcess.start
+    )
+    for name in ("fork", "forkpty", "posix_spawn", "posix_spawnp"):
+        if hasattr(os, name):
+            setattr(os, name, _guarded(f"called os.{name}", getattr(os, name)))
+    socket.socket.listen = _guarded("opened a listening socket", socket.socket.listen)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    armed = _fast_tier(item.config) and item.get_closest_marker("slow") is None
+    _GUARD["item"], _GUARD["hits"] = (item if armed else None), []
+    try:
+        return (yield)
+    finally:
+        _GUARD["item"] = None
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if _GUARD["hits"] and not report.failed:  # the code under test caught the error, or skipped on it
+        report.outcome, report.longrepr = "failed", "\n".join(dict.fromkeys(_GUARD["hits"]))
+    _GUARD["hits"] = []  # reported once, in the phase (setup, call, teardown) that spawned
+    return report
+
+
 @pytest.fixture(scope="session")
 def tiny_sd15(tmp_path_factory):
-    from tools.make_tiny_model import make_tiny_model
+    from tools.toy.make_tiny_model import make_tiny_model
 
     return make_tiny_model("sd15", tmp_path_factory.mktemp("models") / "sd15", seed=0)
 
 
 @pytest.fixture(scope="session")
 def tiny_sdxl(tmp_path_factory):
-    from tools.make_tiny_model import make_tiny_model
+    from tools.toy.make_tiny_model import make_tiny_model
 
     return make_tiny_model("sdxl", tmp_path_factory.mktemp("models") / "sdxl", seed=0)
 
@@ -31,7 +94,7 @@ def tiny_sdxl(tmp_path_factory):
 @pytest.fixture(scope="session")
 def pickapic_dir(tmp_path_factory):
     """120 rows in 3 files, with ties, unlabelled and identical rows and one bad row of each kind."""
-    from tools.make_pickapic import make_rows, write_parquet
+    from tools.toy.make_pickapic import make_rows, write_parquet
 
     out = tmp_path_factory.mktemp("pickapic")
     rows = make_rows(120, seed=1, corrupt=1, truncated=1, empty=1, null_caption=1)
@@ -40,14 +103,21 @@ def pickapic_dir(tmp_path_factory):
 
 
 def encode_args(model, source, out, *extra):
-    return ["--config", "configs/encode/tiny.yaml", f"model.path={model}", f"data.source={source}", f"output.dir={out}",
-            "output.shard_size=16", *extra]  # fmt: skip
+    return [
+        "--config",
+        "configs/encode/tiny.yaml",
+        f"model.path={model}",
+        f"data.source={source}",
+        f"output.dir={out}",
+        "output.shard_size=16",
+        *extra,
+    ]
 
 
 def _encode_clean(model, tmp_path_factory, name: str, pairs: int, seed: int, shard_size: int):
     """Pairs without ties or unlabelled rows, so the shard counts are exact."""
     from stages.encode import cli_main
-    from tools.make_pickapic import make_rows, write_parquet
+    from tools.toy.make_pickapic import make_rows, write_parquet
 
     src = tmp_path_factory.mktemp(f"{name}_src")
     write_parquet(

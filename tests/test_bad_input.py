@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import io
 import json
+import os
 import re
 import shutil
 import struct
@@ -20,7 +21,6 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.data import shards as shards_mod
 from pipeline.data.images import ImageDecodeError, prepare
 from pipeline.data.manifest import merge_manifest
 from pipeline.errors import UserError
@@ -28,7 +28,7 @@ from pipeline.metrics_log import read_metrics
 from stages.encode import cli_main
 from tests.conftest import encode_args
 from tests.helpers.run import train
-from tools.make_pickapic import SCHEMA, make_rows, write_parquet
+from tools.toy.make_pickapic import SCHEMA, make_rows, write_parquet
 
 
 def _png_header(width: int, height: int) -> bytes:
@@ -115,24 +115,25 @@ def test_shard_records_that_do_not_add_up_are_refused(shards16, tmp_path):
         merge_manifest(d)
 
 
-def test_a_full_disk_is_one_line_and_the_same_command_resumes(tiny_sd15, pickapic_dir, tmp_path, capsys,
-                                                             monkeypatch):  # fmt: skip
+def test_a_full_disk_is_one_line_and_the_same_command_resumes(
+    tiny_sd15, pickapic_dir, tmp_path, capsys, monkeypatch
+):
     out = tmp_path / "out"
-    real_fsync = shards_mod.os.fsync
+    real_fsync = os.fsync  # every file is fsynced before its rename (pipeline.io.write_temporary)
 
     def fsync(fd):  # the disk fills up while shard 1's tar is written
-        if ".shard-000001.tar.tmp-" in shards_mod.os.readlink(f"/proc/self/fd/{fd}"):
+        if ".shard-000001.tar.tmp-" in os.readlink(f"/proc/self/fd/{fd}"):
             raise OSError(errno.ENOSPC, "No space left on device")
         real_fsync(fd)
 
-    monkeypatch.setattr(shards_mod.os, "fsync", fsync)
+    monkeypatch.setattr(os, "fsync", fsync)
     assert cli_main(encode_args(tiny_sd15, pickapic_dir, out)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert "Traceback" not in "\n".join(err)
     assert "shard-000001.tar: no space left on device on the file system at /" in err[-1]
     assert "run the same command again" in err[-1]
     assert not [f for f in out.iterdir() if "tmp" in f.name]  # no temporary left to fill the disk
-    monkeypatch.setattr(shards_mod.os, "fsync", real_fsync)
+    monkeypatch.setattr(os, "fsync", real_fsync)
     assert cli_main(encode_args(tiny_sd15, pickapic_dir, out)) == 0
     cap = capsys.readouterr()
     assert "1 already finished" in cap.out + cap.err

@@ -110,8 +110,15 @@ def test_every_error_at_once_across_sections():
     """Three range errors in three sections, a typo and a cross-field rule: all five reported."""
     from pipeline.schema.train import TrainConfig
 
-    args = ["data.shards=s", "output.dir=o", "data.micro_batch=0", "model.lora_rank=-1", "optim.lr=-1",
-            "train.max_stpes=5", "objective.name=adaptive_dpo"]  # fmt: skip
+    args = [
+        "data.shards=s",
+        "output.dir=o",
+        "data.micro_batch=0",
+        "model.lora_rank=-1",
+        "optim.lr=-1",
+        "train.max_stpes=5",
+        "objective.name=adaptive_dpo",
+    ]
     with pytest.raises(ConfigError) as e:
         load_config(TrainConfig, None, args)
     keys = sorted(m.split(":")[0] for m in e.value.errors)
@@ -143,12 +150,24 @@ def test_out_of_range_values_exit_2_through_the_cli_before_any_model_loads(
 
     missing = tmp_path / "missing"
     if stage == "encode":
-        args = ["--config", str(ROOT / "configs/encode/tiny.yaml"), f"model.path={missing}",
-                f"data.source={missing}", f"output.dir={tmp_path / 'out'}", override]  # fmt: skip
+        args = [
+            "--config",
+            str(ROOT / "configs/encode/tiny.yaml"),
+            f"model.path={missing}",
+            f"data.source={missing}",
+            f"output.dir={tmp_path / 'out'}",
+            override,
+        ]
         rc = encode.cli_main(args)
     else:
-        args = ["--config", str(ROOT / "configs/train/tiny_dpo.yaml"), f"model.path={missing}",
-                f"data.shards={missing}", f"output.dir={tmp_path / 'out'}", override]  # fmt: skip
+        args = [
+            "--config",
+            str(ROOT / "configs/train/tiny_dpo.yaml"),
+            f"model.path={missing}",
+            f"data.shards={missing}",
+            f"output.dir={tmp_path / 'out'}",
+            override,
+        ]
         rc = train.cli_main(args)
     err = capsys.readouterr().err
     assert rc == 2, err
@@ -219,8 +238,11 @@ def test_one_dtype_vocabulary_across_schemas_and_code():
     for key, choices in keys.items():
         assert choices and choices <= {"auto", *DTYPES}, (key, choices)
     base = ["data.shards=s", "output.dir=o"]
-    for override, want in [("model.reference_dtype=float16", "fp16"), ("train.precision=bfloat16", "bf16"),
-                           ("train.precision=float32", "fp32")]:  # fmt: skip
+    for override, want in [
+        ("model.reference_dtype=float16", "fp16"),
+        ("train.precision=bfloat16", "bf16"),
+        ("train.precision=float32", "fp32"),
+    ]:
         with pytest.raises(ConfigError) as e:
             load_config(TrainConfig, None, [*base, override])
         assert e.value.errors[0].endswith(f"(did you mean '{want}'?)"), e.value.errors
@@ -242,11 +264,14 @@ def _write(d: Path, files: dict[str, str]) -> None:
 def test_base_chain_merges_mappings_replaces_lists_and_overrides_win(tmp_path):
     """c <- b <- a (b in another folder, named relative to a): a mapping key set in any file survives,
     a list is replaced whole, the nearer file wins, and command-line overrides win over every file."""
-    _write(tmp_path, {
-        "c.yaml": "path: /c\nsteps: 1\ndecays: [0.1, 0.2, 0.3]\ninner: {beta: 1.0, mode: b}\n",
-        "sub/b.yaml": "base: ../c.yaml\nsteps: 2\ninner: {beta: 2.0}\n",
-        "a.yaml": "base: sub/b.yaml\ndecays: [0.9]\ninner: {c2: 0.5}\n",
-    })  # fmt: skip
+    _write(
+        tmp_path,
+        {
+            "c.yaml": "path: /c\nsteps: 1\ndecays: [0.1, 0.2, 0.3]\ninner: {beta: 1.0, mode: b}\n",
+            "sub/b.yaml": "base: ../c.yaml\nsteps: 2\ninner: {beta: 2.0}\n",
+            "a.yaml": "base: sub/b.yaml\ndecays: [0.9]\ninner: {c2: 0.5}\n",
+        },
+    )
     cfg = load_config(Outer, tmp_path / "a.yaml", ["steps=7"])
     assert cfg == Outer(path="/c", steps=7, decays=[0.9], inner=Inner(beta=2.0, mode="b", c2=0.5))
     from pipeline.config import dump_yaml
@@ -255,21 +280,33 @@ def test_base_chain_merges_mappings_replaces_lists_and_overrides_win(tmp_path):
 
 
 def test_a_list_of_bases_merges_in_order(tmp_path):
-    _write(tmp_path, {"x.yaml": "path: /x\nsteps: 1\n", "y.yaml": "steps: 2\nflag: true\n",
-                      "a.yaml": "base: [x.yaml, y.yaml]\n"})  # fmt: skip
+    _write(
+        tmp_path,
+        {
+            "x.yaml": "path: /x\nsteps: 1\n",
+            "y.yaml": "steps: 2\nflag: true\n",
+            "a.yaml": "base: [x.yaml, y.yaml]\n",
+        },
+    )
     assert load_config(Outer, tmp_path / "a.yaml") == Outer(path="/x", steps=2, flag=True)
 
 
 @pytest.mark.parametrize(
     ("files", "message"),
     [
-        ({"a.yaml": "base: b.yaml\n", "b.yaml": "base: a.yaml\n"}, r"a\.yaml: base cycle: .*a\.yaml -> .*b\.yaml -> .*a\.yaml"),
+        (
+            {"a.yaml": "base: b.yaml\n", "b.yaml": "base: a.yaml\n"},
+            r"a\.yaml: base cycle: .*a\.yaml -> .*b\.yaml -> .*a\.yaml",
+        ),
         ({"a.yaml": "base: a.yaml\n"}, r"a\.yaml: base cycle"),
         ({"a.yaml": "base: sub/nope.yaml\n"}, r"a\.yaml: base sub/nope\.yaml: no such file"),
-        ({"a.yaml": "base: b.yaml\n", "b.yaml": "base: [gone.yaml]\n"}, r"b\.yaml: base gone\.yaml: no such file"),
+        (
+            {"a.yaml": "base: b.yaml\n", "b.yaml": "base: [gone.yaml]\n"},
+            r"b\.yaml: base gone\.yaml: no such file",
+        ),
         ({"a.yaml": "base: {x: 1}\n"}, r"a\.yaml: base: expected a file name or a list of them"),
     ],
-)  # fmt: skip
+)
 def test_base_cycles_and_missing_bases_name_the_file(tmp_path, files, message):
     _write(tmp_path, files)
     with pytest.raises(ConfigError, match=message):
@@ -313,10 +350,18 @@ def test_adaptive_reading_presets_resolve_to_their_reading():
 
     paper = load("tiny_adaptive_dpo_paper_literal").objective.adaptive
     assert (paper.spread, paper.spread_of, paper.c2, paper.ipo_margin) == (
-        "variance", "h", "batch_mean_logit", "h")  # fmt: skip
+        "variance",
+        "h",
+        "batch_mean_logit",
+        "h",
+    )
     code = load("tiny_adaptive_dpo_authors_code").objective.adaptive
     assert (code.spread, code.spread_of, code.c2, code.ipo_margin) == (
-        "std_clamped", "g", "batch_mean", "logit")  # fmt: skip
+        "std_clamped",
+        "g",
+        "batch_mean",
+        "logit",
+    )
     for a in (paper, code):
         assert (a.g_scale, a.score, a.normalize, a.k2, a.rho, a.k1) == ("raw", "cs", False, None, 15.0, 10.0)
     base = flatten(to_dict(load("tiny_adaptive_dpo")))
@@ -345,7 +390,11 @@ def test_tiny_configs_share_the_toy_study_setting():
 
     base = flat("base")
     assert (base["train.max_steps"], base["data.micro_batch"], base["optim.lr"], base["objective.beta"]) == (
-        200, 16, 1e-4, 1000.0)  # fmt: skip
+        200,
+        16,
+        1e-4,
+        1000.0,
+    )
     names = [*typing.get_args(ObjectiveName), "adaptive_dpo_calibrated"]
     for name in names:
         cfg = flat(name)

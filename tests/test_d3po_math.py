@@ -23,12 +23,22 @@ from diffusers import DDIMScheduler, UNet2DConditionModel
 from torch.testing import assert_close
 
 from pipeline.config import load_config
+from pipeline.d3po import rewards
 from pipeline.d3po.ddim import cfg_noise_pred, ddim_mean_std, ddim_step_with_logprob
-from pipeline.errors import ConfigError
-from pipeline.losses.d3po import TransitionLogProbs, d3po_loss, d3po_terms, trained_timesteps
+from pipeline.errors import ConfigError, UserError
+from pipeline.losses.d3po import (
+    TransitionLogProbs,
+    d3po_loss,
+    d3po_terms,
+    trained_timesteps,
+    trajectory_margin,
+)
 from pipeline.losses.objectives import OBJECTIVES, TRAJECTORY_OBJECTIVES, build_objective
+from pipeline.schema.feedback import REWARD_NAMES, SCORER_REWARDS, SCRIPTED_REWARDS
 from pipeline.schema.objective import ObjectiveConfig, TrajectoryObjectiveName
 from pipeline.schema.train import TrainConfig
+from pipeline.train.registry import WORKLOADS
+from stages import train
 
 ROOT = Path(__file__).resolve().parents[1]
 LOG2 = 0.6931471805599453
@@ -42,9 +52,15 @@ def T(*x):
 def sd_ddim(prediction_type: str = "epsilon", steps: int = 20, **kw) -> DDIMScheduler:
     """SD1.5's schedule (scaled_linear 0.00085..0.012, steps_offset 1, set_alpha_to_one False)."""
     s = DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-        set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type, **kw,
-    )  # fmt: skip
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
+        **kw,
+    )
     s.set_timesteps(steps)
     return s
 
@@ -290,10 +306,12 @@ def test_d3po_loss_golden_with_both_clamp_sides_and_a_tie():
     """Pairs: (a) both ratios inside the band: h = 0.05 + 0.02; (b) w above 1 + eps, l below 1 - eps;
     (c) the reverse; (d) w clamped high, l inside (0.04); (e) pair (a) as a tie."""
     lp = _lp(
-        (0.05, 1.0, -0.5, 0.5, 0.05), (0.0, 0.0, 0.0, 0.0, 0.0),
-        (0.0, -1.0, 0.3, 0.04, 0.0), (0.02, 0.0, 0.0, 0.0, 0.02),
+        (0.05, 1.0, -0.5, 0.5, 0.05),
+        (0.0, 0.0, 0.0, 0.0, 0.0),
+        (0.0, -1.0, 0.3, 0.04, 0.0),
+        (0.02, 0.0, 0.0, 0.0, 0.02),
         tie=[False, False, False, False, True],
-    )  # fmt: skip
+    )
     terms = d3po_terms(lp, beta=0.1, eps=0.1)
     assert_close(
         terms.loss, T(0.6896533055474401, 0.683163980852314, 0.7032310503985292, 0.6903854955848422, LOG2)
@@ -385,8 +403,11 @@ BASE = ["data.shards=s", "output.dir=o", "objective.name=d3po"]
 
 
 def test_d3po_objective_reads_its_own_config_section():
-    cfg = load_config(TrainConfig, None, [*BASE, "objective.d3po.beta=0.5", "objective.d3po.eps=0.2",
-                                          "objective.d3po.timestep_fraction=0.5"])  # fmt: skip
+    cfg = load_config(
+        TrainConfig,
+        None,
+        [*BASE, "objective.d3po.beta=0.5", "objective.d3po.eps=0.2", "objective.d3po.timestep_fraction=0.5"],
+    )
     obj = build_objective(cfg.objective)
     assert obj.data_kind == "trajectories" and obj.needs_reference and not obj.uses_ema
     assert (obj.beta, obj.eps, obj.timestep_fraction) == (0.5, 0.2, 0.5)
@@ -422,11 +443,15 @@ def test_bad_d3po_values_are_refused_at_load_naming_the_key(override, message):
 
 
 def test_d3po_on_pair_shards_is_a_clear_user_error_before_any_model_loads(tmp_path, capsys):
-    from stages import train
-
     missing = tmp_path / "missing"
-    args = ["--config", str(ROOT / "configs/train/tiny_dpo.yaml"), f"model.path={missing}",
-            f"data.shards={missing}", f"output.dir={tmp_path / 'out'}", "objective.name=d3po"]  # fmt: skip
+    args = [
+        "--config",
+        str(ROOT / "configs/train/tiny_dpo.yaml"),
+        f"model.path={missing}",
+        f"data.shards={missing}",
+        f"output.dir={tmp_path / 'out'}",
+        "objective.name=d3po",
+    ]
     rc = train.cli_main(args)
     err = capsys.readouterr().err
     assert rc == 2, err
@@ -441,6 +466,8 @@ def test_d3po_is_registered_as_a_trajectory_objective_and_documented():
     assert set(TRAJECTORY_OBJECTIVES) == set(names) == {"d3po", "adaptive_d3po"}
     assert not set(names) & set(OBJECTIVES)
     assert all(c.data_kind == "pairs" for c in OBJECTIVES.values())
+    # every objective has its workload (the trainer looks it up by data_kind)
+    assert {c.data_kind for c in [*OBJECTIVES.values(), *TRAJECTORY_OBJECTIVES.values()]} <= set(WORKLOADS)
     readme = (ROOT / "README.md").read_text()
     for name in names:
         assert f"| `{name}` |" in readme, name
@@ -450,8 +477,6 @@ def test_d3po_is_registered_as_a_trajectory_objective_and_documented():
 
 
 def test_trajectory_margin_is_the_whole_trajectorys_log_ratio_winner_minus_loser():
-    from pipeline.losses.d3po import trajectory_margin
-
     sums = T(-3.0, -5.0, -2.0, -1.0).view(2, 2)  # [B=2, images i, j]: summed log-densities of a model
     ref = T(-4.0, -4.5, -2.5, -1.0).view(2, 2)
     # pair 0: winner i: (-3 + 4) - (-5 + 4.5) = 1.5; pair 1: winner j: (-1 + 1) - (-2 + 2.5) = -0.5
@@ -460,19 +485,32 @@ def test_trajectory_margin_is_the_whole_trajectorys_log_ratio_winner_minus_loser
 
 def test_adaptive_d3po_is_weighted_d3po_by_the_minority_score_of_trajectory_margins():
     """Hand-computed: g standardized over the batch (rho 1), u = s c over the policy + 2 EMA models,
-    W = 1 / (1 + k1 u) renormalised to mean 1, no margin; the loss is W times D3PO's. Warm-up (metric
-    inactive) or no margins: exactly D3PO, W = 1."""
-    cfg = load_config(TrainConfig, None, ["data.shards=s", "output.dir=o", "objective.name=adaptive_d3po",
-                                          "objective.adaptive.g_scale=standardized", "objective.adaptive.rho=1",
-                                          "objective.adaptive.margin=none", "objective.adaptive.renormalize=true",
-                                          "ema.half_lives=[8,1]"])  # fmt: skip
+    W = 1 / (1 + k1 u) renormalised to mean 1, no margin; the loss is W times D3PO's. Warm-up (before
+    objective.adaptive.warmup_steps, the step given by ``begin_step``) or no margins: exactly D3PO, W = 1."""
+    cfg = load_config(
+        TrainConfig,
+        None,
+        [
+            "data.shards=s",
+            "output.dir=o",
+            "objective.name=adaptive_d3po",
+            "objective.adaptive.g_scale=standardized",
+            "objective.adaptive.rho=1",
+            "objective.adaptive.margin=none",
+            "objective.adaptive.renormalize=true",
+            "objective.adaptive.warmup_steps=2",
+            "ema.half_lives=[8,1]",
+        ],
+    )
     obj = build_objective(cfg.objective)
     assert obj.uses_ema and obj.data_kind == "trajectories"
+    obj.begin_step(2)
+    assert obj.ema_active
     pw, rw, pl, rl = (0.05, -0.2, 0.01), (0.0, 0.0, 0.0), (-0.02, 0.3, 0.0), (0.0, 0.0, 0.0)
     h_models = torch.tensor([[2.0, -1.0, 0.5], [1.0, -2.0, 0.5], [0.0, 0.0, 1.0]])  # [M=3, B=3]
     lp = _lp(pw, rw, pl, rl)
     lp.h_models = h_models
-    out = obj(lp, metric_active=True)
+    out = obj(lp)
     z = (h_models - h_models.mean(1, keepdim=True)) / h_models.std(1, keepdim=True)
     c = 1 - torch.sigmoid(z).mean(0)
     u = z.var(0) * c
@@ -485,10 +523,12 @@ def test_adaptive_d3po_is_weighted_d3po_by_the_minority_score_of_trajectory_marg
     assert_close(out.stats["h_traj"], h_models[0])
     out.loss.sum().backward()  # the gradient flows through the policy's log-probs only
     assert lp.policy_w.grad is not None and not h_models.requires_grad
-    for active, hm in ((False, h_models), (True, None)):
+    for step, hm in ((1, h_models), (2, None)):
+        obj.begin_step(step)
+        assert obj.ema_active == (step >= 2)
         lp2 = _lp(pw, rw, pl, rl)
         lp2.h_models = hm
-        o = obj(lp2, metric_active=active)
+        o = obj(lp2)
         assert_close(o.loss, plain) and torch.equal(o.stats["W"], torch.ones(3))
         assert torch.isnan(o.stats["u"]).all()
 
@@ -497,3 +537,25 @@ def test_adaptive_d3po_needs_ema_models():
     with pytest.raises(ConfigError) as e:
         load_config(TrainConfig, None, ["data.shards=s", "output.dir=o", "objective.name=adaptive_d3po"])
     assert "ema.decays: the adaptive objectives need at least one EMA model" in e.value.errors[0]
+
+
+# ---------------------------------------------------------------- the feedback's reward names
+
+
+def test_the_configs_reward_names_are_the_reward_registrys():
+    """The feedback config (pipeline/schema/feedback.py) accepts exactly what make_reward makes: every
+    scripted reward is a function of pipeline.d3po.rewards, every scorer reward asks for its folder, each
+    name has its negation, and any other name is refused."""
+    assert set(REWARD_NAMES) == {*SCRIPTED_REWARDS, *SCORER_REWARDS} | {
+        f"-{n}" for n in SCRIPTED_REWARDS + SCORER_REWARDS
+    }
+    for name in REWARD_NAMES:
+        base = name.lstrip("-")
+        if base in SCRIPTED_REWARDS:
+            assert callable(getattr(rewards, base))
+            assert rewards.make_reward(name).name == name
+        else:
+            with pytest.raises(UserError, match=f"give scorers.{base}=FOLDER"):
+                rewards.make_reward(name)
+    with pytest.raises(UserError, match="unknown"):
+        rewards.make_reward("sharpness")

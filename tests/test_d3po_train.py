@@ -20,11 +20,14 @@ from pipeline.metrics_log import read_metrics, read_pair_records
 from tests.helpers.run import check, train
 
 CONFIG = "configs/train/tiny_d3po.yaml"
-PROMPTS = [f"a {c} {a}, {s}" for c, a, s in zip(
-    ["red", "blue", "green", "white", "black", "yellow", "pink", "grey"],
-    ["cat", "ship", "house", "tree", "dog", "car", "bird", "lamp"],
-    ["photo", "sketch", "watercolor", "photo", "oil", "sketch", "photo", "pastel"],
-)]  # fmt: skip
+PROMPTS = [
+    f"a {c} {a}, {s}"
+    for c, a, s in zip(
+        ["red", "blue", "green", "white", "black", "yellow", "pink", "grey"],
+        ["cat", "ship", "house", "tree", "dog", "car", "bird", "lamp"],
+        ["photo", "sketch", "watercolor", "photo", "oil", "sketch", "photo", "pastel"],
+    )
+]
 # micro_batch 2: one UNet call of 2 pairs x 2 images, the size of the sampler's calls (run.batch_size 2
 # groups x K 2), so the reference re-scores the stored log-probs exactly (sampled_gap 0)
 COMMON = ["data.micro_batch=2", "train.grad_accum=4", "checkpoint.every=3", "train.max_steps=6"]
@@ -36,8 +39,14 @@ def traj(tiny_sd15, tmp_path_factory):
 
     d = tmp_path_factory.mktemp("d3po")
     (d / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
-    args = ["--config", "configs/sample/tiny.yaml", f"model.path={tiny_sd15}", f"prompts.source={d / 'prompts.txt'}",
-            f"output.dir={d / 'traj'}", "run.batch_size=2"]  # fmt: skip
+    args = [
+        "--config",
+        "configs/sample/tiny.yaml",
+        f"model.path={tiny_sd15}",
+        f"prompts.source={d / 'prompts.txt'}",
+        f"output.dir={d / 'traj'}",
+        "run.batch_size=2",
+    ]
     assert cli_main(args) == 0
     return d / "traj"
 
@@ -79,36 +88,43 @@ def _workload(traj, prefs, *extra):
     from pipeline.losses.objectives import build_objective
     from pipeline.schema.train import TrainConfig
     from pipeline.train.trajectories import TrajectoryWorkload
-    from pipeline.train.workload import RunContext
 
     cfg = load_config(
         TrainConfig, CONFIG, [f"data.shards={traj}", f"data.preferences={prefs}", "output.dir=o", *extra]
     )
-    w = TrajectoryWorkload(cfg, build_objective(cfg.objective))
-    return w, RunContext
+    return TrajectoryWorkload(cfg, build_objective(cfg.objective))
 
 
 def _eval(traj, prefs, policy, reference) -> dict[str, float]:
     """D3PO loss and implicit accuracy of ``policy`` against ``reference`` on every pair x timestep."""
+    from pipeline.engine.context import RunContext
     from pipeline.train.workload import Models
 
-    w, ctx = _workload(traj, prefs, "data.micro_batch=8")
-    w.prepare(ctx(0, 1, torch.device("cpu"), torch.float32))
+    w = _workload(traj, prefs, "data.micro_batch=8")
+    w.prepare(RunContext.local(torch.device("cpu")))
     losses, accs = [], []
     with torch.no_grad():
         for batch in zip(range(w.epoch_micro_steps), w.batches(0)):
-            out = w.step(Models(policy, reference, None), batch[1], batch[0], True)
+            out = w.step(Models(policy, reference, None), batch[1], batch[0])
             losses.append(out.loss)
             accs.append(out.stats["accuracy"])
     return {"loss": torch.cat(losses).mean().item(), "accuracy": torch.cat(accs).mean().item()}
 
 
 def test_micro_steps_map_to_epochs_batches_and_timesteps_as_a_pure_function(traj, prefs):
-    w, ctx = _workload(traj, prefs, "data.micro_batch=2")
-    w.prepare(ctx(0, 1, torch.device("cpu"), torch.float32))
+    from pipeline.engine.context import RunContext
+
+    w = _workload(traj, prefs, "data.micro_batch=2")
+    w.prepare(RunContext.local(torch.device("cpu")))
     assert (w.T, w.n_batches, w.epoch_micro_steps) == (4, 4, 16)
     assert [w.position(m) for m in (0, 3, 4, 15, 16, 37)] == [
-        (0, 0, 0), (0, 0, 3), (0, 1, 0), (0, 3, 3), (1, 0, 0), (2, 1, 1)]  # fmt: skip
+        (0, 0, 0),
+        (0, 0, 3),
+        (0, 1, 0),
+        (0, 3, 3),
+        (1, 0, 0),
+        (2, 1, 1),
+    ]
     first = [b for _, b in zip(range(40), w.batches(0))]
     again = [b for _, b in zip(range(40 - 21), w.batches(21))]  # a resume at micro-step 21
     for a, b in zip(first[21:], again):
@@ -119,6 +135,7 @@ def test_micro_steps_map_to_epochs_batches_and_timesteps_as_a_pure_function(traj
     assert all(len(set(col.tolist())) == 4 for col in t.T)
 
 
+@pytest.mark.slow
 def test_training_lowers_the_d3po_loss_of_the_training_pairs(run_full, traj, prefs, tiny_sd15):
     """(a) at step 1 the policy is the reference: every pair's log-ratios are 0, its loss log 2, and the
     reference re-scores the sampler's stored log-probs exactly; (b) after 6 steps the trained UNet
@@ -173,11 +190,22 @@ def test_two_ranks_see_every_decided_pair_once_per_epoch(traj, prefs, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.d3po.preferences import load_preferences
+    from pipeline.d3po.feedback_files import load_preferences
 
     out = tmp_path / "two"
-    check(d3po_train(traj, prefs, out, "data.micro_batch=2", "train.grad_accum=4", "train.max_steps=4",
-                     "checkpoint.every=4", "checkpoint.export=false", nproc=2))  # fmt: skip
+    check(
+        d3po_train(
+            traj,
+            prefs,
+            out,
+            "data.micro_batch=2",
+            "train.grad_accum=4",
+            "train.max_steps=4",
+            "checkpoint.every=4",
+            "checkpoint.export=false",
+            nproc=2,
+        )
+    )
     table, _ = load_preferences(prefs)
     pairs = {(r["key"], r["winner"]) for r in table.to_pylist()}
     per_rank = {
@@ -203,8 +231,18 @@ def test_two_ranks_see_every_decided_pair_once_per_epoch(traj, prefs, tmp_path):
 def test_lora_trains_from_a_ratio_of_one(traj, prefs, tmp_path):
     """(e) LoRA: the reference is the policy with its adapters off; at step 1 the ratio is exactly 1."""
     out = tmp_path / "lora"
-    check(d3po_train(traj, prefs, out, "data.micro_batch=2", "train.grad_accum=4", "train.max_steps=2",
-                     "checkpoint.every=2", "model.lora_rank=4"))  # fmt: skip
+    check(
+        d3po_train(
+            traj,
+            prefs,
+            out,
+            "data.micro_batch=2",
+            "train.grad_accum=4",
+            "train.max_steps=2",
+            "checkpoint.every=2",
+            "model.lora_rank=4",
+        )
+    )
     m = read_metrics(out / "metrics.jsonl")
     assert m[0]["loss"] == pytest.approx(math.log(2), abs=1e-6) and m[0]["h"] == 0.0
     assert m[1]["h"] != 0.0  # the adapters moved
@@ -244,7 +282,7 @@ def test_missing_preferences_are_one_line_exit_2(traj, tmp_path, capsys):
 
 
 def test_preferences_naming_unknown_groups_are_refused(traj, prefs, tmp_path, capsys):
-    from pipeline.d3po.preferences import PARQUET, load_preferences, write_preferences
+    from pipeline.d3po.feedback_files import PARQUET, load_preferences, write_preferences
 
     table, summary = load_preferences(prefs)
     rows = table.to_pylist()
@@ -277,7 +315,7 @@ def test_trajectories_of_this_run_are_accepted_and_of_a_foreign_unet_refused(
     """Sampled with a trained UNet: accepted when it is this run's (output.dir: the online loop's round
     r > 0 continues the policy that sampled them), refused when it is any other UNet."""
     from pipeline.config import load_config
-    from pipeline.d3po import trajectories as tj
+    from pipeline.d3po.trajectories import read_manifest
     from pipeline.schema.train import TrainConfig
     from pipeline.train.trajectories import check_trajectories
     from stages.sample import cli_main as sample
@@ -288,12 +326,26 @@ def test_trajectories_of_this_run_are_accepted_and_of_a_foreign_unet_refused(
     folders = {}
     for name, unet in (("ours", run), ("foreign", foreign)):
         folders[name] = tmp_path / name
-        assert sample(["--config", "configs/sample/tiny.yaml", f"model.path={tiny_sd15}", f"model.unet={unet}",
-                       f"prompts.source={traj.parent / 'prompts.txt'}", "prompts.max=2",
-                       f"output.dir={folders[name]}"]) == 0  # fmt: skip
-    cfg = load_config(TrainConfig, CONFIG, [f"data.shards={folders['ours']}", f"data.preferences={prefs}",
-                                            f"output.dir={run}"])  # fmt: skip
-    assert check_trajectories(cfg, tj.load_manifest(folders["ours"])).config_hash
+        assert (
+            sample(
+                [
+                    "--config",
+                    "configs/sample/tiny.yaml",
+                    f"model.path={tiny_sd15}",
+                    f"model.unet={unet}",
+                    f"prompts.source={traj.parent / 'prompts.txt'}",
+                    "prompts.max=2",
+                    f"output.dir={folders[name]}",
+                ]
+            )
+            == 0
+        )
+    cfg = load_config(
+        TrainConfig,
+        CONFIG,
+        [f"data.shards={folders['ours']}", f"data.preferences={prefs}", f"output.dir={run}"],
+    )
+    assert check_trajectories(cfg, read_manifest(folders["ours"])).config_hash
     assert _main(_args(folders["foreign"], prefs, run)) == 2
     err = capsys.readouterr().err
     assert f"was sampled with model.unet={foreign.resolve()}" in err and "nor a UNet of this run" in err, err

@@ -21,11 +21,30 @@ from pipeline.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 COLLECTIVES = {
-    "all_gather", "all_gather_into_tensor", "all_gather_single", "all_gather_object", "all_reduce",
-    "reduce", "reduce_scatter", "reduce_scatter_tensor", "reduce_scatter_single", "broadcast",
-    "broadcast_object_list", "gather", "gather_object", "scatter", "scatter_object_list", "all_to_all",
-    "all_to_all_single", "barrier", "send", "recv", "isend", "irecv", "monitored_barrier",
-}  # fmt: skip
+    "all_gather",
+    "all_gather_into_tensor",
+    "all_gather_single",
+    "all_gather_object",
+    "all_reduce",
+    "reduce",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "reduce_scatter_single",
+    "broadcast",
+    "broadcast_object_list",
+    "gather",
+    "gather_object",
+    "scatter",
+    "scatter_object_list",
+    "all_to_all",
+    "all_to_all_single",
+    "barrier",
+    "send",
+    "recv",
+    "isend",
+    "irecv",
+    "monitored_barrier",
+}
 DIST_MODULES = {"torch.distributed", "deepspeed.comm"}
 
 
@@ -129,11 +148,26 @@ def test_slurm_node_lists_expand():
 
 
 def test_the_launch_is_read_from_torchrun_srun_or_nothing():
-    tr = door.resolve_launch({"RANK": "9", "WORLD_SIZE": "16", "LOCAL_RANK": "1", "MASTER_ADDR": "n0",
-                              "MASTER_PORT": "29500", "SLURM_PROCID": "0", "SLURM_NTASKS": "2"})  # fmt: skip
+    tr = door.resolve_launch(
+        {
+            "RANK": "9",
+            "WORLD_SIZE": "16",
+            "LOCAL_RANK": "1",
+            "MASTER_ADDR": "n0",
+            "MASTER_PORT": "29500",
+            "SLURM_PROCID": "0",
+            "SLURM_NTASKS": "2",
+        }
+    )
     assert (tr.rank, tr.world_size, tr.local_rank, tr.master_addr, tr.master_port) == (9, 16, 1, "n0", 29500)
-    slurm = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "123456",
-             "SLURM_STEP_NUM_NODES": "2", "SLURM_STEP_NODELIST": "gpu[07-08]"}  # fmt: skip
+    slurm = {
+        "SLURM_PROCID": "5",
+        "SLURM_NTASKS": "8",
+        "SLURM_LOCALID": "1",
+        "SLURM_JOB_ID": "123456",
+        "SLURM_STEP_NUM_NODES": "2",
+        "SLURM_STEP_NODELIST": "gpu[07-08]",
+    }
     s = door.resolve_launch(slurm)
     assert (s.rank, s.world_size, s.local_rank, s.master_addr, s.master_port) == (
         5,
@@ -155,13 +189,24 @@ def test_the_launch_is_read_from_torchrun_srun_or_nothing():
     "env,message",
     [
         ({"SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_JOB_ID": "1", "SLURM_NNODES": "2"}, "MASTER_ADDR"),
-        ({"SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_JOB_ID": "1", "SLURM_NNODES": "2",
-          "SLURM_JOB_NODELIST": "gpu[x]"}, "node list"),  # fmt: skip
+        (
+            {
+                "SLURM_PROCID": "0",
+                "SLURM_NTASKS": "8",
+                "SLURM_JOB_ID": "1",
+                "SLURM_NNODES": "2",
+                "SLURM_JOB_NODELIST": "gpu[x]",
+            },
+            "node list",
+        ),
         ({"SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_NNODES": "1"}, "MASTER_PORT"),
         ({"RANK": "0", "WORLD_SIZE": "2"}, "MASTER_ADDR is not set"),
-        ({"RANK": "2", "WORLD_SIZE": "2", "MASTER_ADDR": "a", "MASTER_PORT": "1"}, r"rank 2 is not in \[0, world size 2\)"),
+        (
+            {"RANK": "2", "WORLD_SIZE": "2", "MASTER_ADDR": "a", "MASTER_PORT": "1"},
+            r"rank 2 is not in \[0, world_size=2\)",
+        ),
     ],
-)  # fmt: skip
+)
 def test_what_cannot_be_resolved_is_refused(env, message):
     with pytest.raises(UserError, match=message):
         door.resolve_launch(env)
@@ -203,8 +248,9 @@ def test_other_ranks_wait_for_the_universal_conversion_on_a_file(tmp_path):
 
 
 def _worker(rank: int, port: int, tmp: str, q) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))  # fmt: skip
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     torch.set_num_threads(1)
     info = door.init_distributed("cpu", timeout_min=2)
     out: dict = {"info": (info.rank, info.world, info.backend, str(info.device))}

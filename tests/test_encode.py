@@ -125,6 +125,7 @@ def test_two_jobs_write_the_same_shards_as_one(encoded, tiny_sd15, pickapic_dir,
     assert (out / "manifest.json").read_text() == (encoded / "manifest.json").read_text()
 
 
+@pytest.mark.slow
 def test_killed_job_restarts_to_the_same_result(encoded, tiny_sd15, pickapic_dir, tmp_path):
     out = tmp_path / "killed"
     env = dict(os.environ, KILL_AT_TAR="2", PYTHONPATH=str(ROOT))
@@ -141,8 +142,13 @@ def test_killed_job_restarts_to_the_same_result(encoded, tiny_sd15, pickapic_dir
         out.glob(".shard-000001.*tmp*")
     )  # one done, one partial
     assert not (out / "manifest.json").exists()
-    p = subprocess.run([sys.executable, "-m", "stages.encode", *encode_args(tiny_sd15, pickapic_dir, out)],
-                       cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True)  # fmt: skip
+    p = subprocess.run(
+        [sys.executable, "-m", "stages.encode", *encode_args(tiny_sd15, pickapic_dir, out)],
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        capture_output=True,
+        text=True,
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     assert "1 already finished" in p.stderr
     assert not [f for f in out.iterdir() if "tmp" in f.name]
@@ -153,7 +159,7 @@ def test_killed_job_restarts_to_the_same_result(encoded, tiny_sd15, pickapic_dir
 def test_missing_column_is_a_clear_error(tiny_sd15, tmp_path, capsys):
     import pyarrow.parquet as pq
 
-    from tools.make_pickapic import make_rows, write_parquet
+    from tools.toy.make_pickapic import make_rows, write_parquet
 
     src = tmp_path / "src"
     write_parquet(make_rows(4, seed=0), src, rows_per_file=10)
@@ -201,7 +207,7 @@ def test_sdxl_encodes_pooled_and_size_ids(tiny_sdxl, pickapic_dir, tmp_path):
 
 def test_real_pickapic_input_without_the_toy_column_encodes_with_the_tiny_config(tiny_sd15, tmp_path):
     """true_label_0 exists only in the toy worlds: the tiny config copies it where present, null elsewhere."""
-    from tools.make_pickapic import make_rows, write_parquet
+    from tools.toy.make_pickapic import make_rows, write_parquet
 
     src = tmp_path / "src"
     write_parquet(
@@ -234,7 +240,7 @@ def test_vae_sub_batches_do_not_change_a_bit(tiny_sd15, tmp_path, threads, resol
     from 16 images on), a lone image beside a copy (2 threads: one image takes a multi-threaded GEMM),
     contiguous attention output (2 threads, 256 px: the channels-last GroupNorm that follows splits its
     sums over the threads by batch)."""
-    from tools.make_pickapic import make_rows, write_parquet
+    from tools.toy.make_pickapic import make_rows, write_parquet
 
     src = tmp_path / "src"
     write_parquet(
@@ -246,8 +252,16 @@ def test_vae_sub_batches_do_not_change_a_bit(tiny_sd15, tmp_path, threads, resol
     try:
         for vb in (1, 3, 2 * pairs):
             outs.append(tmp_path / f"vb{vb}")
-            args = encode_args(tiny_sd15, src, outs[-1], f"output.shard_size={pairs}", f"run.batch_size={pairs}",
-                               f"run.vae_batch={vb}", f"data.resolution={resolution}", "output.latent_dtype=fp32")  # fmt: skip
+            args = encode_args(
+                tiny_sd15,
+                src,
+                outs[-1],
+                f"output.shard_size={pairs}",
+                f"run.batch_size={pairs}",
+                f"run.vae_batch={vb}",
+                f"data.resolution={resolution}",
+                "output.latent_dtype=fp32",
+            )
             assert cli_main(args) == 0
     finally:
         torch.set_num_threads(before)
@@ -270,9 +284,14 @@ def test_a_lone_image_gets_the_same_bits_as_in_a_batch(tiny_sd15, tmp_path):
     model = tmp_path / "wide"
     shutil.copytree(tiny_sd15, model)
     torch.manual_seed(0)
-    AutoencoderKL(block_out_channels=(32, 64, 128, 128), down_block_types=("DownEncoderBlock2D",) * 4,
-                  up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, norm_num_groups=32,
-                  sample_size=64).save_pretrained(model / "vae")  # fmt: skip
+    AutoencoderKL(
+        block_out_channels=(32, 64, 128, 128),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1,
+        norm_num_groups=32,
+        sample_size=64,
+    ).save_pretrained(model / "vae")
     enc = Encoder(inspect_model(model), torch.device("cpu"), torch.float32, torch.float32)
     pix = torch.rand(3, 3, 64, 64) * 2 - 1
     before = torch.get_num_threads()
@@ -287,7 +306,7 @@ def test_a_lone_image_gets_the_same_bits_as_in_a_batch(tiny_sd15, tmp_path):
 
 
 def test_sdxl_std_latents_do_not_depend_on_vae_batch(tiny_sdxl, tmp_path):
-    from tools.make_pickapic import make_rows, write_parquet
+    from tools.toy.make_pickapic import make_rows, write_parquet
 
     src = tmp_path / "src"
     write_parquet(
@@ -308,7 +327,7 @@ def test_fp16_vae_with_force_upcast_runs_in_fp32_with_one_warning(tiny_sdxl, tmp
 
     from pipeline.encoders import Encoder
     from pipeline.models import inspect_model
-    from tools.make_pickapic import make_rows, write_parquet
+    from tools.toy.make_pickapic import make_rows, write_parquet
 
     assert json.loads((tiny_sdxl / "vae" / "config.json").read_text())["force_upcast"] is True
     cpu = torch.device("cpu")
@@ -323,8 +342,10 @@ def test_fp16_vae_with_force_upcast_runs_in_fp32_with_one_warning(tiny_sdxl, tmp
     assert torch.equal(enc16.encode_images(pix)[0], enc32.encode_images(pix)[0])
 
     # a VAE fixed for fp16 (force_upcast false), or one whose config predates the key (SD1.5's), runs in fp16
-    for name, edit in (("fixed", lambda c: {**c, "force_upcast": False}),
-                       ("old", lambda c: {k: v for k, v in c.items() if k != "force_upcast"})):  # fmt: skip
+    for name, edit in (
+        ("fixed", lambda c: {**c, "force_upcast": False}),
+        ("old", lambda c: {k: v for k, v in c.items() if k != "force_upcast"}),
+    ):
         model = tmp_path / name
         shutil.copytree(tiny_sdxl, model)
         cfg_path = model / "vae" / "config.json"

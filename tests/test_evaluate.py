@@ -37,7 +37,7 @@ def perturbed_unet(tiny_sd15, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def scorers_dir(tmp_path_factory):
-    from tools.make_tiny_scorers import make_tiny_scorers
+    from tools.toy.make_tiny_scorers import make_tiny_scorers
 
     return make_tiny_scorers(tmp_path_factory.mktemp("scorers"))
 
@@ -49,7 +49,7 @@ def _direct_margins(model_dir, base_dir, shards, draws, seed, batch_size):
 
     from pipeline.data.shards import decode_sample, iter_tar_samples, load_manifest
     from pipeline.data.text_store import TextStore
-    from pipeline.step import step_seed
+    from pipeline.losses.diffusion import step_seed
 
     m = load_manifest(shards)
     texts = TextStore(shards, m)
@@ -80,8 +80,17 @@ def _direct_margins(model_dir, base_dir, shards, draws, seed, batch_size):
 
 def test_preference_accuracy_equals_a_direct_computation(tiny_sd15, shards16, perturbed_unet, tmp_path):
     out = tmp_path / "report"
-    rc = cli_main(["--config", "configs/eval/tiny.yaml", f"output={out}", f"models.unets.p={perturbed_unet}",
-                   f"preference.shards={shards16}", "preference.draws=3", "preference.batch_size=5"])  # fmt: skip
+    rc = cli_main(
+        [
+            "--config",
+            "configs/eval/tiny.yaml",
+            f"output={out}",
+            f"models.unets.p={perturbed_unet}",
+            f"preference.shards={shards16}",
+            "preference.draws=3",
+            "preference.batch_size=5",
+        ]
+    )
     assert rc == 0
     rep = json.loads((out / "report.json").read_text())["preference"]["models"]["p"]
     h = _direct_margins(perturbed_unet, tiny_sd15, shards16, draws=3, seed=1234, batch_size=5)
@@ -97,8 +106,14 @@ def test_preference_accuracy_equals_a_direct_computation(tiny_sd15, shards16, pe
 def test_generation_is_seeded_and_reproducible(tiny_sd15, perturbed_unet, tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red cat\na blue house\n\na green tree\n")
-    args = ["--config", "configs/eval/tiny.yaml", f"models.base={tiny_sd15}", f"models.unets.p={perturbed_unet}",
-            f"generation.prompts={prompts}", "generation.steps=2"]  # fmt: skip
+    args = [
+        "--config",
+        "configs/eval/tiny.yaml",
+        f"models.base={tiny_sd15}",
+        f"models.unets.p={perturbed_unet}",
+        f"generation.prompts={prompts}",
+        "generation.steps=2",
+    ]
     assert cli_main([*args, f"output={tmp_path / 'a'}"]) == 0
     assert cli_main([*args, f"output={tmp_path / 'b'}"]) == 0
     assert cli_main([*args, f"output={tmp_path / 'c'}", "generation.seed=7"]) == 0
@@ -148,8 +163,21 @@ def test_each_scorer_runs_on_a_tiny_stand_in(scorers_dir, tiny_sd15, perturbed_u
     prompts_file = tmp_path / "p.txt"
     prompts_file.write_text("a red cat\na blue house\n")
     out = tmp_path / "r"
-    assert cli_main(["--config", "configs/eval/tiny.yaml", f"output={out}", f"models.base={tiny_sd15}", f"models.unets.p={perturbed_unet}",
-                     f"generation.prompts={prompts_file}", "generation.steps=2", f"scorers.pickscore={scorers_dir / 'pickscore'}"]) == 0  # fmt: skip
+    assert (
+        cli_main(
+            [
+                "--config",
+                "configs/eval/tiny.yaml",
+                f"output={out}",
+                f"models.base={tiny_sd15}",
+                f"models.unets.p={perturbed_unet}",
+                f"generation.prompts={prompts_file}",
+                "generation.steps=2",
+                f"scorers.pickscore={scorers_dir / 'pickscore'}",
+            ]
+        )
+        == 0
+    )
     md = (out / "report.md").read_text()
     assert "pickscore" in md and "hpsv2: skipped (scorers.hpsv2 not given)" in md
     gen = json.loads((out / "report.json").read_text())["generation"]["models"]
@@ -168,10 +196,30 @@ def test_minority_report_ranks_flipped_pairs_and_annotators(tmp_path):
     run = tmp_path / "run"
     (run / "pairs" / "rank_00000").mkdir(parents=True)
     # an earlier epoch's records of the same pairs, with meaningless u: the report must use the latest
-    early = pa.table({"step": [1] * n, "key": keys, "user_id": users.tolist(), "flipped": flipped.tolist(),
-                      "true_agrees": [1.0] * n, "h": rng.normal(0, 1, n).tolist(), "u": rng.random(n).tolist(), "W": [1.0] * n})  # fmt: skip
-    late = pa.table({"step": [9] * n, "key": keys, "user_id": users.tolist(), "flipped": flipped.tolist(),
-                     "true_agrees": [1.0] * n, "h": h.tolist(), "u": u.tolist(), "W": (1 / (1 + u)).tolist()})  # fmt: skip
+    early = pa.table(
+        {
+            "step": [1] * n,
+            "key": keys,
+            "user_id": users.tolist(),
+            "flipped": flipped.tolist(),
+            "true_agrees": [1.0] * n,
+            "h": rng.normal(0, 1, n).tolist(),
+            "u": rng.random(n).tolist(),
+            "W": [1.0] * n,
+        }
+    )
+    late = pa.table(
+        {
+            "step": [9] * n,
+            "key": keys,
+            "user_id": users.tolist(),
+            "flipped": flipped.tolist(),
+            "true_agrees": [1.0] * n,
+            "h": h.tolist(),
+            "u": u.tolist(),
+            "W": (1 / (1 + u)).tolist(),
+        }
+    )
     pq.write_table(early, run / "pairs" / "rank_00000" / "upto_00000005.parquet")
     pq.write_table(late, run / "pairs" / "rank_00000" / "upto_00000010.parquet")
     (run / "config.yaml").write_text("data:\n  flip_rate: 0.25\n  flip_by: pair\n")
@@ -190,8 +238,12 @@ def test_minority_report_ranks_flipped_pairs_and_annotators(tmp_path):
     assert (tmp_path / "minority_synthetic.png").is_file()
     sft = tmp_path / "sft_run"
     (sft / "pairs" / "rank_00000").mkdir(parents=True)
-    pq.write_table(pa.table({"step": [1], "key": ["k"], "user_id": [1], "flipped": [True], "true_agrees": [1.0], "e_w": [0.1]}),
-                   sft / "pairs" / "rank_00000" / "upto_00000001.parquet")  # fmt: skip
+    pq.write_table(
+        pa.table(
+            {"step": [1], "key": ["k"], "user_id": [1], "flipped": [True], "true_agrees": [1.0], "e_w": [0.1]}
+        ),
+        sft / "pairs" / "rank_00000" / "upto_00000001.parquet",
+    )
     assert "no preference margin" in run_report(sft, tmp_path, "sft", 5, 0.8, 5, 1)["note"]
 
 
@@ -205,9 +257,19 @@ def test_report_names_the_annotators_a_run_without_rates_disagrees_with(tmp_path
     h = rng.normal(0.5, 0.5, n) - 1.5 * flipped
     run = tmp_path / "run"
     (run / "pairs" / "rank_00000").mkdir(parents=True)
-    pq.write_table(pa.table({"step": [3] * n, "key": [f"k{i}" for i in range(n)], "user_id": users.tolist(),
-                             "flipped": flipped.tolist(), "true_agrees": [1.0] * n, "h": h.tolist()}),
-                   run / "pairs" / "rank_00000" / "upto_00000003.parquet")  # fmt: skip
+    pq.write_table(
+        pa.table(
+            {
+                "step": [3] * n,
+                "key": [f"k{i}" for i in range(n)],
+                "user_id": users.tolist(),
+                "flipped": flipped.tolist(),
+                "true_agrees": [1.0] * n,
+                "h": h.tolist(),
+            }
+        ),
+        run / "pairs" / "rank_00000" / "upto_00000003.parquet",
+    )
     (run / "config.yaml").write_text("data:\n  flip_rate: 0.25\n  flip_by: user\n")
     out = tmp_path / "report"
     assert (
@@ -232,16 +294,33 @@ def test_minority_report_ranks_annotators_by_em_dpos_estimated_rates(tmp_path):
     flipped = users < 3
     run = tmp_path / "em"
     (run / "pairs" / "rank_00000").mkdir(parents=True)
-    pq.write_table(pa.table({"step": [1] * n, "key": [f"k{i}" for i in range(n)], "user_id": users.tolist(),
-                             "flipped": flipped.tolist(), "true_agrees": [1.0] * n, "h": rng.normal(0, 1, n).tolist(),
-                             "u": rng.random(n).tolist()}), run / "pairs" / "rank_00000" / "upto_00000001.parquet")  # fmt: skip
+    pq.write_table(
+        pa.table(
+            {
+                "step": [1] * n,
+                "key": [f"k{i}" for i in range(n)],
+                "user_id": users.tolist(),
+                "flipped": flipped.tolist(),
+                "true_agrees": [1.0] * n,
+                "h": rng.normal(0, 1, n).tolist(),
+                "u": rng.random(n).tolist(),
+            }
+        ),
+        run / "pairs" / "rank_00000" / "upto_00000001.parquet",
+    )
     (run / "config.yaml").write_text("data:\n  flip_rate: 0.3\n  flip_by: user\n")
     ck = run / "checkpoints" / "step_00000001"
     ck.mkdir(parents=True)
     (run / "checkpoints" / "latest").write_text("step_00000001\n")
     rates = [0.9, 0.8, 0.7] + [0.05 + 0.01 * i for i in range(7)]
-    save_file({"users": torch.arange(10), "user_rate": torch.tensor(rates, dtype=torch.float64),
-               "scalars": torch.tensor([0.27, 0.02, 400.0], dtype=torch.float64)}, str(ck / "objective.safetensors"))  # fmt: skip
+    save_file(
+        {
+            "users": torch.arange(10),
+            "user_rate": torch.tensor(rates, dtype=torch.float64),
+            "scalars": torch.tensor([0.27, 0.02, 400.0], dtype=torch.float64),
+        },
+        str(ck / "objective.safetensors"),
+    )
     r = run_report(run, tmp_path, "em", bins=5, high_q=0.8, min_pairs=5, last_epochs=1)
     assert "mean_W_flipped" not in r and r["estimated_flip_rate"] == pytest.approx(0.27)
     assert [a["user_id"] for a in r["annotators"][:3]] == [0, 1, 2]
@@ -262,14 +341,18 @@ def test_hpsv2_converter_round_trips_an_open_clip_state_dict(scorers_dir, tmp_pa
         "visual.conv1.weight": s["vision_model.embeddings.patch_embedding.weight"],
         "visual.class_embedding": s["vision_model.embeddings.class_embedding"],
         "visual.positional_embedding": s["vision_model.embeddings.position_embedding.weight"],
-        "visual.ln_pre.weight": s["vision_model.pre_layrnorm.weight"], "visual.ln_pre.bias": s["vision_model.pre_layrnorm.bias"],
-        "visual.ln_post.weight": s["vision_model.post_layernorm.weight"], "visual.ln_post.bias": s["vision_model.post_layernorm.bias"],
+        "visual.ln_pre.weight": s["vision_model.pre_layrnorm.weight"],
+        "visual.ln_pre.bias": s["vision_model.pre_layrnorm.bias"],
+        "visual.ln_post.weight": s["vision_model.post_layernorm.weight"],
+        "visual.ln_post.bias": s["vision_model.post_layernorm.bias"],
         "visual.proj": s["visual_projection.weight"].t(),
         "token_embedding.weight": s["text_model.embeddings.token_embedding.weight"],
         "positional_embedding": s["text_model.embeddings.position_embedding.weight"],
-        "ln_final.weight": s["text_model.final_layer_norm.weight"], "ln_final.bias": s["text_model.final_layer_norm.bias"],
-        "text_projection": s["text_projection.weight"].t(), "logit_scale": s["logit_scale"],
-    }  # fmt: skip
+        "ln_final.weight": s["text_model.final_layer_norm.weight"],
+        "ln_final.bias": s["text_model.final_layer_norm.bias"],
+        "text_projection": s["text_projection.weight"].t(),
+        "logit_scale": s["logit_scale"],
+    }
     for tower, src in (
         ("visual.transformer.resblocks.", "vision_model.encoder.layers."),
         ("transformer.resblocks.", "text_model.encoder.layers."),
@@ -317,10 +400,42 @@ def test_robustness_benchmark_smoke(tiny_sd15, tmp_path):
     out = tmp_path / "rb"
     out.mkdir()
     (out / "model").symlink_to(tiny_sd15)  # the session's tiny model, not a new one with a trained VAE
-    p = subprocess.run([sys.executable, "-m", "tools.robustness", "--preset", "minority", "--out", str(out), "--pairs", "48",
-                        "--heldout", "16", "--steps", "4", "--micro-batch", "4", "--seeds", "0", "--flips", "pair:0.3", "user:0.5",
-                        "--variants", "dpo", "adaptive_dpo", "dpo_lr_meanW", "sft", "--draws", "1"],
-                       cwd=ROOT, env=env(), capture_output=True, text=True, timeout=900)  # fmt: skip
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tools.robustness",
+            "--preset",
+            "minority",
+            "--out",
+            str(out),
+            "--pairs",
+            "48",
+            "--heldout",
+            "16",
+            "--steps",
+            "4",
+            "--micro-batch",
+            "4",
+            "--seeds",
+            "0",
+            "--flips",
+            "pair:0.3",
+            "user:0.5",
+            "--variants",
+            "dpo",
+            "adaptive_dpo",
+            "dpo_lr_meanW",
+            "sft",
+            "--draws",
+            "1",
+        ],
+        cwd=ROOT,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert p.returncode == 0, p.stderr[-4000:]
     res = json.loads((out / "results.json").read_text())["table"]
     assert set(res) == {
@@ -340,18 +455,52 @@ def test_noise_study_smoke(tiny_sd15, tmp_path):
     """tools.noise_study at smoke size: a held-out world must be held out; then one world, annotators
     flipped, DPO against EM-DPO: accuracy against the truth, minus-DPO paired by seed, EM-DPO's
     estimated rate from its checkpoint and the AUROC over annotators, the table and the plot."""
-    from tools import noise_study
+    from tools.studies import noise_study
 
     with pytest.raises(SystemExit, match="also in --worlds"):
         noise_study.main(["--out", str(tmp_path / "x"), "--worlds", "brightness", "--heldout", "brightness"])
     out = tmp_path / "ns"
     out.mkdir()
     (out / "model").symlink_to(tiny_sd15)  # the session's tiny model, not a new one
-    p = subprocess.run([sys.executable, "-m", "tools.noise_study", "--out", str(out), "--worlds", "brightness",
-                        "--heldout", "none", "--structures", "user:0.5", "--variants", "dpo", "em_dpo", "--seeds", "0",
-                        "--pairs", "64", "--heldout-pairs", "16", "--pairs-per-user", "4", "--steps", "4",
-                        "--micro-batch", "8", "--draws", "1", "--name", "_smoke"],
-                       cwd=ROOT, env=env(), capture_output=True, text=True, timeout=900)  # fmt: skip
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tools.noise_study",
+            "--out",
+            str(out),
+            "--worlds",
+            "brightness",
+            "--heldout",
+            "none",
+            "--structures",
+            "user:0.5",
+            "--variants",
+            "dpo",
+            "em_dpo",
+            "--seeds",
+            "0",
+            "--pairs",
+            "64",
+            "--heldout-pairs",
+            "16",
+            "--pairs-per-user",
+            "4",
+            "--steps",
+            "4",
+            "--micro-batch",
+            "8",
+            "--draws",
+            "1",
+            "--name",
+            "_smoke",
+        ],
+        cwd=ROOT,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert p.returncode == 0, p.stderr[-4000:]
     res = json.loads((out / "results_smoke.json").read_text())
     run = res["runs"]["brightness/em_dpo_user50_s0"]
@@ -406,8 +555,19 @@ def test_generation_has_no_safety_checker(sd15_with_checker, tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red cat\na blue house\n")
     out = tmp_path / "r"
-    assert cli_main(["--config", "configs/eval/tiny.yaml", f"output={out}", f"models.base={sd15_with_checker}",
-                     f"generation.prompts={prompts}", "generation.steps=2"]) == 0  # fmt: skip
+    assert (
+        cli_main(
+            [
+                "--config",
+                "configs/eval/tiny.yaml",
+                f"output={out}",
+                f"models.base={sd15_with_checker}",
+                f"generation.prompts={prompts}",
+                "generation.steps=2",
+            ]
+        )
+        == 0
+    )
     from PIL import Image
 
     pngs = sorted((out / "images" / "base").glob("*.png"))
@@ -426,7 +586,7 @@ def test_one_unet_on_the_device_per_model_and_images_unchanged(
 
     from diffusers import UNet2DConditionModel
 
-    import stages.evaluate as ev
+    import pipeline.evaluate.run as ev
 
     model = tiny_sd15 if family == "sd15" else tiny_sdxl
     unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
@@ -438,8 +598,13 @@ def test_one_unet_on_the_device_per_model_and_images_unchanged(
 
     def unets_on(device) -> list:
         gc.collect()
-        return [o for o in gc.get_objects() if isinstance(o, UNet2DConditionModel) and id(o) not in before
-                and next(o.parameters()).device == device]  # fmt: skip
+        return [
+            o
+            for o in gc.get_objects()
+            if isinstance(o, UNet2DConditionModel)
+            and id(o) not in before
+            and next(o.parameters()).device == device
+        ]
 
     seen = []
     real = ev.generate
@@ -456,9 +621,21 @@ def test_one_unet_on_the_device_per_model_and_images_unchanged(
     out = tmp_path / "r"
     gc.collect()
     before = {id(o) for o in gc.get_objects() if isinstance(o, UNet2DConditionModel)}
-    assert cli_main(["--config", "configs/eval/tiny.yaml", f"output={out}", f"models.base={model}",
-                     f"models.unets.p={tmp_path / 'p' / 'unet'}", f"generation.prompts={prompts}",
-                     "generation.steps=2", "generation.batch_size=2"]) == 0  # fmt: skip
+    assert (
+        cli_main(
+            [
+                "--config",
+                "configs/eval/tiny.yaml",
+                f"output={out}",
+                f"models.base={model}",
+                f"models.unets.p={tmp_path / 'p' / 'unet'}",
+                f"generation.prompts={prompts}",
+                "generation.steps=2",
+                "generation.batch_size=2",
+            ]
+        )
+        == 0
+    )
     assert seen == [(1, None, True), (1, None, True)]
     assert unets_on(torch.device("cpu")) == []  # and none is left once the stage returns
 

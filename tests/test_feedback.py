@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.d3po import preferences as prefs
+from pipeline.d3po import trajectories
+from pipeline.d3po.feedback_files import load_preferences
 from pipeline.d3po.rewards import (
     Reward,
     brightness,
@@ -71,8 +72,12 @@ def write_folder(d: Path, groups: list[list[bytes]], shard_size: int = 2) -> lis
                 key = key_of(index)
                 keys.append(key)
                 k = len(groups[index])
-                meta = {"prompt": f"prompt {index}", "prompt_index": index, "seed": index,
-                        "images": [f"{key}/{j}" for j in range(k)]}  # fmt: skip
+                meta = {
+                    "prompt": f"prompt {index}",
+                    "prompt_index": index,
+                    "seed": index,
+                    "images": [f"{key}/{j}" for j in range(k)],
+                }
                 members = [("json", json.dumps(meta).encode()), ("log_probs.npy", b"\x93NUMPY ignored")]
                 members += [(f"img{j}.jpg", data) for j, data in enumerate(groups[index])]
                 for suffix, data in members:
@@ -81,8 +86,14 @@ def write_folder(d: Path, groups: list[list[bytes]], shard_size: int = 2) -> lis
                     tar.addfile(info, io.BytesIO(data))
         name = f"shard-{len(shards):06d}.tar"
         (d / name).write_bytes(buf.getvalue())
-        shards.append({"name": name, "count": min(shard_size, len(groups) - s), "bytes": len(buf.getvalue()),
-                       "sha256": hashlib.sha256(buf.getvalue()).hexdigest()})  # fmt: skip
+        shards.append(
+            {
+                "name": name,
+                "count": min(shard_size, len(groups) - s),
+                "bytes": len(buf.getvalue()),
+                "sha256": hashlib.sha256(buf.getvalue()).hexdigest(),
+            }
+        )
     manifest = {"format": "d3po-trajectories", "version": 1, "shards": shards}
     (d / "manifest.json").write_text(json.dumps(manifest))
     return keys
@@ -101,7 +112,7 @@ def gray(tmp_path_factory) -> Path:
 
 def feedback(traj: Path, out: Path, *overrides: str) -> tuple[object, dict]:
     assert cli_main(["--config", CONFIG, f"trajectories={traj}", f"out={out}", *overrides]) == 0
-    return prefs.load_preferences(out)
+    return load_preferences(out)
 
 
 def rows_of(table) -> list[dict]:
@@ -146,7 +157,7 @@ def test_rerun_writes_the_same_bytes_and_a_half_written_folder_is_refused(gray, 
     assert sorted(first) == ["preferences.parquet", "summary.json"]  # no temporary left behind
     (out / "preferences.parquet").write_bytes(first["preferences.parquet"][:-10] + b"0123456789")
     with pytest.raises(UserError, match="interrupted"):
-        prefs.load_preferences(out)
+        load_preferences(out)
 
 
 def test_negate_reverses_every_decided_pair(gray, tmp_path):
@@ -182,11 +193,14 @@ def test_pareto_of_brightness_and_compressibility_in_the_stage(tmp_path):
     """Group 0: bright+flat vs dark+noisy (both rewards agree: image 0 wins). Group 1: bright+noisy vs
     dark+flat (they disagree: a tie). Group 2: the same flat image twice (equal: a tie)."""
     traj = tmp_path / "traj"
-    write_folder(traj, [
-        [jpeg(flat(200)), jpeg(noisy(60, 1))],
-        [jpeg(noisy(200, 2)), jpeg(flat(60))],
-        [jpeg(flat(128)), jpeg(flat(128))],
-    ])  # fmt: skip
+    write_folder(
+        traj,
+        [
+            [jpeg(flat(200)), jpeg(noisy(60, 1))],
+            [jpeg(noisy(200, 2)), jpeg(flat(60))],
+            [jpeg(flat(128)), jpeg(flat(128))],
+        ],
+    )
     table, summary = feedback(traj, tmp_path / "out", "rewards=[brightness,jpeg_compressibility]")
     rows = rows_of(table)
     assert [r["winner"] for r in rows] == [0, -1, -1]
@@ -285,8 +299,14 @@ def write_human(path: Path, labels: list[tuple[str, str, str, int]]) -> Path:
     with open(path, "w") as f:
         for who, key, choice, k in labels:
             for j, score in image_scores(k, choice):
-                line = {"prompt_key": key, "image_key": f"{key}/{j}", "user_id": users[who], "annotator": who,
-                        "score": score, "created_at": "2025-01-01T00:00:00+00:00"}  # fmt: skip
+                line = {
+                    "prompt_key": key,
+                    "image_key": f"{key}/{j}",
+                    "user_id": users[who],
+                    "annotator": who,
+                    "score": score,
+                    "created_at": "2025-01-01T00:00:00+00:00",
+                }
                 f.write(json.dumps(line) + "\n")
     return path
 
@@ -296,18 +316,29 @@ def test_human_labels_import_with_the_right_winners_and_ties(gray, tmp_path):
     Group 0 (K=2): ann ties (0.5, 0.5), bob skips (nothing written) -> a tie. Group 2: ann picks 1, bob
     picks 0 -> [0.5, 0.5, 0]: (0, 1) ties, 2 loses to both. Group 3: nobody -> skipped as unlabelled."""
     k0, k1, k2, _ = (key_of(g) for g in range(4))
-    human = write_human(tmp_path / "image_preferences.jsonl", [
-        ("ann", k1, "2", 3), ("bob", k1, "2", 3), ("cat", k1, "0", 3),
-        ("ann", k0, "tie", 2), ("bob", k0, "skip", 2),
-        ("ann", k2, "1", 3), ("bob", k2, "0", 3),
-    ])  # fmt: skip
+    human = write_human(
+        tmp_path / "image_preferences.jsonl",
+        [
+            ("ann", k1, "2", 3),
+            ("bob", k1, "2", 3),
+            ("cat", k1, "0", 3),
+            ("ann", k0, "tie", 2),
+            ("bob", k0, "skip", 2),
+            ("ann", k2, "1", 3),
+            ("bob", k2, "0", 3),
+        ],
+    )
     table, summary = feedback(gray, tmp_path / "out", "source=human", f"human={human}")
     got = {(r["key"], r["i"], r["j"]): r for r in rows_of(table)}
     assert {p: r["winner"] for p, r in got.items()} == {
         (k0, 0, 1): -1,
-        (k1, 0, 1): 0, (k1, 0, 2): 2, (k1, 1, 2): 2,
-        (k2, 0, 1): -1, (k2, 0, 2): 0, (k2, 1, 2): 1,
-    }  # fmt: skip
+        (k1, 0, 1): 0,
+        (k1, 0, 2): 2,
+        (k1, 1, 2): 2,
+        (k2, 0, 1): -1,
+        (k2, 0, 2): 0,
+        (k2, 1, 2): 1,
+    }
     assert got[(k1, 0, 2)]["values_i"] == [pytest.approx(1 / 3)] and got[(k1, 0, 2)]["votes_j"] == 3
     assert got[(k0, 0, 1)]["votes_i"] == 1 and all(r["source"] == "human" for r in got.values())
     assert summary["skipped"] == {"unlabelled": 1} and summary["groups"] == 3
@@ -399,8 +430,19 @@ def test_a_damaged_folder_is_one_line_exit_2(gray, tmp_path, capsys):
     write_folder(broken, [[jpeg(flat(1)), jpeg(flat(2))]])
     (broken / "shard-000000.tar").write_bytes(b"x" * 10)
     assert "sha256 differs" in run(broken)
-    assert cli_main(["--config", CONFIG, f"trajectories={broken}", f"out={tmp_path / 'o'}",
-                     "rewards=[brightness]", "verify=false"]) == 2  # fmt: skip
+    assert (
+        cli_main(
+            [
+                "--config",
+                CONFIG,
+                f"trajectories={broken}",
+                f"out={tmp_path / 'o'}",
+                "rewards=[brightness]",
+                "verify=false",
+            ]
+        )
+        == 2
+    )
     assert "not a readable tar" in capsys.readouterr().err
 
 
@@ -432,14 +474,17 @@ def test_config_errors_exit_2_naming_the_key(tmp_path, capsys, overrides, messag
 def test_the_reader_agrees_with_the_sample_stage_format(tmp_path):
     """A group encoded by ``pipeline.d3po.trajectories`` (the sample stage's writer) reads back with its
     image keys, prompt and JPEGs; the arrays are not needed."""
-    tj = pytest.importorskip("pipeline.d3po.trajectories")
     k, n = 3, 2
-    key = tj.group_key(5, "a cat")
-    arrays = {"latents": np.zeros((k, n + 1, 4, 2, 2), np.float16), "log_probs": np.zeros((k, n), np.float32),
-              "timesteps": np.arange(n, dtype=np.int64), "txt": np.zeros((77, 8), np.float16)}  # fmt: skip
+    key = trajectories.group_key(5, "a cat")
+    arrays = {
+        "latents": np.zeros((k, n + 1, 4, 2, 2), np.float16),
+        "log_probs": np.zeros((k, n), np.float32),
+        "timesteps": np.arange(n, dtype=np.int64),
+        "txt": np.zeros((77, 8), np.float16),
+    }
     jpegs = [jpeg(flat(v)) for v in (10, 200, 100)]
     meta = {"prompt": "a cat", "prompt_index": 5, "seed": 1, "images": [f"{key}/{j}" for j in range(k)]}
-    sample = tj.encode_group(key, arrays, jpegs, meta)
+    sample = trajectories.encode_group(key, arrays, jpegs, meta)
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
         for suffix, data in sample.items():
@@ -449,9 +494,9 @@ def test_the_reader_agrees_with_the_sample_stage_format(tmp_path):
                 tar.addfile(info, io.BytesIO(data))
     (tmp_path / "shard-000000.tar").write_bytes(buf.getvalue())
     shard = {"name": "shard-000000.tar", "count": 1, "sha256": hashlib.sha256(buf.getvalue()).hexdigest()}
-    manifest = {"format": tj.FORMAT, "version": tj.VERSION, "shards": [shard]}
+    manifest = {"format": trajectories.FORMAT, "version": trajectories.VERSION, "shards": [shard]}
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
-    (g,) = list(prefs.iter_groups(tmp_path, prefs.read_manifest(tmp_path)))
+    (g,) = list(trajectories.iter_groups(tmp_path, trajectories.read_manifest(tmp_path)))
     assert (g.key, g.prompt, g.prompt_index, g.image_keys, g.jpegs) == (
         key,
         "a cat",
@@ -470,14 +515,15 @@ def test_aesthetic_reward_is_the_evaluation_scorer(tmp_path):
     import torch
 
     from pipeline.evaluate.scorers import AestheticScorer
-    from tools.make_tiny_scorers import make_tiny_scorers
+    from tools.toy.make_tiny_scorers import make_tiny_scorers
 
     folder = make_tiny_scorers(tmp_path / "scorers") / "aesthetic"
     traj = tmp_path / "traj"
     groups = [[jpeg(flat(30)), jpeg(noisy(120, 1)), jpeg(flat(220))], [jpeg(noisy(60, 2)), jpeg(flat(90))]]
     write_folder(traj, groups)
-    table, summary = feedback(traj, tmp_path / "out", "rewards=[aesthetic]", f"scorers.aesthetic={folder}",
-                              "scorers.batch_size=4")  # fmt: skip  # both groups in one call
+    table, summary = feedback(
+        traj, tmp_path / "out", "rewards=[aesthetic]", f"scorers.aesthetic={folder}", "scorers.batch_size=4"
+    )  # both groups in one call
     scorer = AestheticScorer(str(folder), torch.device("cpu"), torch.float32)
     rows = rows_of(table)
     for r in rows:

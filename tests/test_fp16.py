@@ -32,8 +32,11 @@ FP16 = ("train.precision=fp16", "train.fp16_on_cpu=true")
 # scaler within 8 steps, on any host.
 POWER, WINDOW = 5, 2
 OVERFLOW_AT = (1, 2, 3, 7)
-SCALING = (f"train.loss_scale.initial_power={POWER}", f"train.loss_scale.window={WINDOW}",
-           "train.loss_scale.hysteresis=1")  # fmt: skip
+SCALING = (
+    f"train.loss_scale.initial_power={POWER}",
+    f"train.loss_scale.window={WINDOW}",
+    "train.loss_scale.hysteresis=1",
+)
 STEPS, RESUME_AT = 8, 3
 UNTIMED = ("step_time_s", "pairs_per_s", "peak_mem_gb")  # the only metrics a restart may change
 
@@ -62,12 +65,24 @@ def test_fp16_on_the_cpu_needs_the_switch():
 
 def test_loss_scaling_keys_reach_the_deepspeed_config():
     ds = build_ds_config(_cfg("train.precision=fp16"), world_size=1, on_cuda=True)
-    assert ds["fp16"] == {"enabled": True, "loss_scale": 0, "initial_scale_power": 16,
-                          "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1.0}  # fmt: skip
+    assert ds["fp16"] == {
+        "enabled": True,
+        "loss_scale": 0,
+        "initial_scale_power": 16,
+        "loss_scale_window": 1000,
+        "hysteresis": 2,
+        "min_loss_scale": 1.0,
+    }
     cfg = _cfg("train.precision=fp16", *SCALING, "train.loss_scale.min_scale=0.25")
     ds = build_ds_config(cfg, world_size=2, on_cuda=False)
-    assert ds["fp16"] == {"enabled": True, "loss_scale": 0, "initial_scale_power": POWER,
-                          "loss_scale_window": WINDOW, "hysteresis": 1, "min_loss_scale": 0.25}  # fmt: skip
+    assert ds["fp16"] == {
+        "enabled": True,
+        "loss_scale": 0,
+        "initial_scale_power": POWER,
+        "loss_scale_window": WINDOW,
+        "hysteresis": 1,
+        "min_loss_scale": 0.25,
+    }
     assert not build_ds_config(_cfg(*SCALING), world_size=1, on_cuda=False)["fp16"]["enabled"]
     with pytest.raises(ConfigError) as e:
         _cfg("train.loss_scale.window=0", "train.loss_scale.hysteresis=0", "train.loss_scale.min_scale=0")
@@ -129,10 +144,20 @@ def fp16_runs(request, shards16, tmp_path_factory):
     process that knows only the checkpoint, as after a kill; SIGKILL itself is covered by test_train."""
     nproc = request.param
     tmp = tmp_path_factory.mktemp(f"fp16_{nproc}proc")
-    common = [*FP16, *SCALING, "objective.name=adaptive_dpo", "ema.decays=[0.5]", f"train.max_steps={STEPS}",
-              "checkpoint.every=1", f"checkpoint.keep={STEPS}", "output.tensorboard=false"]  # fmt: skip
-    inject = {"module": "tests.helpers.train_overflow",
-              "extra_env": {"OVERFLOW_AT_STEPS": ",".join(map(str, OVERFLOW_AT))}}  # fmt: skip
+    common = [
+        *FP16,
+        *SCALING,
+        "objective.name=adaptive_dpo",
+        "ema.decays=[0.5]",
+        f"train.max_steps={STEPS}",
+        "checkpoint.every=1",
+        f"checkpoint.keep={STEPS}",
+        "output.tensorboard=false",
+    ]
+    inject = {
+        "module": "tests.helpers.train_overflow",
+        "extra_env": {"OVERFLOW_AT_STEPS": ",".join(map(str, OVERFLOW_AT))},
+    }
     ref = tmp / "uninterrupted"
     check(train(shards16, ref, *common, nproc=nproc, **inject))
     run = _copy_checkpoint(ref, tmp / "restarted", RESUME_AT)

@@ -1,4 +1,4 @@
-"""`make gpu-check` (tools/gpu_check.py) in its CPU mode, as CI runs it: every line passes or is skipped
+"""`make gpu-check` (tools/benchmarks/gpu_check.py) in its CPU mode, as CI runs it: every line passes or is skipped
 with a reason, and the JSON + markdown that go into BENCHMARKS.md are written. On a GPU the same script
 runs the same lines with NCCL, fp16/bf16 and xformers."""
 
@@ -17,13 +17,38 @@ from tests.helpers.run import ROOT, env
 @pytest.mark.slow
 def test_the_gpu_check_runs_in_cpu_mode(tmp_path):
     out = tmp_path / "gc"
-    p = subprocess.run([sys.executable, "-m", "tools.gpu_check", "--cpu", "--out", str(out), "--skip", "full_sdxl"],
-                       cwd=ROOT, env=env(), capture_output=True, text=True, timeout=900)  # fmt: skip
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tools.benchmarks.gpu_check",
+            "--cpu",
+            "--out",
+            str(out),
+            "--skip",
+            "full_sdxl",
+        ],
+        cwd=ROOT,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     res = json.loads((out / "gpu_check.json").read_text())
     rows = {r["name"]: r for r in res["results"]}
-    assert set(rows) == {"environment", "attention", "optimizer", "encode_sd15", "encode_sdxl", "adaptive_resume",
-                         "lora", "d3po", "multi_gpu", "full_sd15"}  # fmt: skip
+    assert set(rows) == {
+        "environment",
+        "attention",
+        "optimizer",
+        "encode_sd15",
+        "encode_sdxl",
+        "adaptive_resume",
+        "lora",
+        "d3po",
+        "multi_gpu",
+        "full_sd15",
+    }
     assert all(r["status"] == "pass" for r in rows.values()), {n: r["detail"] for n, r in rows.items()}
     f = {n: r["figures"] for n, r in rows.items()}
     assert f["environment"]["mode"] == "cpu" and f["environment"]["precision"] == "fp32"
@@ -37,12 +62,13 @@ def test_the_gpu_check_runs_in_cpu_mode(tmp_path):
 
 
 def test_a_failing_line_fails_the_run_and_says_why(tmp_path, monkeypatch):
-    from tools import gpu_check
+    from tools.benchmarks import gpu_check
 
     def broken(ctx):
         raise RuntimeError("xformers: no kernel for head dim 160")
 
     monkeypatch.setitem(gpu_check.CHECKS, "optimizer", broken)
+    monkeypatch.setattr(gpu_check.platform, "processor", lambda: "")  # it runs `uname -p`: no subprocess here
     assert gpu_check.main(["--cpu", "--out", str(tmp_path), "--only", "optimizer", "environment"]) == 1
     rows = {r["name"]: r for r in json.loads((tmp_path / "gpu_check.json").read_text())["results"]}
     assert rows["optimizer"]["status"] == "fail" and "head dim 160" in rows["optimizer"]["detail"]

@@ -21,7 +21,7 @@ from pipeline.label.people import add_person, authenticate, revoke
 from pipeline.label.sources import ImageReader, load_source
 from pipeline.label.storage import Database, load_items
 from tools import label_servers
-from tools.make_pickapic import make_rows, write_parquet
+from tools.toy.make_pickapic import make_rows, write_parquet
 
 
 # -- fixtures -----------------------------------------------------------------------------------
@@ -48,7 +48,7 @@ def postgres():
     pg.stop()
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.slow)])  # a server: slow tier
 def db_url(request, tmp_path):
     if request.param == "sqlite":
         return str(tmp_path / "labels.db")
@@ -98,8 +98,15 @@ def _samples(folder: Path, prompts: int = 3, k: int = 3, lines: list | None = No
         for j in range(k):
             key = f"p{p}k{j}"
             Image.new("RGB", (32, 32), (40 * p, 80 * j, 10)).save(folder / "images" / f"{key}.jpg")
-            recs.append({"image_key": key, "prompt_key": f"prompt{p}", "caption": f"caption {p}", "k": j,
-                         "file": f"images/{key}.jpg"})  # fmt: skip
+            recs.append(
+                {
+                    "image_key": key,
+                    "prompt_key": f"prompt{p}",
+                    "caption": f"caption {p}",
+                    "k": j,
+                    "file": f"images/{key}.jpg",
+                }
+            )
     Image.new("RGB", (32, 32)).save(folder / "images" / "lonely.jpg")
     recs.append(
         {"image_key": "lonely", "prompt_key": "alone", "caption": "x", "k": 0, "file": "images/lonely.jpg"}
@@ -126,17 +133,25 @@ def test_sampling_folder_gives_best_of_k_items_or_every_pair(tmp_path):
 @pytest.mark.parametrize(
     "line, message",
     [
-        ('{"image_key": "e", "prompt_key": "q", "caption": "c", "k": 0, "file": "../../etc/passwd"}',
-         "outside the sampling folder"),
-        ('{"image_key": "e", "prompt_key": "q", "caption": "c", "k": 0, "file": "/etc/passwd"}',
-         "outside the sampling folder"),
-        ('{"image_key": "e", "prompt_key": "q", "caption": "c", "k": "0", "file": "images/p0k0.jpg"}',
-         "field 'k' must be a int"),
-        ('{"image_key": "p0k1", "prompt_key": "q", "caption": "c", "k": 0, "file": "images/p0k0.jpg"}',
-         "image_key 'p0k1' appears twice"),
+        (
+            '{"image_key": "e", "prompt_key": "q", "caption": "c", "k": 0, "file": "../../etc/passwd"}',
+            "outside the sampling folder",
+        ),
+        (
+            '{"image_key": "e", "prompt_key": "q", "caption": "c", "k": 0, "file": "/etc/passwd"}',
+            "outside the sampling folder",
+        ),
+        (
+            '{"image_key": "e", "prompt_key": "q", "caption": "c", "k": "0", "file": "images/p0k0.jpg"}',
+            "field 'k' must be a int",
+        ),
+        (
+            '{"image_key": "p0k1", "prompt_key": "q", "caption": "c", "k": 0, "file": "images/p0k0.jpg"}',
+            "image_key 'p0k1' appears twice",
+        ),
         ("{not json", "not valid JSON"),
     ],
-)  # fmt: skip
+)
 def test_a_bad_sampling_index_line_is_named(tmp_path, line, message):
     folder = _samples(tmp_path / "run", lines=[line])
     with pytest.raises(UserError, match=rf"images.jsonl:11: .*{message}"):
@@ -246,22 +261,52 @@ def test_the_api_refuses_what_it_must(client):
         (c.post("/api/label", json=lab), 401, "sign in"),  # no token
         (c.post("/api/label", json=lab, headers=H("x" * 43)), 401, "sign in"),  # unknown token
         (c.post("/api/label", json=lab, headers=H(t["bob"])), 403, "not given to you"),  # alice's item
-        (c.post("/api/label", json={**lab, "annotator": "bob"}, headers=H(t["alice"])), 422, "annotator: Extra"),
+        (
+            c.post("/api/label", json={**lab, "annotator": "bob"}, headers=H(t["alice"])),
+            422,
+            "annotator: Extra",
+        ),
         (c.post("/api/label", json={**lab, "user_id": 2}, headers=H(t["alice"])), 422, "user_id: Extra"),
         (c.post("/api/label", json=lab, headers=H(t["boss"])), 403, "admin token"),
         (c.get("/api/admin/summary", headers=H(t["alice"])), 403, "admin token"),
         (c.get("/api/admin/summary"), 401, "sign in"),
-        (c.post("/api/label", content=b'{"item": "' + b"a" * 5000 + b'"}', headers={**H(t["alice"]),
-         "content-type": "application/json"}), 413, "over 4096 bytes"),
-        (c.post("/api/label", content=b"{not json", headers={**H(t["alice"]), "content-type": "application/json"}),
-         422, "not valid JSON"),
+        (
+            c.post(
+                "/api/label",
+                content=b'{"item": "' + b"a" * 5000 + b'"}',
+                headers={**H(t["alice"]), "content-type": "application/json"},
+            ),
+            413,
+            "over 4096 bytes",
+        ),
+        (
+            c.post(
+                "/api/label",
+                content=b"{not json",
+                headers={**H(t["alice"]), "content-type": "application/json"},
+            ),
+            422,
+            "not valid JSON",
+        ),
         (c.post("/api/label", json=[1, 2], headers=H(t["alice"])), 422, ""),
-        (c.post("/api/label", json={**lab, "duration_ms": "soon"}, headers=H(t["alice"])), 422, "duration_ms"),
+        (
+            c.post("/api/label", json={**lab, "duration_ms": "soon"}, headers=H(t["alice"])),
+            422,
+            "duration_ms",
+        ),
         (c.post("/api/label", json={**lab, "duration_ms": -5}, headers=H(t["alice"])), 422, "duration_ms"),
         (c.post("/api/label", json={**lab, "item": "../../etc"}, headers=H(t["alice"])), 422, "item"),
-        (c.post("/api/label", json={**lab, "submission_id": "x"}, headers=H(t["alice"])), 422, "submission_id"),
+        (
+            c.post("/api/label", json={**lab, "submission_id": "x"}, headers=H(t["alice"])),
+            422,
+            "submission_id",
+        ),
         (c.post("/api/label", json={**lab, "choice": "7"}, headers=H(t["alice"])), 422, "choice"),
-        (c.post("/api/next", json={"n": 1000}, headers=H(t["alice"])), 422, "n: Input should be less than or equal to 16"),
+        (
+            c.post("/api/next", json={"n": 1000}, headers=H(t["alice"])),
+            422,
+            "n: Input should be less than or equal to 16",
+        ),
         (c.post("/api/signin", json={"token": "nope"}), 401, "unknown or revoked"),
         (c.get("/static/..%2Fapp.py"), 404, ""),
         (c.get("/static/app.py"), 404, "no such file"),
@@ -271,7 +316,7 @@ def test_the_api_refuses_what_it_must(client):
         (c.get(f"/api/image/{item['key']}/7", headers=H(t["alice"])), 404, "no such image"),
         (c.get(f"/api/image/{item['key']}/0", headers=H(t["bob"])), 404, "no such image"),  # not bob's item
         (c.get(f"/api/image/{item['key']}/0"), 401, "sign in"),
-    ]  # fmt: skip
+    ]
     for i, (r, status, text) in enumerate(cases):
         assert r.status_code == status, (i, r.status_code, r.text)
         assert text in r.json()["detail"], (i, r.text)
@@ -295,10 +340,16 @@ def test_the_api_labels_and_serves_images_by_key(client, toy):
     index = item["images"][0]["index"]
     assert img.status_code == 200 and img.headers["content-type"] == "image/jpeg"
     assert img.content == rows[src.images[0]][f"jpg_{index}"]
-    ok = c.post("/api/label", json={"item": item["key"], "choice": str(index), "submission_id": "retry-me-1",
-                                    "duration_ms": 1234}, headers=H(t["alice"]))  # fmt: skip
-    again = c.post("/api/label", json={"item": item["key"], "choice": str(index), "submission_id": "retry-me-1",
-                                       "duration_ms": 1234}, headers=H(t["alice"]))  # fmt: skip
+    ok = c.post(
+        "/api/label",
+        json={"item": item["key"], "choice": str(index), "submission_id": "retry-me-1", "duration_ms": 1234},
+        headers=H(t["alice"]),
+    )
+    again = c.post(
+        "/api/label",
+        json={"item": item["key"], "choice": str(index), "submission_id": "retry-me-1", "duration_ms": 1234},
+        headers=H(t["alice"]),
+    )
     assert ok.json() == {"ok": True, "label_id": 1, "duplicate": False}
     assert again.json() == {"ok": True, "label_id": 1, "duplicate": True}
     me = c.get("/api/me", headers=H(t["alice"])).json()
@@ -412,10 +463,16 @@ def test_disagreement_and_alpha_against_hand_computed_values():
     n_t = 1, n = 8. alpha = 1 - (n - 1) * (sum_{c != k} o_ck) / (sum_{c != k} n_c n_k)
     = 1 - 7 * 6 / (2 * (4*3 + 4*1 + 3*1)) = 1 - 42 / 38 = -2/19."""
     labels = [
-        {"item_id": 1, "choice": "0"}, {"item_id": 1, "choice": "0"}, {"item_id": 1, "choice": "1"},
-        {"item_id": 2, "choice": "1"}, {"item_id": 2, "choice": "1"}, {"item_id": 2, "choice": "0"},
-        {"item_id": 3, "choice": "0"}, {"item_id": 3, "choice": "tie"}, {"item_id": 3, "choice": "skip"},
-    ]  # fmt: skip
+        {"item_id": 1, "choice": "0"},
+        {"item_id": 1, "choice": "0"},
+        {"item_id": 1, "choice": "1"},
+        {"item_id": 2, "choice": "1"},
+        {"item_id": 2, "choice": "1"},
+        {"item_id": 2, "choice": "0"},
+        {"item_id": 3, "choice": "0"},
+        {"item_id": 3, "choice": "tie"},
+        {"item_id": 3, "choice": "skip"},
+    ]
     assert audit.disagreement(labels) == [0.5, 0.5, 1.0, 0.5, 0.5, 1.0, 1.0, 1.0, None]
     assert audit.alpha(labels) == pytest.approx(-2 / 19)
     assert audit.alpha(labels[:2]) is None  # one category: undefined
@@ -423,8 +480,9 @@ def test_disagreement_and_alpha_against_hand_computed_values():
 
 def test_the_admin_summary_ranks_the_contrarian_first(toy, tmp_path):
     path, rows = toy
-    db, src, ids = campaign(str(tmp_path / "l.db"), path, "ann", "bea", "cid", checks=2, column="true_label_0",
-                            max_items=8)  # fmt: skip
+    db, src, ids = campaign(
+        str(tmp_path / "l.db"), path, "ann", "bea", "cid", checks=2, column="true_label_0", max_items=8
+    )
     pol = Policy(per_item=3, check_every=4)
     truth = {it.key: 0 if it.meta["true_label_0"] == 1.0 else 1 for it in src.items}
     for who in ("ann", "bea", "cid"):

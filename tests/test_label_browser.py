@@ -23,11 +23,19 @@ from pipeline.label.people import add_person
 from pipeline.label.sources import load_source
 from pipeline.label.storage import Database, load_items
 from tools.label_servers import free_port
-from tools.make_pickapic import make_rows, write_parquet
+from tools.toy.make_pickapic import make_rows, write_parquet
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 CAPTION = "<script>window.__pwned = 1</script><b>a bold</b> red & blue castle"
 
 
@@ -41,7 +49,11 @@ def _why_no_browser() -> str | None:
     return None
 
 
-pytestmark = pytest.mark.skipif(_why_no_browser() is not None, reason=str(_why_no_browser()))
+# a browser and a server process: the slow tier
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(_why_no_browser() is not None, reason=str(_why_no_browser())),
+]
 
 
 class _Server:

@@ -22,8 +22,11 @@ def test_kill_9_in_a_burst_loses_no_acknowledged_label(tmp_path):
     overrides = [f"source={src}", f"db={db_url}", "assignment.per_item=3", "items.shuffle=false"]
     srv = label_servers.LabelServer(overrides, log=tmp_path / "server.log").start()
     res = LoadResult()
-    burst = threading.Thread(target=run_load, args=(srv.url, tokens, 10**6),
-                             kwargs={"max_seconds": 600, "result": res, "images": False, "retry_share": 0.1})  # fmt: skip
+    burst = threading.Thread(
+        target=run_load,
+        args=(srv.url, tokens, 10**6),
+        kwargs={"max_seconds": 600, "result": res, "images": False, "retry_share": 0.1},
+    )
     burst.start()
     deadline = time.time() + 600
     while len(res.acked) < 150:
@@ -63,8 +66,26 @@ def test_several_app_processes_on_postgres_keep_every_rule(tmp_path):
     if label_servers.available():
         pytest.skip(label_servers.available())
     out = tmp_path / "load.json"
-    rc = label_load.main(["--out", str(out), "--annotators", "12", "--labels", "240", "--per-item", "3",
-                          "--db", "postgres", "--workers", "2", "--retry-share", "0.1", "--max-seconds", "400"])  # fmt: skip
+    rc = label_load.main(
+        [
+            "--out",
+            str(out),
+            "--annotators",
+            "12",
+            "--labels",
+            "240",
+            "--per-item",
+            "3",
+            "--db",
+            "postgres",
+            "--workers",
+            "2",
+            "--retry-share",
+            "0.1",
+            "--max-seconds",
+            "400",
+        ]
+    )
     res = json.loads(out.read_text())
     assert rc == 0, res
     c = res["checks"]

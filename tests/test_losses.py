@@ -14,8 +14,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from pipeline.losses import adaptive as A
-from pipeline.losses import baselines as BL
+from pipeline.losses import adaptive, baselines
 from pipeline.losses.diffusion import PairErrors, pair_errors, pair_noise, training_target
 from pipeline.losses.dpo import dpo_loss, implicit_accuracy, preference_h
 from pipeline.losses.objectives import OBJECTIVES, ModelErrors, build_objective
@@ -125,15 +124,15 @@ def test_baselines_golden():
     IPO: (h - 1/(2 beta))^2 = (0.1 - 0.05)^2 = 0.0025; (-0.25)^2 = 0.0625; 0
     hinge: max(0, 1 - logit) = 0, 3, 0.5"""
     h = T(0.1, -0.2, 0.05)
-    assert_close(BL.robust_dpo_loss(h, 10.0, 0.1)[0], torch.tensor(0.1882616875182229))
-    assert_close(BL.conservative_dpo_loss(h, 10.0, 0.1)[0], torch.tensor(0.4132616875182229))
-    assert_close(BL.ipo_loss(h, 10.0), T(0.0025, 0.0625, 0.0))
-    assert_close(BL.hinge_loss(h, 10.0), T(0.0, 3.0, 0.5))
+    assert_close(baselines.robust_dpo_loss(h, 10.0, 0.1)[0], torch.tensor(0.1882616875182229))
+    assert_close(baselines.conservative_dpo_loss(h, 10.0, 0.1)[0], torch.tensor(0.4132616875182229))
+    assert_close(baselines.ipo_loss(h, 10.0), T(0.0025, 0.0625, 0.0))
+    assert_close(baselines.hinge_loss(h, 10.0), T(0.0, 3.0, 0.5))
     # eps = 0 turns both back into DPO
-    assert_close(BL.robust_dpo_loss(h, 10.0, 0.0), dpo_loss(h, 10.0))
-    assert_close(BL.conservative_dpo_loss(h, 10.0, 0.0), dpo_loss(h, 10.0))
+    assert_close(baselines.robust_dpo_loss(h, 10.0, 0.0), dpo_loss(h, 10.0))
+    assert_close(baselines.conservative_dpo_loss(h, 10.0, 0.0), dpo_loss(h, 10.0))
     with pytest.raises(ValueError, match="eps"):
-        BL.robust_dpo_loss(h, 10.0, 0.5)
+        baselines.robust_dpo_loss(h, 10.0, 0.5)
 
 
 def test_sft_needs_no_reference_and_no_losers():
@@ -170,18 +169,18 @@ def _acfg(**kw):
 
 def test_minority_score_golden():
     hm = T(0.1, 0.0, 0.3, 0.1).reshape(2, 2)  # rows: models, columns: pairs
-    ms = A.minority_score(hm, rho=10.0, spread="variance")
+    ms = adaptive.minority_score(hm, rho=10.0, spread="variance")
     assert_close(ms.c, T(*C))
     assert_close(ms.s, T(2.0, 0.5))
     assert_close(ms.u, T(*U))
     # std capped at 1: pair 1 std sqrt 2 -> 1, pair 2 std sqrt 0.5 = 0.707107
-    ms = A.minority_score(hm, rho=10.0, spread="std_clamped")
+    ms = adaptive.minority_score(hm, rho=10.0, spread="std_clamped")
     assert_close(ms.u, T(C[0] * 1.0, C[1] * math.sqrt(0.5)))
     # normalize: divide by the batch mean of s = (2 + 0.5)/2 = 1.25
-    ms = A.minority_score(hm, rho=10.0, spread="variance", normalize=True)
+    ms = adaptive.minority_score(hm, rho=10.0, spread="variance", normalize=True)
     assert_close(ms.u, T(U[0] / 1.25, U[1] / 1.25))
     with pytest.raises(ValueError, match="M >= 2"):
-        A.minority_score(T(0.1, 0.2).reshape(1, 2), rho=10.0)
+        adaptive.minority_score(T(0.1, 0.2).reshape(1, 2), rho=10.0)
 
 
 @pytest.mark.parametrize(
@@ -194,7 +193,7 @@ def test_minority_score_golden():
     ],
 )
 def test_weight_variants_golden(kind, expected):
-    assert_close(A.weight(T(*U), kind, 10.0), T(*expected))
+    assert_close(adaptive.weight(T(*U), kind, 10.0), T(*expected))
 
 
 @pytest.mark.parametrize(
@@ -206,7 +205,7 @@ def test_weight_variants_golden(kind, expected):
     ],
 )
 def test_margin_variants_golden(kind, expected):
-    assert_close(A.margin(T(*U), kind, -0.5, 0.2), T(*expected))
+    assert_close(adaptive.margin(T(*U), kind, -0.5, 0.2), T(*expected))
 
 
 def test_adaptive_dpo_and_ipo_golden():
@@ -243,7 +242,7 @@ def test_no_gradient_through_W_and_G():
     out.loss.sum().backward()
     W, G = out.stats["W"].clone(), out.stats["G"].clone()
     pol2 = PairErrors(e.policy.w.clone().requires_grad_(), e.policy.l.clone().requires_grad_())
-    A.adaptive_dpo_loss(preference_h(pol2, e.ref), 10.0, W, G).sum().backward()
+    adaptive.adaptive_dpo_loss(preference_h(pol2, e.ref), 10.0, W, G).sum().backward()
     assert_close(pol.w.grad, pol2.w.grad)
     assert_close(pol.l.grad, pol2.l.grad)
     assert ema.w.grad is None and ema.l.grad is None
@@ -257,11 +256,21 @@ def test_policy_equal_to_reference_gives_log2_and_W_one():
     assert_close(out.loss, torch.full((2,), math.log(2.0)))
 
 
-def test_warmup_is_plain_dpo():
+def test_warmup_is_plain_dpo_until_the_step_the_objective_is_given():
+    """The objective decides from the optimizer step the trainer gives it (``begin_step``): plain DPO, with
+    no EMA forward asked for, before objective.adaptive.warmup_steps; the metric from that step on."""
     e = _adaptive_errors()
-    warm = build_objective(_acfg())(e, metric_active=False)
-    assert_close(warm.loss, dpo_loss(preference_h(e.policy, e.ref), 10.0))
-    assert torch.isnan(warm.stats["u"]).all() and torch.equal(warm.stats["W"], T(1.0, 1.0))
+    obj = build_objective(_acfg(warmup_steps=3))
+    assert not obj.ema_active  # a new objective stands at step 0
+    for step in (0, 2):
+        obj.begin_step(step)
+        warm = obj(e)
+        assert not obj.ema_active
+        assert_close(warm.loss, dpo_loss(preference_h(e.policy, e.ref), 10.0))
+        assert torch.isnan(warm.stats["u"]).all() and torch.equal(warm.stats["W"], T(1.0, 1.0))
+    obj.begin_step(3)
+    assert obj.ema_active
+    assert torch.equal(obj(e).loss, build_objective(_acfg())(e).loss)  # as without a warm-up
 
 
 def test_u_ranks_a_disagreeing_unstable_pair_above_an_agreeing_stable_one():
@@ -269,9 +278,9 @@ def test_u_ranks_a_disagreeing_unstable_pair_above_an_agreeing_stable_one():
     pair B: the models lean against the label and disagree (h = -0.30, 0.20, -0.05)."""
     hm = T(0.30, -0.30, 0.31, 0.20, 0.29, -0.05).reshape(3, 2)
     for spread in ("variance", "std_clamped"):
-        u = A.minority_score(hm, rho=15.0, spread=spread).u
+        u = adaptive.minority_score(hm, rho=15.0, spread=spread).u
         assert u[1] > u[0], spread
-    ms = A.minority_score(hm, rho=15.0)
+    ms = adaptive.minority_score(hm, rho=15.0)
     assert ms.c[1] > ms.c[0] and ms.s[1] > ms.s[0]
 
 
@@ -305,8 +314,8 @@ def test_bounded_dpo_golden():
 
 def test_g_on_the_logit_scale_equals_rho_times_beta():
     hm = T(0.1, 0.0, 0.3, 0.1).reshape(2, 2)
-    a = A.minority_score(hm, rho=1.0, g_scale="logit", beta=10.0)
-    assert_close(a.u, A.minority_score(hm, rho=10.0).u)
+    a = adaptive.minority_score(hm, rho=1.0, g_scale="logit", beta=10.0)
+    assert_close(a.u, adaptive.minority_score(hm, rho=10.0).u)
 
 
 def test_standardized_g_and_score_variants_golden():
@@ -316,17 +325,17 @@ def test_standardized_g_and_score_variants_golden():
     hm = T(0.1, 0.0, 0.2, 0.3, 0.1, 0.2).reshape(2, 3)
     c = T(0.3844707106849976, 0.7310585786300049, 0.3844707106849976)
     s = T(0.5, 0.0, 0.5)
-    ms = A.minority_score(hm, rho=1.0, g_scale="standardized")
+    ms = adaptive.minority_score(hm, rho=1.0, g_scale="standardized")
     assert_close(ms.c, c)
     assert_close(ms.s, s)
     assert_close(ms.u, s * c)
-    assert_close(A.minority_score(hm, rho=1.0, g_scale="standardized", score="c").u, c)
-    assert_close(A.minority_score(hm, rho=1.0, g_scale="standardized", score="s").u, s)
+    assert_close(adaptive.minority_score(hm, rho=1.0, g_scale="standardized", score="c").u, c)
+    assert_close(adaptive.minority_score(hm, rho=1.0, g_scale="standardized", score="s").u, s)
 
 
 def test_renormalized_weights_have_batch_mean_one():
     """W = (0.2, 0.6) -> / 0.4 = (0.5, 1.5); through the objective, mean W is 1 and the order is kept."""
-    assert_close(A.renormalize(T(0.2, 0.6)), T(0.5, 1.5))
+    assert_close(adaptive.renormalize(T(0.2, 0.6)), T(0.5, 1.5))
     out = build_objective(_acfg(renormalize=True))(_adaptive_errors())
     w = T(0.24017256232544212, 0.3421899444124424)
     assert_close(out.stats["W"], w / w.mean())
@@ -356,22 +365,22 @@ def test_spread_of_h_is_eq12_rho_enters_c_only():
     s = T(0.01, 0.07)
     c = {10.0: T(0.14519007218989316, 0.4163482628640321), 20.0: T(0.046553918380281285, 0.4603774760361162)}
     for rho in (10.0, 20.0):
-        ms = A.minority_score(hm, rho=rho, spread="variance", spread_of="h")
+        ms = adaptive.minority_score(hm, rho=rho, spread="variance", spread_of="h")
         assert_close(ms.s, s)
         assert_close(ms.c, c[rho])
         assert_close(ms.u, s * c[rho])
-    g = A.minority_score(hm, rho=10.0, spread="variance", spread_of="g")
+    g = adaptive.minority_score(hm, rho=10.0, spread="variance", spread_of="g")
     assert_close(g.s, T(1.0, 7.0))
     assert_close(g.c, c[10.0])
     # std capped at 1 of h: sqrt(0.01) = 0.1, sqrt(0.07) = 0.264575 (both under the cap)
-    std = A.minority_score(hm, rho=10.0, spread="std_clamped", spread_of="h")
+    std = adaptive.minority_score(hm, rho=10.0, spread="std_clamped", spread_of="h")
     assert_close(std.s, T(0.1, math.sqrt(0.07)))
     # on the logit scale (g = rho beta h) "h" is still the unscaled h: s unchanged, c as rho 10 above
-    logit = A.minority_score(hm, rho=2.0, g_scale="logit", beta=5.0, spread_of="h")
+    logit = adaptive.minority_score(hm, rho=2.0, g_scale="logit", beta=5.0, spread_of="h")
     assert_close(logit.s, s)
     assert_close(logit.c, c[10.0])
     with pytest.raises(ValueError, match="spread_of"):
-        A.minority_score(hm, rho=10.0, spread_of="x")
+        adaptive.minority_score(hm, rho=10.0, spread_of="x")
 
 
 def test_spread_of_h_through_the_objective():
@@ -395,14 +404,14 @@ def test_adaptive_ipo_margin_on_the_h_scale_golden():
     out = build_objective(ObjectiveConfig(name="adaptive_ipo", beta=10.0, adaptive=a))(_adaptive_errors())
     assert_close(out.loss, T(0.00029428558948559237, 0.0015893809449349522))
     with pytest.raises(ValueError, match="ipo_margin"):
-        A.adaptive_ipo_loss(T(0.1), 10.0, T(1.0), T(0.0), "x")
+        adaptive.adaptive_ipo_loss(T(0.1), 10.0, T(1.0), T(0.0), "x")
 
 
 def test_confidence_does_not_underflow_for_large_g():
     """g = 30: c = sigmoid(-30) = 9.3576e-14, which 1 - sigmoid(30) rounds to exactly 0 in float32.
     pair 2: g = (30, 31), c = (sigmoid(-30) + sigmoid(-31)) / 2, s = 0.5, u = s c > 0."""
     hm = T(30.0, 30.0, 30.0, 31.0).reshape(2, 2)
-    ms = A.minority_score(hm, rho=1.0)
+    ms = adaptive.minority_score(hm, rho=1.0)
     want = torch.tensor([math.exp(-30), (math.exp(-30) + math.exp(-31)) / 2], dtype=torch.float64)
     assert (ms.c > 0).all()
     assert ((ms.c.double() - want).abs() / want).max() < 1e-6

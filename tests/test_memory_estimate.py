@@ -1,4 +1,4 @@
-"""tools/memory_estimate.py: the meta-device memory tracker, the flash-style attention stand-in, and
+"""tools/benchmarks/memory_estimate.py: the meta-device memory tracker, the flash-style attention stand-in, and
 the CLI over the shipped sd15_* / sdxl_* training configs."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import json
 
 import torch
 
-import tools.memory_estimate as me
+import tools.benchmarks.memory_estimate as me
 
 GIB = 2**30
 

@@ -166,9 +166,17 @@ def test_posterior_loss_is_dpo_during_warmup_then_weighs_by_the_posterior():
 def test_em_dpo_two_ranks_killed_and_resumed_equals_uninterrupted(shards64, tmp_path):
     """2 ranks x 4 pairs, 8 steps, checkpoints every 3, SIGKILL after step 5: the rerun of the same
     command ends with the same EM state and the same per-step metrics as an uninterrupted run."""
-    common = ["objective.name=em_dpo", "objective.noise.warmup_pairs=16", "objective.noise.calib_window=32",
-              "data.micro_batch=4", "checkpoint.every=3", "train.max_steps=8", "checkpoint.export=false",
-              "data.flip_rate=0.3", "data.flip_by=user"]  # fmt: skip
+    common = [
+        "objective.name=em_dpo",
+        "objective.noise.warmup_pairs=16",
+        "objective.noise.calib_window=32",
+        "data.micro_batch=4",
+        "checkpoint.every=3",
+        "train.max_steps=8",
+        "checkpoint.export=false",
+        "data.flip_rate=0.3",
+        "data.flip_by=user",
+    ]
     run = tmp_path / "killed"
     p = train(
         shards64, run, *common, nproc=2, module="tests.helpers.train_killed", extra_env={"KILL_AT_STEP": 5}

@@ -37,15 +37,29 @@ def files(tmp_path_factory):
 
 
 def args(model, files, out, *extra) -> list[str]:
-    return ["--config", CONFIG, f"model.path={model}", f"out={out}", f"prompts={files / 'train.txt'}",
-            f"eval.prompts={files / 'eval.txt'}", *extra]  # fmt: skip
+    return [
+        "--config",
+        CONFIG,
+        f"model.path={model}",
+        f"out={out}",
+        f"prompts={files / 'train.txt'}",
+        f"eval.prompts={files / 'eval.txt'}",
+        *extra,
+    ]
 
 
 def start(model, files, out) -> subprocess.Popen:
     """The loop as a user runs it, in its own process group (a scheduler kills the group)."""
     cmd = [sys.executable, "-m", "stages.online", *args(model, files, out)]
-    return subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)  # fmt: skip
+    return subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def finish(p: subprocess.Popen) -> str:
@@ -159,8 +173,8 @@ def test_pair_flips_are_redrawn_every_round_prompt_flips_are_not(tiny_sd15, file
     """Round r's feedback flips pairs with flip_seed + r (a labeller's slips fall on other pairs each
     round); flips by prompt keep the seed (the same prompts' minority taste every round)."""
     from pipeline.config import load_config
+    from pipeline.d3po.loop import Loop
     from pipeline.schema.online import OnlineConfig
-    from stages.online import Loop
 
     def seeds(by: str) -> list[int]:
         over = [
@@ -174,19 +188,23 @@ def test_pair_flips_are_redrawn_every_round_prompt_flips_are_not(tiny_sd15, file
     assert seeds("prompt") == [7, 7, 7]
 
 
+@pytest.mark.slow
 def test_the_loop_process_loads_no_model(tiny_sd15, files, tmp_path, monkeypatch):
     """Sample, feedback and eval run in children (a process gives its CUDA memory back only when it
     exits, and the trainer shares the GPU): in the loop's own process, loading a sampler, a feedback
     run or a reward fails this test, and the loop still finishes."""
-    import stages.feedback
-    import stages.sample
-    from pipeline.d3po import rewards
+    from pipeline.d3po import feedback, rewards, sampling
     from stages.online import cli_main
 
     def banned(*a, **k):
         raise AssertionError("a model phase ran in the loop's process")
 
-    for mod, name in ((stages.sample, "main"), (stages.feedback, "main"), (rewards, "make_reward")):
+    for mod, name in (
+        (sampling, "sample_trajectories"),  # the sample phase and the eval's samples
+        (feedback, "decide_preferences"),  # the feedback phase
+        (feedback, "make_rewards"),  # the eval's rewards
+        (rewards, "make_reward"),
+    ):
         monkeypatch.setattr(mod, name, banned)
     out = tmp_path / "loop"
     assert cli_main(args(tiny_sd15, files, out, "rounds=1", "steps_per_round=1")) == 0
@@ -195,12 +213,13 @@ def test_the_loop_process_loads_no_model(tiny_sd15, files, tmp_path, monkeypatch
     assert (out / "round_000" / "eval" / "scores.json").is_file()
 
 
+@pytest.mark.slow
 def test_a_failing_phase_child_stops_the_loop_with_its_code(tiny_sd15, files, tmp_path):
     """A phase child's error (here: the eval prompts vanish after the config check) ends the loop with
     the child's exit code, and leaves the phase unfinished for a rerun."""
     from pipeline.config import load_config, write_resolved
+    from pipeline.d3po.loop import Loop, PhaseFailed
     from pipeline.schema.online import OnlineConfig
-    from stages.online import Loop, PhaseFailed
 
     gone = tmp_path / "eval.txt"
     gone.write_text("\n".join(EVAL) + "\n")
@@ -218,7 +237,7 @@ def test_a_failing_phase_child_stops_the_loop_with_its_code(tiny_sd15, files, tm
 CHILD_OF_A_KILLED_LOOP = """
 import ctypes, os, sys, threading, time
 from pathlib import Path
-from stages.online import spawn
+from pipeline.d3po.loop import spawn
 
 def no_dlopen(*a, **k):
     raise RuntimeError("a library loaded between fork and exec")
@@ -243,13 +262,20 @@ def _alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
 def test_children_die_with_the_loop(tmp_path):
     """SIGKILL of the loop alone (not its process group): its child gets SIGKILL too, from the prctl
     made in a preexec_fn that loads nothing (ctypes.CDLL is sabotaged) while other threads run."""
     pid_file = tmp_path / "child.pid"
-    p = subprocess.Popen([sys.executable, "-c", CHILD_OF_A_KILLED_LOOP, str(pid_file)], cwd=ROOT, env=env(),
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    p = subprocess.Popen(
+        [sys.executable, "-c", CHILD_OF_A_KILLED_LOOP, str(pid_file)],
+        cwd=ROOT,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     deadline = time.time() + 60
     while not (pid_file.is_file() and pid_file.read_text()) and time.time() < deadline:
         assert p.poll() is None, p.communicate()[0]

@@ -15,9 +15,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline.d3po import trajectories as tj
+from pipeline.d3po import trajectories
 from pipeline.d3po.ddim import cfg_noise_pred, ddim_step_with_logprob
 from pipeline.d3po.sampler import make_scheduler
+from pipeline.data.prompts import read_prompt_source
+from pipeline.data.shards import sha256_file
+from pipeline.evaluate.generate import read_prompts
 from stages.sample import cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,8 +40,16 @@ SHARD_SIZE, BATCH = 3, 2  # 7 groups -> shards of 3, 3, 1; two groups per UNet c
 
 
 def sample_args(model, prompts, out, *extra):
-    return ["--config", "configs/sample/tiny.yaml", f"model.path={model}", f"prompts.source={prompts}",
-            f"output.dir={out}", f"output.shard_size={SHARD_SIZE}", f"run.batch_size={BATCH}", *extra]  # fmt: skip
+    return [
+        "--config",
+        "configs/sample/tiny.yaml",
+        f"model.path={model}",
+        f"prompts.source={prompts}",
+        f"output.dir={out}",
+        f"output.shard_size={SHARD_SIZE}",
+        f"run.batch_size={BATCH}",
+        *extra,
+    ]
 
 
 def _outputs(d: Path) -> dict[str, bytes]:
@@ -61,12 +72,17 @@ def sampled(tiny_sd15, prompt_file, tmp_path_factory):
 
 
 def test_format_shapes_counts_and_shared_initial_noise(sampled, tiny_sd15):
-    m = tj.load_manifest(sampled)
-    groups = list(tj.read_groups(sampled, verify=True, decode_images=True))
+    m = trajectories.read_manifest(sampled)
+    groups = list(trajectories.read_groups(sampled, verify=True, decode_images=True))
     k, n = 2, 4
     c = m["counts"]
-    assert c == {"prompts_read": 10, "groups": 7, "images": 14, "pairs": 7,
-                 "skipped": {"empty_prompt": 2, "prompt_too_long": 1}}  # fmt: skip
+    assert c == {
+        "prompts_read": 10,
+        "groups": 7,
+        "images": 14,
+        "pairs": 7,
+        "skipped": {"empty_prompt": 2, "prompt_too_long": 1},
+    }
     assert m["skipped_prompt_indices"] == {"empty_prompt": [3, 7], "prompt_too_long": [5]}
     assert [s["count"] for s in m["shards"]] == [3, 3, 1] and len(groups) == 7
     assert m["format"] == "d3po-trajectories" and m["version"] == 1
@@ -76,9 +92,9 @@ def test_format_shapes_counts_and_shared_initial_noise(sampled, tiny_sd15):
     assert m["sampler"]["steps"] == n and m["sampler"]["eta"] == 1.0 and m["sampler"]["guidance"] == 5.0
     assert m["sampler"]["scheduler"]["set_alpha_to_one"] is False
     assert m["shapes"]["latents"] == [k, n + 1, 4, 8, 8]
-    assert m["uncond"]["sha256"] == tj.sha256_file(sampled / "uncond.npy")
+    assert m["uncond"]["sha256"] == sha256_file(sampled / "uncond.npy")
     assert m["bytes_per_pair"] == m["shard_bytes"] / 7 == sum(s["bytes"] for s in m["shards"]) / 7
-    uncond = tj.load_uncond(sampled, 32)
+    uncond = trajectories.load_uncond(sampled, 32)
     assert uncond.shape == (1, 77, 32) and uncond.dtype == np.float16
 
     from pipeline.encoders import Encoder
@@ -95,8 +111,11 @@ def test_format_shapes_counts_and_shared_initial_noise(sampled, tiny_sd15):
         assert g["images"].shape == (k, 64, 64, 3) and g["images"].dtype == np.uint8
         meta = g["meta"]
         assert meta["prompt"] == LINES[i] and meta["prompt_index"] == i
-        assert g["key"] == tj.group_key(i, LINES[i]) and meta["images"] == [f"{g['key']}/0", f"{g['key']}/1"]
-        assert meta["seed"] == tj.group_seed(0, i) and meta["sampler"]["images_per_prompt"] == k
+        assert g["key"] == trajectories.group_key(i, LINES[i]) and meta["images"] == [
+            f"{g['key']}/0",
+            f"{g['key']}/1",
+        ]
+        assert meta["seed"] == trajectories.group_seed(0, i) and meta["sampler"]["images_per_prompt"] == k
         # D3PO's design: the K images share x_T and part ways from the first step on
         assert (g["latents"][0, 0] == g["latents"][1, 0]).all()
         assert not (g["latents"][0, 1:] == g["latents"][1, 1:]).all(axis=(1, 2, 3)).any()
@@ -114,8 +133,8 @@ def test_stored_log_probs_rescore_exactly(sampled, tiny_sd15):
 
     unet = load_unet(str(tiny_sd15)).eval()
     sched = make_scheduler(str(tiny_sd15), 4)
-    uncond = torch.from_numpy(tj.load_uncond(sampled))
-    groups = list(tj.read_groups(sampled))
+    uncond = torch.from_numpy(trajectories.load_uncond(sampled))
+    groups = list(trajectories.read_groups(sampled))
     batches, start = [], 0
     for size in (3, 3, 1):  # the shards; the stage batches groups within a shard
         batches += [groups[b : min(b + BATCH, start + size)] for b in range(start, start + size, BATCH)]
@@ -165,13 +184,29 @@ def test_killed_job_restarts_to_the_same_bytes(sampled, tiny_sd15, prompt_file, 
     )  # one done, one partial
     assert not (out / "manifest.json").exists()
     env.pop("KILL_AT_TAR")
-    p = subprocess.run([sys.executable, "-m", "stages.sample", *sample_args(tiny_sd15, prompt_file, out)],
-                       cwd=ROOT, env=env, capture_output=True, text=True)  # fmt: skip
+    p = subprocess.run(
+        [sys.executable, "-m", "stages.sample", *sample_args(tiny_sd15, prompt_file, out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     assert "1 already finished, 2 to sample; removed 1 stale temporaries" in p.stderr
     assert not [f for f in out.iterdir() if "tmp" in f.name]
     assert _outputs(out) == _outputs(sampled)
     assert (out / "manifest.json").read_text() == (sampled / "manifest.json").read_text()
+
+
+def test_every_line_of_a_prompt_file_is_a_prompt_and_empty_ones_are_skipped(prompt_file):
+    """The one rule prompt files are read by: line i is prompt i, blank lines included (so a prompt's
+    index, seed and key do not move when a blank line is removed elsewhere); the sample stage screens
+    the empty ones out and counts them, the evaluation leaves them out."""
+    prompts = read_prompt_source(str(prompt_file))
+    assert prompts.prompts == [line.strip() for line in LINES] and prompts.rows_read == len(LINES)
+    assert prompts.prompts[3] == prompts.prompts[7] == ""
+    assert read_prompts(str(prompt_file), 100) == [line.strip() for line in LINES if line.strip()]
+    assert read_prompts(str(prompt_file), 2) == GOOD[:2]
 
 
 def test_parquet_captions_and_bad_prompt_sources(tiny_sd15, tmp_path, capsys):
@@ -189,12 +224,15 @@ def test_parquet_captions_and_bad_prompt_sources(tiny_sd15, tmp_path, capsys):
     pq.write_table(pa.table({"caption": caps, "label_0": [1.0] * len(caps)}), src / "part-0.parquet")
     out = tmp_path / "pq"
     assert cli_main(sample_args(tiny_sd15, src, out)) == 0
-    m = tj.load_manifest(out)
+    m = trajectories.read_manifest(out)
     # distinct captions in first-occurrence order: cat, "" (null and empty), dog, too long
     assert m["counts"]["prompts_read"] == 4 and m["counts"]["groups"] == 2
     assert m["counts"]["skipped"] == {"empty_prompt": 1, "prompt_too_long": 1}
     assert m["source"]["rows_read"] == 7 and m["source"]["kind"] == "parquet"
-    assert [g["meta"]["prompt"] for g in tj.read_groups(out)] == ["a red cat, photo", "a blue dog, sketch"]
+    assert [g["meta"]["prompt"] for g in trajectories.read_groups(out)] == [
+        "a red cat, photo",
+        "a blue dog, sketch",
+    ]
     capsys.readouterr()
 
     assert cli_main(sample_args(tiny_sd15, tmp_path / "no_such_prompts.txt", tmp_path / "o")) == 2
@@ -255,13 +293,13 @@ def test_sampling_from_an_exported_unet_and_a_run_folder(sampled, tiny_sd15, pro
         cli_main(sample_args(tiny_sd15, prompt_file, via_folder, f"model.unet={unet_dir}", "prompts.max=4"))
         == 0
     )
-    m = tj.load_manifest(via_run)
+    m = trajectories.read_manifest(via_run)
     assert m["model"]["unet"] == {"kind": "unet", "path": str(unet_dir.resolve())}
     assert m["counts"]["prompts_read"] == 4 and m["counts"]["groups"] == 3
     shards = sorted(p.name for p in via_run.glob("shard-*.tar"))
     assert all((via_run / s).read_bytes() == (via_folder / s).read_bytes() for s in shards)
-    base = {g["key"]: g for g in tj.read_groups(sampled)}
-    for g in tj.read_groups(via_run):
+    base = {g["key"]: g for g in trajectories.read_groups(sampled)}
+    for g in trajectories.read_groups(via_run):
         b = base[g["key"]]  # same prompt, same index: same key and same noise, another UNet
         assert (g["latents"][:, 0] == b["latents"][:, 0]).all()
         assert not (g["latents"][:, -1] == b["latents"][:, -1]).all()
@@ -300,7 +338,7 @@ def _decode_stored(model, groups: list[dict], chunk: int) -> list[bytes]:
         for i in range(0, len(x0), chunk):
             img = vae.decode(x0[i : i + chunk].float() / info.scaling_factor).sample.float()
             px = ((img / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-            out += [tj.jpeg_bytes(a, 95) for a in px]
+            out += [trajectories.jpeg_bytes(a, 95) for a in px]
     return out
 
 
@@ -316,7 +354,7 @@ def _sampler_calls(groups: list[dict]) -> list[list[dict]]:
 def test_each_image_is_decoded_from_its_own_x0_alone(sampled, tiny_sd15):
     """run.decode_batch=1 (the default): every stored JPEG is its own x_0 decoded by itself, so an image's
     pixels depend neither on the groups that shared its UNet call nor on the decode chunking."""
-    groups = list(tj.read_groups(sampled))
+    groups = list(trajectories.read_groups(sampled))
     want = _decode_stored(tiny_sd15, groups, 1)
     assert [j for g in groups for j in g["jpegs"]] == want
 
@@ -332,7 +370,7 @@ def test_decode_batch_chunks_the_vae_calls_and_changes_nothing_else(
     out = tmp_path / "decode3"
     assert cli_main(sample_args(tiny_sd15, prompt_file, out, "run.decode_batch=3")) == 0
     assert (out / "plan.json").read_bytes() == (sampled / "plan.json").read_bytes()
-    a, b = list(tj.read_groups(sampled)), list(tj.read_groups(out))
+    a, b = list(trajectories.read_groups(sampled)), list(trajectories.read_groups(out))
     assert [g["key"] for g in a] == [g["key"] for g in b]
     for ga, gb in zip(a, b):
         for k in ("latents", "log_probs", "timesteps", "txt"):

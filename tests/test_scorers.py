@@ -2,7 +2,7 @@
 (not just its shape): HPSv2 = 100 * cos(image, text) with the CLIP towers and projections, the LAION
 aesthetic score = the MLP head on the L2-normalised projected image embedding, ImageReward = the MLP
 head on the BLIP text encoder's [CLS] state cross-attending to the image, standardised by the
-published mean and std. The tiny stand-ins come from tools.make_tiny_scorers."""
+published mean and std. The tiny stand-ins come from tools.toy.make_tiny_scorers."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ PROMPTS = ["a red cat", "a blue house", "a tiny green robot"]
 
 @pytest.fixture(scope="module")
 def scorers_dir(tmp_path_factory):
-    from tools.make_tiny_scorers import make_tiny_scorers
+    from tools.toy.make_tiny_scorers import make_tiny_scorers
 
     return make_tiny_scorers(tmp_path_factory.mktemp("scorers"))
 
@@ -92,8 +92,9 @@ def test_imagereward_is_the_standardised_head_on_the_cls_state(scorers_dir, imag
             PROMPTS, padding="max_length", max_length=35, truncation=True, return_tensors="pt"
         )
         img = blip.vision_model(pixel_values=px).last_hidden_state
-        cls = blip.text_encoder(input_ids=tx["input_ids"], attention_mask=tx["attention_mask"],
-                                encoder_hidden_states=img).last_hidden_state[:, 0]  # fmt: skip
+        cls = blip.text_encoder(
+            input_ids=tx["input_ids"], attention_mask=tx["attention_mask"], encoder_hidden_states=img
+        ).last_hidden_state[:, 0]
         raw = _head(load_file(str(d / "head.safetensors")), cls)
     got = _score(scorers_dir, "imagereward", images)
     np.testing.assert_allclose(

@@ -1,4 +1,4 @@
-"""tools.make_tiny_model and tools.make_pickapic: offline-loadable, deterministic, Pick-a-Pic schema."""
+"""tools.toy.make_tiny_model and tools.toy.make_pickapic: offline-loadable, deterministic, Pick-a-Pic schema."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from tools.make_pickapic import SCHEMA, make_rows, write_parquet
-from tools.make_tiny_model import build_clip_bpe, make_tiny_model
+from tools.toy.make_pickapic import SCHEMA, make_rows, write_parquet
+from tools.toy.make_tiny_model import build_clip_bpe, make_tiny_model
 
 
 def _digest(folder) -> str:
@@ -33,8 +33,12 @@ def test_tiny_model_is_deterministic_for_a_seed(tiny_sd15, tmp_path):
 # user's machine differs from CI's (AVX512 / AMX or only AVX2; 1 or 2 threads, OMP_NUM_THREADS set or not).
 HOSTS = {
     "1 thread": {"OMP_NUM_THREADS": "1"},
-    "2 threads, AVX2 kernels": {"OMP_NUM_THREADS": "2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
-}  # fmt: skip
+    "2 threads, AVX2 kernels": {
+        "OMP_NUM_THREADS": "2",
+        "ATEN_CPU_CAPABILITY": "avx2",
+        "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+    },
+}
 
 
 def _rows_digest(folder) -> str:
@@ -48,7 +52,7 @@ def _rows_digest(folder) -> str:
 
 @pytest.mark.slow
 def test_tiny_model_with_a_trained_vae_and_the_toy_data_are_the_same_bytes_at_any_thread_count(tmp_path):
-    """The VAE training is the one float-order-sensitive part of the builder (tools/make_tiny_model.py:
+    """The VAE training is the one float-order-sensitive part of the builder (tools/toy/make_tiny_model.py:
     before it was pinned, 1 and 2 threads wrote VAEs with scaling factors 0.806 and 0.819)."""
     import os
 
@@ -60,9 +64,20 @@ def test_tiny_model_with_a_trained_vae_and_the_toy_data_are_the_same_bytes_at_an
         e = env(**extra)
         if "OMP_NUM_THREADS" not in extra:
             e.pop("OMP_NUM_THREADS")
-        for cmd in (["tools.make_tiny_model", "--family", "sd15", "--out", str(out / "model"), "--seed", "3",
-                     "--vae-steps", "12"],
-                    ["tools.make_pickapic", "--out", str(out / "data"), "--pairs", "40", "--seed", "3"]):  # fmt: skip
+        for cmd in (
+            [
+                "tools.toy.make_tiny_model",
+                "--family",
+                "sd15",
+                "--out",
+                str(out / "model"),
+                "--seed",
+                "3",
+                "--vae-steps",
+                "12",
+            ],
+            ["tools.toy.make_pickapic", "--out", str(out / "data"), "--pairs", "40", "--seed", "3"],
+        ):
             subprocess.run([sys.executable, "-m", *cmd], cwd=ROOT, env=e, check=True, capture_output=True)
         digests[name] = (_digest(out / "model"), _rows_digest(out / "data"))
         assert os.path.getsize(out / "model" / "vae" / "diffusion_pytorch_model.safetensors") > 0
@@ -125,14 +140,18 @@ def test_pickapic_schema_and_variety(tmp_path):
         if r["has_label"] and r["label_0"] in (0.0, 1.0)
     ]
     assert 0.35 < np.mean([r["label_0"] != r["true_label_0"] for r in noisy]) < 0.65
-    assert make_rows(20, seed=3)[5]["jpg_1"] == make_rows(20, seed=3)[5]["jpg_1"]
+    # the seed decides the images, and a row follows the world's rule by its decoded pixels: in row 5 of
+    # seed 3, image 0 is the brighter one (median luma 189 against 114) and the truly better one
+    five = make_rows(20, seed=3)[5]
+    assert five["jpg_1"] != make_rows(20, seed=4)[5]["jpg_1"]
+    assert five["true_label_0"] == five["label_0"] == 1.0 and _luma(five["jpg_0"]) > _luma(five["jpg_1"]) + 10
 
 
 def test_the_command_lines_run(tmp_path):
     """The tools as a user runs them: every flag reaches the code. The rows the command writes equal
     make_rows called with the same values; changing one flag changes what it controls."""
-    from tools import make_pickapic
-    from tools.make_pickapic import make_rows
+    from tools.toy import make_pickapic
+    from tools.toy.make_pickapic import make_rows
 
     def cli(name, *flags):
         assert (
@@ -240,7 +259,7 @@ def test_daynight_world_follows_the_captions_cue():
     assert _agreement(day, _luma, 10.0)[1] >= 0.95 and _agreement(night, _luma, 10.0)[1] <= 0.05
     assert 0.35 < _agreement(rows, _luma, 0.0)[0] < 0.65
     # every caption word is a word of the tiny tokenizer
-    from tools.vocabulary import WORDS
+    from tools.toy.vocabulary import WORDS
 
     assert {w for r in rows for w in r["caption"].replace(",", "").split()} <= set(WORDS)
 
@@ -258,7 +277,7 @@ def test_pairs_per_user_sets_the_number_of_annotators():
     [("brightness", "saturation", _saturation, 0.1), ("warmth", "brightness", _luma, 10.0)],
 )
 def test_taste_minority_labels_by_its_own_rule(world, rule, measure, margin):
-    from tools.make_pickapic import annotators
+    from tools.toy.make_pickapic import annotators
 
     kw = dict(world=world, pairs_per_user=10, minority_share=0.3, minority_rule=rule)
     rows = make_rows(400, seed=2, **_CLEAN, **kw)
@@ -280,8 +299,8 @@ def test_taste_minority_changes_labels_only_and_is_listed_beside_the_data(tmp_pa
     import json
 
     from pipeline.data.pickapic import list_sources
-    from tools import make_pickapic
-    from tools.make_pickapic import annotators
+    from tools.toy import make_pickapic
+    from tools.toy.make_pickapic import annotators
 
     # with a brightness minority in the saturation world, the images, truth and annotators are those
     # of the world without one

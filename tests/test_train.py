@@ -43,23 +43,23 @@ def _assert_same_weights(a: Path, b: Path, atol: float = 1e-6) -> None:
 def _eval_pairs(model: Path, shards: Path, unet_dir: Path, draws: int = 16) -> tuple[float, float]:
     """(implicit accuracy, DPO loss at beta 1000) of an exported UNet on the shards' pairs."""
     from pipeline.data.shards import load_manifest
-    from pipeline.evaluate.preference import accuracy, implicit_margins, iter_pairs
+    from pipeline.engine.context import RunContext
+    from pipeline.evaluate.preference import HeldOutDraws, accuracy, implicit_margins, iter_pairs
     from pipeline.models import inspect_model, load_scheduler, load_unet
 
     info = inspect_model(model)
     ref = load_unet(info.path).eval()
     pol = load_unet(str(unet_dir), subfolder=None).eval()
     samples = list(iter_pairs(shards))
-    r = implicit_margins(
-        {"p": pol},
-        ref,
+    pairs = HeldOutDraws(
         samples,
         load_manifest(shards),
         load_scheduler(info),
         info.prediction_type,
-        torch.device("cpu"),
+        RunContext.local(torch.device("cpu")),
         draws=draws,
     )
+    r = implicit_margins({"p": pol}, ref, pairs)
     h = r["p"]
     return accuracy(h), float(np.mean(np.logaddexp(0.0, -1000.0 * h)))
 
@@ -96,8 +96,17 @@ def test_ds_config_is_built_from_the_typed_config():
 def test_training_lowers_the_loss_of_a_pair_set(objective, nproc, launcher, tiny_sd15, shards16, tmp_path):
     """16 pairs, total batch 16, 30 steps: the implicit classifier moves from chance (loss log 2 = 0.693)."""
     out = tmp_path / "run"
-    p = train(shards16, out, f"objective.name={objective}", "ema.decays=[0.9,0.5]", f"data.micro_batch={16 // nproc}",
-              "train.max_steps=30", "checkpoint.every=100", nproc=nproc, launcher=launcher)  # fmt: skip
+    p = train(
+        shards16,
+        out,
+        f"objective.name={objective}",
+        "ema.decays=[0.9,0.5]",
+        f"data.micro_batch={16 // nproc}",
+        "train.max_steps=30",
+        "checkpoint.every=100",
+        nproc=nproc,
+        launcher=launcher,
+    )
     check(p)
     m = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in m] == list(range(1, 31))
@@ -111,10 +120,17 @@ def test_training_lowers_the_loss_of_a_pair_set(objective, nproc, launcher, tiny
 
 @pytest.mark.parametrize("where", ["between_checkpoints", "inside_checkpoint"])
 def test_sigkill_and_restart_matches_an_uninterrupted_run(where, shards64, tmp_path):
-    """Adaptive-DPO with two EMA models and 2 data workers, checkpoints every 3 steps, 7 steps.
-    Killed after step 5 (latest = 3), or inside the checkpoint of step 6 (latest must stay 3)."""
-    common = ["objective.name=adaptive_dpo", "ema.decays=[0.9,0.5]", "data.num_workers=2",
-              "checkpoint.every=3", "train.max_steps=7"]  # fmt: skip
+    """Adaptive-DPO with two EMA models, a warm-up of 4 steps and 2 data workers, checkpoints every 3
+    steps, 7 steps. Killed after step 5 (latest = 3), or inside the checkpoint of step 6 (latest must
+    stay 3): the resumed run starts inside the warm-up and must leave it at the same step."""
+    common = [
+        "objective.name=adaptive_dpo",
+        "ema.decays=[0.9,0.5]",
+        "objective.adaptive.warmup_steps=4",
+        "data.num_workers=2",
+        "checkpoint.every=3",
+        "train.max_steps=7",
+    ]
     ref = tmp_path / "uninterrupted"
     check(train(shards64, ref, *common))
     run = tmp_path / "killed"
@@ -132,7 +148,9 @@ def test_sigkill_and_restart_matches_an_uninterrupted_run(where, shards64, tmp_p
     a, b = read_metrics(ref / "metrics.jsonl"), read_metrics(run / "metrics.jsonl")
     assert [r["step"] for r in b] == list(range(1, 8))
     for ra, rb in zip(a, b):
-        for k in ("loss", "accuracy", "u", "W", "G", "lr"):
+        metric = ra["step"] > 4  # u from step 5 on: the first 4 steps are plain DPO (W = 1, G = 0)
+        assert ("u" in ra) == ("u" in rb) == metric, ra["step"]
+        for k in ("loss", "accuracy", "W", "G", "lr", *(("u",) if metric else ())):
             assert ra[k] == pytest.approx(rb[k], rel=1e-6, abs=1e-9), (ra["step"], k)
     for name in ("unet", "unet_ema_0.9", "unet_ema_0.5"):
         _assert_same_weights(ref / "export" / name, run / "export" / name)
@@ -264,10 +282,31 @@ def test_two_nodes_see_every_pair_exactly_once_per_epoch(shards64, tmp_path):
         out, port = tmp_path / f"run{attempt}", free_port()
         procs, logs = [], [tmp_path / f"node{n}_{attempt}.log" for n in (0, 1)]
         for node in (0, 1):
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node),
-                   "--master-addr", "127.0.0.1", "--master-port", str(port), "--nproc-per-node", "1", "-m",
-                   "stages.train", "--config", TRAIN_CFG, f"data.shards={shards64}", f"output.dir={out}",
-                   "data.micro_batch=4", "data.num_workers=2", "train.max_steps=16", "checkpoint.every=8"]  # fmt: skip
+            cmd = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes",
+                "2",
+                "--node-rank",
+                str(node),
+                "--master-addr",
+                "127.0.0.1",
+                "--master-port",
+                str(port),
+                "--nproc-per-node",
+                "1",
+                "-m",
+                "stages.train",
+                "--config",
+                TRAIN_CFG,
+                f"data.shards={shards64}",
+                f"output.dir={out}",
+                "data.micro_batch=4",
+                "data.num_workers=2",
+                "train.max_steps=16",
+                "checkpoint.every=8",
+            ]
             with open(logs[node], "w") as log:  # files, not pipes: nobody reads while both run
                 procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=log, stderr=subprocess.STDOUT))
         outs = _wait_all(procs, logs, timeout=240)
@@ -298,8 +337,17 @@ def test_two_nodes_see_every_pair_exactly_once_per_epoch(shards64, tmp_path):
 def test_sharded_ema_equals_a_full_parameter_reference(nproc, shards64, tmp_path):
     """2 ranks: the all-gather path, also overlapped (two buffers, prefetch); 1 rank: the module is
     pointed at the shards (no copy)."""
-    p = train(shards64, tmp_path / "run", "ema.decays=[0.9,0.5]", "ema.overlap_gather=true", "data.micro_batch=4", "train.max_steps=3",
-              "checkpoint.export=false", nproc=nproc, module="tests.helpers.ema_check")  # fmt: skip
+    p = train(
+        shards64,
+        tmp_path / "run",
+        "ema.decays=[0.9,0.5]",
+        "ema.overlap_gather=true",
+        "data.micro_batch=4",
+        "train.max_steps=3",
+        "checkpoint.export=false",
+        nproc=nproc,
+        module="tests.helpers.ema_check",
+    )
     check(p)
     lines = [x.split(" ", 2) for x in p.stdout.splitlines() if x.startswith("EMACHECK ")]
     assert sorted(int(rank) for _, rank, _ in lines) == list(range(nproc)), p.stdout[-2000:]
@@ -325,8 +373,18 @@ def test_reference_stays_bit_identical_to_the_starting_unet(shards16, tmp_path):
 
 def test_lora_reference_is_the_base_and_exports_load(tiny_sd15, shards16, tmp_path):
     out = tmp_path / "lora"
-    p = check(train(shards16, out, "model.lora_rank=4", "objective.name=adaptive_dpo", "ema.decays=[0.9]",
-                    "train.max_steps=3", "optim.lr=1e-3", module="tests.helpers.train_probe"))  # fmt: skip
+    p = check(
+        train(
+            shards16,
+            out,
+            "model.lora_rank=4",
+            "objective.name=adaptive_dpo",
+            "ema.decays=[0.9]",
+            "train.max_steps=3",
+            "optim.lr=1e-3",
+            module="tests.helpers.train_probe",
+        )
+    )
     r = json.loads(next(x for x in p.stdout.splitlines() if x.startswith("PROBE ")).split(" ", 1)[1])
     assert r["lora_reference_equals_base"] is True and r["lora_policy_differs"] is True
     from diffusers import StableDiffusionPipeline
@@ -462,8 +520,15 @@ def test_sigterm_checkpoints_and_the_same_command_resumes(shards16, tmp_path):
         "data.num_workers=2",
         "data.micro_batch=2",
     ]
-    proc = subprocess.Popen([sys.executable, "-m", "stages.train", *base, "train.max_steps=100000", "checkpoint.every=100000"],
-                            cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stages.train", *base, "train.max_steps=100000", "checkpoint.every=100000"],
+        cwd=ROOT,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     deadline = time.time() + 120
     while time.time() < deadline:
         if (out / "metrics.jsonl").is_file() and len((out / "metrics.jsonl").read_text().splitlines()) >= 3:
@@ -475,8 +540,20 @@ def test_sigterm_checkpoints_and_the_same_command_resumes(shards16, tmp_path):
     tag = (out / "checkpoints" / "latest").read_text().strip()
     step = int(tag.split("_")[1])
     assert step >= 3 and f"stopped at step {step}: signal {int(signal.SIGTERM)}" in err
-    p = subprocess.run([sys.executable, "-m", "stages.train", *base, f"train.max_steps={step + 2}", "checkpoint.export=false"],
-                       cwd=ROOT, env=env(), capture_output=True, text=True)  # fmt: skip
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "stages.train",
+            *base,
+            f"train.max_steps={step + 2}",
+            "checkpoint.export=false",
+        ],
+        cwd=ROOT,
+        env=env(),
+        capture_output=True,
+        text=True,
+    )
     check(p)
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == list(range(1, step + 3))
 

@@ -106,8 +106,18 @@ def test_minority_aurocs_are_logged_only_for_objectives_with_a_score(objective, 
     from tests.helpers.run import check, train
 
     out = tmp_path / objective
-    check(train(shards16, out, f"objective.name={objective}", "ema.decays=[0.5]", "data.flip_rate=0.5",
-                "train.max_steps=2", "checkpoint.export=false", "output.pair_records=false"))  # fmt: skip
+    check(
+        train(
+            shards16,
+            out,
+            f"objective.name={objective}",
+            "ema.decays=[0.5]",
+            "data.flip_rate=0.5",
+            "train.max_steps=2",
+            "checkpoint.export=false",
+            "output.pair_records=false",
+        )
+    )
     m = read_metrics(out / "metrics.jsonl")
     assert len(m) == 2
     aurocs = {k for r in m for k in r if k.startswith("auroc")}

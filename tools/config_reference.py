@@ -2,7 +2,7 @@
 
     python -m tools.config_reference > /tmp/ref.md
 
-The README's "Config reference" section is this output; a test checks that it is up to date.
+docs/config.md holds this output (written by tools.update_readme); tests/test_docs.py checks that it is current.
 """
 
 from __future__ import annotations

@@ -28,8 +28,16 @@ def _tower(sd: dict, src: str, dst: str, n: int, out: dict) -> None:
         s, d = f"{src}{i}.", f"{dst}{i}."
         q, k, v = sd[s + "attn.in_proj_weight"].chunk(3)
         qb, kb, vb = sd[s + "attn.in_proj_bias"].chunk(3)
-        out.update({d + "self_attn.q_proj.weight": q, d + "self_attn.k_proj.weight": k, d + "self_attn.v_proj.weight": v,
-                    d + "self_attn.q_proj.bias": qb, d + "self_attn.k_proj.bias": kb, d + "self_attn.v_proj.bias": vb})  # fmt: skip
+        out.update(
+            {
+                d + "self_attn.q_proj.weight": q,
+                d + "self_attn.k_proj.weight": k,
+                d + "self_attn.v_proj.weight": v,
+                d + "self_attn.q_proj.bias": qb,
+                d + "self_attn.k_proj.bias": kb,
+                d + "self_attn.v_proj.bias": vb,
+            }
+        )
         pairs = {
             "attn.out_proj": "self_attn.out_proj",
             "ln_1": "layer_norm1",
@@ -52,15 +60,28 @@ def convert_state_dict(sd: dict, vision_heads: int = 16, text_heads: int = 16, a
     tw = sd["token_embedding.weight"].shape[1]
     nv, nt = _blocks(sd, "visual.transformer.resblocks."), _blocks(sd, "transformer.resblocks.")
     cfg = CLIPConfig(
-        vision_config=dict(hidden_size=vw, intermediate_size=sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
-                           num_hidden_layers=nv, num_attention_heads=vision_heads, image_size=grid * patch, patch_size=patch,
-                           hidden_act=act, layer_norm_eps=1e-5),
-        text_config=dict(vocab_size=sd["token_embedding.weight"].shape[0], hidden_size=tw,
-                         intermediate_size=sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0], num_hidden_layers=nt,
-                         num_attention_heads=text_heads, max_position_embeddings=sd["positional_embedding"].shape[0],
-                         hidden_act=act, layer_norm_eps=1e-5),
+        vision_config=dict(
+            hidden_size=vw,
+            intermediate_size=sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+            num_hidden_layers=nv,
+            num_attention_heads=vision_heads,
+            image_size=grid * patch,
+            patch_size=patch,
+            hidden_act=act,
+            layer_norm_eps=1e-5,
+        ),
+        text_config=dict(
+            vocab_size=sd["token_embedding.weight"].shape[0],
+            hidden_size=tw,
+            intermediate_size=sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+            num_hidden_layers=nt,
+            num_attention_heads=text_heads,
+            max_position_embeddings=sd["positional_embedding"].shape[0],
+            hidden_act=act,
+            layer_norm_eps=1e-5,
+        ),
         projection_dim=sd["visual.proj"].shape[1],
-    )  # fmt: skip
+    )
     out = {
         "vision_model.embeddings.patch_embedding.weight": sd["visual.conv1.weight"],
         "vision_model.embeddings.class_embedding": sd["visual.class_embedding"],

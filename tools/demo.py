@@ -15,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tools import make_pickapic, make_tiny_model
+from tools.toy import make_pickapic, make_tiny_model
 
 
 def _run(cmd: list[str]) -> None:
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     py = sys.executable
     model = out / "models" / "sd15"
     if not (model / "model_index.json").is_file():
-        # a VAE trained briefly as an autoencoder, so latents carry the images (tools/make_tiny_model.py)
+        # a VAE trained briefly as an autoencoder, so latents carry the images (tools/toy/make_tiny_model.py)
         make_tiny_model.main(["--family", "sd15", "--out", str(model), "--seed", "0", "--vae-steps", "300"])
     for name, n, seed, bad in (
         ("train", a.pairs, 0, ["--corrupt", "1", "--null-caption", "1"]),
@@ -44,21 +44,54 @@ def main(argv: list[str] | None = None) -> int:
             make_pickapic.main(
                 ["--out", str(out / "pickapic" / name), "--pairs", str(n), "--seed", str(seed), *bad]
             )
-        _run([py, "-m", "stages.encode", "--config", "configs/encode/tiny.yaml", f"model.path={model}",
-              f"data.source={out / 'pickapic' / name}", f"output.dir={out / 'shards' / name}"])  # fmt: skip
+        _run(
+            [
+                py,
+                "-m",
+                "stages.encode",
+                "--config",
+                "configs/encode/tiny.yaml",
+                f"model.path={model}",
+                f"data.source={out / 'pickapic' / name}",
+                f"output.dir={out / 'shards' / name}",
+            ]
+        )
     runs = {}
     # robust_dpo_guess: Robust-DPO at eps 0.3 whatever the true rate, the best objective found that is
     # not told it (FINDINGS.md, "Without an oracle"); the report's audit lists the annotators it doubts
     for name in ("dpo", "adaptive_dpo", "robust_dpo_guess"):
         run = out / "runs" / name
-        _run([py, "-m", "stages.train", "--config", f"configs/train/tiny_{name}.yaml", f"data.shards={out / 'shards' / 'train'}",
-              f"output.dir={run}", f"train.max_steps={a.steps}", "data.micro_batch=8", f"data.flip_rate={a.flip_rate}",
-              f"checkpoint.every={a.steps}"])  # fmt: skip
+        _run(
+            [
+                py,
+                "-m",
+                "stages.train",
+                "--config",
+                f"configs/train/tiny_{name}.yaml",
+                f"data.shards={out / 'shards' / 'train'}",
+                f"output.dir={run}",
+                f"train.max_steps={a.steps}",
+                "data.micro_batch=8",
+                f"data.flip_rate={a.flip_rate}",
+                f"checkpoint.every={a.steps}",
+            ]
+        )
         runs[name] = run
     report = out / "report"
-    _run([py, "-m", "stages.evaluate", "--config", "configs/eval/tiny.yaml", f"output={report}",
-          *[f"models.unets.{k}={v}" for k, v in runs.items()], f"preference.shards={out / 'shards' / 'heldout'}",
-          "generation.prompts=prompts/toy.txt", *[f"minority.runs.{k}={v}" for k, v in runs.items()]])  # fmt: skip
+    _run(
+        [
+            py,
+            "-m",
+            "stages.evaluate",
+            "--config",
+            "configs/eval/tiny.yaml",
+            f"output={report}",
+            *[f"models.unets.{k}={v}" for k, v in runs.items()],
+            f"preference.shards={out / 'shards' / 'heldout'}",
+            "generation.prompts=prompts/toy.txt",
+            *[f"minority.runs.{k}={v}" for k, v in runs.items()],
+        ]
+    )
     print(
         f"\ndemo done: report {report / 'report.md'}, plots {report}/*.png, images {report / 'images'}, runs {out / 'runs'}"
     )

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import httpx
 
-from tools import label_servers, make_pickapic, make_tiny_model
+from tools import label_servers
+from tools.toy import make_pickapic, make_tiny_model
 
 
 def _run(cmd: list[str]) -> str:
@@ -57,8 +58,15 @@ def label_as_two(url: str, tokens: dict[str, str], truth: dict[str, int], agains
         item = r.json()["items"][0]
         better = truth[item["key"]]
         choice = better if who == "alice" else 1 - better
-        r = clients[who].post("/api/label", json={"item": item["key"], "choice": str(choice),
-                                                  "submission_id": uuid.uuid4().hex, "duration_ms": 900})  # fmt: skip
+        r = clients[who].post(
+            "/api/label",
+            json={
+                "item": item["key"],
+                "choice": str(choice),
+                "submission_id": uuid.uuid4().hex,
+                "duration_ms": 900,
+            },
+        )
         r.raise_for_status()
         counts[who] += 1
     for c in clients.values():
@@ -84,12 +92,26 @@ def main(argv: list[str] | None = None) -> int:
     py = sys.executable
     model = Path(a.model) if a.model else out / "models" / "sd15"
     if not (model / "model_index.json").is_file():
-        # a VAE trained briefly as an autoencoder, so latents carry the images (tools/make_tiny_model.py)
+        # a VAE trained briefly as an autoencoder, so latents carry the images (tools/toy/make_tiny_model.py)
         make_tiny_model.main(["--family", "sd15", "--out", str(model), "--seed", "0", "--vae-steps", "300"])
     pairs = out / "pickapic"
     if not pairs.is_dir():
-        make_pickapic.main(["--out", str(pairs), "--pairs", str(a.pairs), "--seed", str(a.seed), "--tie-rate", "0",
-                            "--unlabelled-rate", "0", "--identical-rate", "0"])  # fmt: skip
+        make_pickapic.main(
+            [
+                "--out",
+                str(pairs),
+                "--pairs",
+                str(a.pairs),
+                "--seed",
+                str(a.seed),
+                "--tie-rate",
+                "0",
+                "--unlabelled-rate",
+                "0",
+                "--identical-rate",
+                "0",
+            ]
+        )
 
     # 1. a campaign with two annotators, labelled through the HTTP API
     db = out / "labels.db"
@@ -112,13 +134,44 @@ def main(argv: list[str] | None = None) -> int:
 
     # 2. export -> encode -> train -> evaluate, with the project's commands
     _run([py, "-m", "stages.label", "export", "--db", str(db), "--out", str(out / "prefs")])
-    _run([py, "-m", "stages.encode", "--config", "configs/encode/tiny.yaml", f"model.path={model}",
-          f"data.source={out / 'prefs'}", f"output.dir={out / 'shards'}"])  # fmt: skip
+    _run(
+        [
+            py,
+            "-m",
+            "stages.encode",
+            "--config",
+            "configs/encode/tiny.yaml",
+            f"model.path={model}",
+            f"data.source={out / 'prefs'}",
+            f"output.dir={out / 'shards'}",
+        ]
+    )
     run = out / "run"
-    _run([py, "-m", "stages.train", "--config", a.train_config, f"data.shards={out / 'shards'}", f"output.dir={run}",
-          f"train.max_steps={a.steps}", "data.micro_batch=8", f"checkpoint.every={a.steps}"])  # fmt: skip
-    _run([py, "-m", "stages.evaluate", "--config", "configs/eval/tiny.yaml", f"output={out / 'report'}",
-          f"minority.runs.adaptive={run}"])  # fmt: skip
+    _run(
+        [
+            py,
+            "-m",
+            "stages.train",
+            "--config",
+            a.train_config,
+            f"data.shards={out / 'shards'}",
+            f"output.dir={run}",
+            f"train.max_steps={a.steps}",
+            "data.micro_batch=8",
+            f"checkpoint.every={a.steps}",
+        ]
+    )
+    _run(
+        [
+            py,
+            "-m",
+            "stages.evaluate",
+            "--config",
+            "configs/eval/tiny.yaml",
+            f"output={out / 'report'}",
+            f"minority.runs.adaptive={run}",
+        ]
+    )
 
     # 3. the per-annotator audit, with names
     from pipeline.label.people import list_people
@@ -131,8 +184,10 @@ def main(argv: list[str] | None = None) -> int:
         f"{'annotator':<10} {'user_id':>7} {'pairs':>6} {'high-score share':>17} {'mean score':>11} {'policy disagrees':>17}"
     )
     for r in audit:
-        print(f"{names.get(r['user_id'], '?'):<10} {r['user_id']:>7} {r['pairs']:>6} {r['high_share']:>17.3f} "
-              f"{r['mean_score']:>11.4g} {r['policy_disagrees']:>17.3f}")  # fmt: skip
+        print(
+            f"{names.get(r['user_id'], '?'):<10} {r['user_id']:>7} {r['pairs']:>6} {r['high_share']:>17.3f} "
+            f"{r['mean_score']:>11.4g} {r['policy_disagrees']:>17.3f}"
+        )
     first = names.get(audit[0]["user_id"]) if audit else None
     print(
         f"\nfirst in the audit: {first} ({'as expected' if first == 'mallory' else 'NOT the disagreeing annotator'})"

@@ -10,7 +10,7 @@ acknowledgement was lost would (it must come back ``duplicate`` and be stored on
 the campaign has ``--labels`` labels, when nothing is left for it, or after ``--max-seconds``.
 The server is ``python -m stages.label serve`` in its own process (``--workers`` app processes), on
 a SQLite file or a throwaway PostgreSQL server (``--db postgres``); the data are toy Pick-a-Pic pairs
-(tools.make_pickapic). Writes JSON: labels/s, latency percentiles per request kind, and the checks.
+(tools.toy.make_pickapic). Writes JSON: labels/s, latency percentiles per request kind, and the checks.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import httpx
 import numpy as np
 
 from tools import label_servers
-from tools.make_pickapic import make_rows, write_parquet
+from tools.toy.make_pickapic import make_rows, write_parquet
 
 
 @dataclass
@@ -50,8 +50,17 @@ class LoadResult:
     wall_s: float = 0.0
 
 
-async def _annotator(name: str, token: str, base: str, res: LoadResult, target: int, deadline: float,
-                     retry_share: float, rng: random.Random, images: bool) -> None:  # fmt: skip
+async def _annotator(
+    name: str,
+    token: str,
+    base: str,
+    res: LoadResult,
+    target: int,
+    deadline: float,
+    retry_share: float,
+    rng: random.Random,
+    images: bool,
+) -> None:
     headers = {"authorization": f"Bearer {token}"}
     async with httpx.AsyncClient(base_url=base, headers=headers, timeout=60.0) as c:
 
@@ -82,8 +91,12 @@ async def _annotator(name: str, token: str, base: str, res: LoadResult, target: 
             choice = rng.choice(
                 [str(item["images"][0]["index"]), str(item["images"][1]["index"]), "tie", "skip"]
             )
-            body = {"item": item["key"], "choice": choice, "submission_id": uuid.uuid4().hex,
-                    "duration_ms": rng.randint(300, 4000)}  # fmt: skip
+            body = {
+                "item": item["key"],
+                "choice": choice,
+                "submission_id": uuid.uuid4().hex,
+                "duration_ms": rng.randint(300, 4000),
+            }
             sends = 2 if rng.random() < retry_share else 1
             for attempt in range(sends):
                 res.unacked[body["submission_id"]] = (name, token, body)
@@ -101,18 +114,30 @@ async def _annotator(name: str, token: str, base: str, res: LoadResult, target: 
                 res.acked[body["submission_id"]] = (name, item["key"], choice)
 
 
-def run_load(base: str, tokens: dict[str, str], target: int, max_seconds: float = 600.0, retry_share: float = 0.05,
-             seed: int = 0, images: bool = True, result: LoadResult | None = None) -> LoadResult:  # fmt: skip
+def run_load(
+    base: str,
+    tokens: dict[str, str],
+    target: int,
+    max_seconds: float = 600.0,
+    retry_share: float = 0.05,
+    seed: int = 0,
+    images: bool = True,
+    result: LoadResult | None = None,
+) -> LoadResult:
     """Run the simulated annotators against ``base`` until ``target`` labels are acknowledged."""
     res = result or LoadResult()
     rng = random.Random(seed)
     deadline = time.time() + max_seconds
 
     async def main():
-        await asyncio.gather(*(
-            _annotator(n, t, base, res, target, deadline, retry_share, random.Random(rng.random()), images)
-            for n, t in tokens.items()
-        ))  # fmt: skip
+        await asyncio.gather(
+            *(
+                _annotator(
+                    n, t, base, res, target, deadline, retry_share, random.Random(rng.random()), images
+                )
+                for n, t in tokens.items()
+            )
+        )
 
     t0 = time.perf_counter()
     asyncio.run(main())
@@ -160,8 +185,12 @@ def _pct(xs: list[float]) -> dict:
     if not xs:
         return {}
     a = np.array(xs) * 1000.0
-    return {"n": len(xs), "p50_ms": round(float(np.percentile(a, 50)), 2), "p99_ms": round(float(np.percentile(a, 99)), 2),
-            "max_ms": round(float(a.max()), 2)}  # fmt: skip
+    return {
+        "n": len(xs),
+        "p50_ms": round(float(np.percentile(a, 50)), 2),
+        "p99_ms": round(float(np.percentile(a, 99)), 2),
+        "max_ms": round(float(a.max()), 2),
+    }
 
 
 def prepare(
@@ -203,8 +232,13 @@ def main(argv: list[str] | None = None) -> int:
         try:
             db_url = pg.create_database("load") if pg else str(tmp / "labels.db")
             src, tokens = prepare(tmp, items, a.annotators, db_url, a.seed)
-            overrides = [f"source={src}", f"db={db_url}", f"assignment.per_item={a.per_item}",
-                         f"server.workers={a.workers}", "items.shuffle=false"]  # fmt: skip
+            overrides = [
+                f"source={src}",
+                f"db={db_url}",
+                f"assignment.per_item={a.per_item}",
+                f"server.workers={a.workers}",
+                "items.shuffle=false",
+            ]
             with label_servers.LabelServer(overrides, log=tmp / "server.log") as srv:
                 res = run_load(
                     srv.url, tokens, a.labels, a.max_seconds, a.retry_share, a.seed, not a.no_images

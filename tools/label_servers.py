@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,6 +20,8 @@ import time
 from pathlib import Path
 
 import httpx
+
+from pipeline.engine.dist import free_port
 
 
 def _pg_bin() -> Path:
@@ -38,12 +39,6 @@ PG_BIN = _pg_bin()
 
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def available() -> str | None:
@@ -147,8 +142,17 @@ class LabelServer:
 
     def start(self, timeout: float = 120.0) -> LabelServer:
         self.port = free_port()
-        cmd = [sys.executable, "-m", "stages.label", "serve", "--config", self.config, *self.overrides,
-               f"server.port={self.port}", "server.log_level=warning"]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "stages.label",
+            "serve",
+            "--config",
+            self.config,
+            *self.overrides,
+            f"server.port={self.port}",
+            "server.log_level=warning",
+        ]
         env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
         out = open(self.log, "ab") if self.log else subprocess.DEVNULL
         # its own process group, so that kill() also reaches uvicorn's worker processes

@@ -1,6 +1,8 @@
-"""Rewrite the README's generated config reference in place.
+"""Rewrite the generated config reference (docs/config.md) in place, from the schemas.
 
 python -m tools.update_readme
+
+(The name is historical: the reference was a README section before it moved to docs/config.md.)
 """
 
 from __future__ import annotations
@@ -11,17 +13,17 @@ from pathlib import Path
 from tools.config_reference import reference
 
 START, END = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
+TARGET = Path(__file__).resolve().parents[1] / "docs" / "config.md"
 
 
-def render(readme: str) -> str:
-    a, b = readme.index(START) + len(START), readme.index(END)
-    return readme[:a] + "\n" + reference() + readme[b:]
+def render(text: str) -> str:
+    a, b = text.index(START) + len(START), text.index(END)
+    return text[:a] + "\n" + reference() + text[b:]
 
 
 def main() -> int:
-    p = Path(__file__).resolve().parents[1] / "README.md"
-    p.write_text(render(p.read_text()))
-    print(f"updated {p}")
+    TARGET.write_text(render(TARGET.read_text()))
+    print(f"updated {TARGET}")
     return 0
 
 

@@ -33,13 +33,9 @@ import numpy as np
 
 from pipeline.data.flips import is_flipped
 from pipeline.errors import UserError
-
-# rewards backed by a scorer of the evaluation stage, each loaded from the folder given for it
-SCORER_REWARDS = ("aesthetic", "pickscore", "hpsv2", "imagereward")
-SCRIPTED_REWARDS = ("brightness", "jpeg_compressibility", "jpeg_incompressibility", "random")
-BASE_REWARDS = (*SCRIPTED_REWARDS, *SCORER_REWARDS)
-# every name the registry (and the config) accepts: each reward and its negation
-REWARD_NAMES = (*BASE_REWARDS, *(f"-{n}" for n in BASE_REWARDS))
+from pipeline.evaluate import scorers
+from pipeline.models import DTYPES, pick_device
+from pipeline.schema.feedback import REWARD_NAMES, SCORER_REWARDS, SCRIPTED_REWARDS
 
 RewardFn = Callable[[Sequence, Sequence[str]], np.ndarray]
 
@@ -102,10 +98,7 @@ def negate(reward: Reward) -> Reward:
 
 
 def _scorer_reward(name: str, path: str, device: str, dtype: str) -> Reward:
-    """A scorer of the evaluation stage as a reward (torch and transformers load only here)."""
-    from pipeline.evaluate import scorers
-    from pipeline.models import DTYPES, pick_device
-
+    """A scorer of the evaluation stage as a reward."""
     dev, dt = pick_device(device), DTYPES[dtype]
     if name == "aesthetic":
         scorer = scorers.AestheticScorer(path, dev, dt)

@@ -1,8 +1,7 @@
 """The D3PO sampling loop as library code: prompts in, trajectories of K images per prompt out.
 
-``read_prompts`` turns ``prompts.source`` into the prompt list (a text file's lines, or a Pick-a-Pic
-parquet's distinct captions in first-occurrence order); ``screen_prompts`` drops the ones that cannot
-be sampled faithfully, by reason. ``TrajectorySampler.sample`` runs DDIM with classifier-free guidance
+``screen_prompts`` drops the prompts (``pipeline.data.prompts.read_prompt_source``) that cannot be
+sampled faithfully, by reason. ``TrajectorySampler.sample`` runs DDIM with classifier-free guidance
 through ``pipeline.d3po.ddim`` (``cfg_noise_pred`` + ``ddim_step_with_logprob``, the functions the
 trainer re-scores with) for a batch of prompt groups. Every random draw of a group (its x_T, then the
 noise of every step, K images at a time) comes from that group's own CPU generator, so a group's
@@ -19,78 +18,15 @@ pixels round differently.
 
 from __future__ import annotations
 
-import glob
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 from diffusers import DDIMScheduler
 
 from pipeline.d3po.ddim import cfg_noise_pred, ddim_step_with_logprob
-from pipeline.errors import UserError
 
 LATENT_DTYPE = torch.float16  # the trajectory format's (pipeline.d3po.trajectories)
-
-
-@dataclass
-class PromptList:
-    prompts: list[str]  # index i is prompt i (its noise, its key); empty strings included
-    files: list[Path]
-    rows_read: int  # lines of the text file, or parquet rows
-    kind: str  # "text" | "parquet"
-
-
-def _parquet_files(source: str) -> list[Path]:
-    p = Path(source)
-    if p.is_file():
-        return [p]
-    if p.is_dir():
-        return sorted(p.rglob("*.parquet"))
-    return sorted(Path(f) for f in glob.glob(source, recursive=True) if f.endswith(".parquet"))
-
-
-def read_prompts(source: str, max_prompts: int | None = None) -> PromptList:
-    """A text file (one prompt a line, stripped; every line counts, duplicates included) or Pick-a-Pic
-    parquet file(s) (the distinct ``caption`` values in first-occurrence order: Pick-a-Pic repeats a
-    caption in ~14 pairs; a null caption reads as the empty prompt). ``max_prompts`` keeps the first N."""
-    p = Path(source)
-    if p.is_file() and p.suffix != ".parquet":
-        try:
-            lines = p.read_text(encoding="utf-8").splitlines()
-        except UnicodeDecodeError as e:
-            raise UserError(f"prompts.source={source}: not a UTF-8 text file ({e})") from e
-        prompts = [line.strip() for line in lines]
-        out = PromptList(prompts, [p], len(lines), "text")
-    else:
-        files = _parquet_files(source)
-        if not files:
-            what = "no such file" if not (p.exists() or glob.has_magic(source)) else "no parquet files found"
-            raise UserError(
-                f"prompts.source={source}: {what} (give a text file with a prompt a line, or Pick-a-Pic "
-                "parquet: a .parquet file, a directory or a glob)"
-            )
-        import pyarrow.parquet as pq
-
-        seen: dict[str, None] = {}
-        rows = 0
-        for f in files:
-            try:
-                names = pq.read_schema(f).names
-            except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a bad file
-                raise UserError(f"{f}: not a readable parquet file ({e})") from e
-            if "caption" not in names:
-                raise UserError(f"{f}: no caption column (prompts.source takes Pick-a-Pic parquet)")
-            col = pq.read_table(f, columns=["caption"])["caption"].to_pylist()
-            rows += len(col)
-            for c in col:
-                seen.setdefault("" if c is None else str(c))
-        out = PromptList(list(seen), files, rows, "parquet")
-    if max_prompts is not None:
-        out.prompts = out.prompts[:max_prompts]
-    if not out.prompts:
-        raise UserError(f"prompts.source={source}: no prompts in it")
-    return out
 
 
 @dataclass

@@ -26,11 +26,18 @@ The unconditional embedding (the empty prompt's, float16 [1, 77, D]) is stored o
 ``uncond.npy``; each shard's record names the sha256 of the one it was sampled with, and the manifest
 lists it. Writing (tmp + rename, then a sidecar ``shard-NNNNNN.json`` with count and sha256),
 skipping finished shards and the ``plan.json`` that every job of a job array computes identically
-follow the encode stage (``pipeline.data.shards``). ``manifest.json`` merges plan and sidecars:
-counts (prompts read, groups, pairs, skipped by reason), sampler settings (with the DDIM scheduler's
-config, so a trainer rebuilds the same scheduler), the model's identity, shapes, and bytes per group
-and per pair (K (K - 1) / 2 pairs per group). ``read_groups`` reads it all back as numpy, never
-unpickling.
+follow the encode stage (``pipeline.data.jobs``, ``pipeline.data.shards``). ``manifest.json`` merges
+plan and sidecars (``merge_trajectories``): counts (prompts read, groups, pairs, skipped by reason),
+sampler settings (with the DDIM scheduler's config, so a trainer rebuilds the same scheduler), the
+model's identity, shapes, and bytes per group and per pair (K (K - 1) / 2 pairs per group).
+
+This module is the one reader of the format, never unpickling: ``read_manifest`` (format and version
+checked), ``read_groups`` (every group as numpy, for tests and tools), ``iter_groups`` (each group's
+json and JPEGs only, a malformed sample a counted ``BadGroup``: the feedback stage's reading),
+``read_images`` (every decoded image and its prompt: the online loop's evaluation) and
+``index_arrays`` + ``read_array`` (the arrays of any group read by byte offset: the trainer's random
+access). ``write_label_index`` makes a complete folder a source of the labelling service
+(``images.jsonl``, ``pipeline.label.sources``).
 """
 
 from __future__ import annotations
@@ -39,21 +46,20 @@ import hashlib
 import io
 import json
 import os
+import tarfile
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
-from pipeline.data.shards import (
-    finished_record,
-    iter_tar_samples,
-    sha256_file,
-    shard_name,
-    write_json_atomic,
-    write_temporary,
-)
+from pipeline.data import shards
+from pipeline.data.manifest import merge_manifest
 from pipeline.errors import UserError
+from pipeline.io import atomic_write_bytes, npy_bytes, write_temporary
+from pipeline.label.sources import write_samples_index
 
 FORMAT = "d3po-trajectories"
 VERSION = 1
@@ -75,12 +81,6 @@ def group_seed(seed: int, prompt_index: int) -> int:
 
 def pairs_per_group(k: int) -> int:
     return k * (k - 1) // 2
-
-
-def npy_bytes(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
-    return buf.getvalue()
 
 
 def encode_group(key: str, arrays: dict[str, np.ndarray], jpegs: list[bytes], meta: dict) -> dict[str, bytes]:
@@ -115,16 +115,12 @@ def decode_group(raw: dict, decode_images: bool = False) -> dict:
         raise ValueError(f"sample {raw['__key__']}: no img{missing[0]}.jpg member")
     out["jpegs"] = [raw[f"img{j}.jpg"] for j in range(k)]
     if decode_images:
-        from PIL import Image
-
         out["images"] = np.stack([np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in out["jpegs"]])
     return out
 
 
 def jpeg_bytes(image: np.ndarray, quality: int) -> bytes:
     """uint8 [H, W, 3] -> JPEG bytes (fixed settings: the same pixels give the same bytes)."""
-    from PIL import Image
-
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
@@ -165,18 +161,11 @@ def load_uncond(shard_dir: str | Path, text_dim: int | None = None) -> np.ndarra
     return a
 
 
-def merge_manifest(out_dir: Path, verify: bool = False) -> dict | None:
-    """Write ``manifest.json`` from ``plan.json``, the shard sidecars and ``uncond.npy``; None while
-    shards are missing. Refuses records that do not add up or were sampled with another uncond."""
-    out_dir = Path(out_dir)
-    plan = json.loads((out_dir / "plan.json").read_text())
-    records = []
-    for i in range(plan["n_shards"]):
-        rec = finished_record(out_dir / shard_name(i), verify=verify)
-        if rec is None:
-            return None
-        records.append(rec)
-    uncond_sha = sha256_file(out_dir / UNCOND)
+def trajectory_contents(out_dir: Path, plan: dict, records: list[dict]) -> dict:
+    """The trajectories' manifest keys (``pipeline.data.manifest.merge_manifest``'s ``contents``):
+    counts, the skipped prompts, the uncond file and the sizes. Refuses records that do not add up or
+    were sampled with another uncond."""
+    uncond_sha = shards.sha256_file(out_dir / UNCOND)
     for rec in records:
         start, end = rec["groups"]
         if rec["count"] != end - start:
@@ -200,10 +189,8 @@ def merge_manifest(out_dir: Path, verify: bool = False) -> dict | None:
     k = plan["sampler"]["images_per_prompt"]
     shard_bytes = sum(r["bytes"] for r in records)
     pairs = groups * pairs_per_group(k)
-    manifest = {
-        "format": FORMAT,
-        "version": VERSION,
-        **{key: v for key, v in plan.items() if key not in ("scan", "format", "version")},
+    uncond_bytes = (out_dir / UNCOND).stat().st_size
+    return {
         "counts": {
             "prompts_read": plan["scan"]["prompts_read"],
             "groups": groups,
@@ -212,52 +199,181 @@ def merge_manifest(out_dir: Path, verify: bool = False) -> dict | None:
             "skipped": dict(sorted(skipped.items())),
         },
         "skipped_prompt_indices": plan["scan"]["skipped_indices"],
-        "uncond": {"name": UNCOND, "bytes": (out_dir / UNCOND).stat().st_size, "sha256": uncond_sha},
-        "shards": [{key: r[key] for key in ("name", "count", "bytes", "sha256")} for r in records],
+        "uncond": {"name": UNCOND, "bytes": uncond_bytes, "sha256": uncond_sha},
         "shard_bytes": shard_bytes,
-        "total_bytes": shard_bytes + (out_dir / UNCOND).stat().st_size,
+        "total_bytes": shard_bytes + uncond_bytes,
         "bytes_per_group": shard_bytes / max(groups, 1),
         "bytes_per_pair": shard_bytes / max(pairs, 1),
     }
-    write_json_atomic(out_dir / "manifest.json", manifest)
+
+
+def merge_trajectories(out_dir: Path, verify: bool = False) -> dict | None:
+    """Merge a trajectory folder's ``manifest.json`` (None while shards, or its uncond, are missing),
+    then make the complete folder a labelling source (``write_label_index``)."""
+    if not (Path(out_dir) / UNCOND).exists():
+        return None
+    manifest = merge_manifest(out_dir, verify, contents=trajectory_contents)
+    if manifest is not None:  # complete: people can label it (python -m stages.label serve source=<out>)
+        write_label_index(out_dir)
     return manifest
 
 
-def load_manifest(shard_dir: str | Path) -> dict:
-    p = Path(shard_dir) / "manifest.json"
-    if not p.is_file():
-        parts = sorted(Path(shard_dir).glob("shard-*.json")) if Path(shard_dir).is_dir() else []
-        hint = (
-            f" ({len(parts)} shard records present: the sample jobs have not all finished)" if parts else ""
-        )
-        raise UserError(f"{p}: no manifest{hint}")
-    try:
-        m = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{p}: not valid JSON ({e})") from e
-    if m.get("format") != FORMAT or m.get("version") != VERSION:
-        raise UserError(
-            f"{p}: not a {FORMAT} v{VERSION} manifest (format={m.get('format')!r}, version={m.get('version')!r})"
-        )
-    return m
+def read_manifest(folder: str | Path) -> dict:
+    """The trajectory folder's ``manifest.json``; a UserError unless it is this format and version."""
+    return shards.load_manifest(folder, FORMAT, VERSION, unfinished="the sample jobs have not all finished")
+
+
+# --- reading ----------------------------------------------------------------------------------------
+
+
+def _shard_samples(folder: Path, manifest: dict, verify: bool) -> Iterator[tuple[str, dict]]:
+    """(shard name, raw sample) of every sample of the folder in manifest order. A missing shard, a
+    sha256 that is not the manifest's (with ``verify``) or an unreadable tar is a UserError: the whole
+    shard is in doubt."""
+    for s in manifest.get("shards", []):
+        p = folder / s["name"]
+        if not p.is_file():
+            raise UserError(f"{p}: listed in the manifest but missing")
+        if verify and s.get("sha256") and shards.sha256_file(p) != s["sha256"]:
+            raise UserError(f"{p}: sha256 differs from the manifest's (damaged or replaced); sample it again")
+        try:
+            for raw in shards.iter_tar_samples(p):
+                yield s["name"], raw
+        except UserError:
+            raise
+        except Exception as e:  # tarfile.ReadError, EOFError, webdataset's ValueError on a broken member
+            raise UserError(f"{p}: not a readable tar ({type(e).__name__}: {e}); sample it again") from e
 
 
 def read_groups(shard_dir: str | Path, verify: bool = False, decode_images: bool = False) -> Iterator[dict]:
     """Every prompt group of a trajectory folder, in shard order (``decode_group``'s dicts). With
     ``verify`` each shard's sha256 is checked against the manifest first."""
     d = Path(shard_dir)
-    m = load_manifest(d)
-    for s in m["shards"]:
-        p = d / s["name"]
+    for _, raw in _shard_samples(d, read_manifest(d), verify):
+        yield decode_group(raw, decode_images)
+
+
+@dataclass
+class Group:
+    """One prompt group as the feedback sees it: its json's fields and its JPEGs."""
+
+    key: str
+    prompt: str
+    prompt_index: int
+    image_keys: list[str]
+    jpegs: list[bytes]
+    shard: str
+
+
+@dataclass
+class BadGroup:
+    """A sample that cannot be a group (no json, unreadable json, fewer than 2 images): skipped, counted."""
+
+    key: str
+    reason: str
+    shard: str
+
+
+def _group(raw: dict, shard: str) -> Group | BadGroup:
+    key = raw["__key__"]
+    try:
+        meta = json.loads(raw["json"])
+        if not isinstance(meta, dict):
+            raise ValueError("not an object")
+    except (KeyError, ValueError, UnicodeDecodeError):
+        return BadGroup(key, "malformed_group", shard)
+    jpegs = []
+    while f"img{len(jpegs)}.jpg" in raw:
+        jpegs.append(raw[f"img{len(jpegs)}.jpg"])
+    k = len(jpegs)
+    # the sample stage lists the image keys in its json (``images``; ``image_keys`` in an early draft)
+    listed = meta.get("images", meta.get("image_keys"))
+    if isinstance(listed, list) and all(isinstance(s, str) for s in listed):
+        image_keys = list(listed)
+    else:
+        image_keys = [f"{key}/{j}" for j in range(k)]
+    if k < 2 or len(image_keys) != k:
+        return BadGroup(key, "malformed_group", shard)
+    prompt_index = meta.get("prompt_index", -1)
+    return Group(
+        key=key,
+        prompt=str(meta.get("prompt", "")),
+        prompt_index=prompt_index if isinstance(prompt_index, int) else -1,
+        image_keys=image_keys,
+        jpegs=jpegs,
+        shard=shard,
+    )
+
+
+def iter_groups(folder: str | Path, manifest: dict, verify: bool = True) -> Iterator[Group | BadGroup]:
+    """Every sample of the folder in manifest order, as a ``Group`` (json and JPEGs, no arrays) or a
+    ``BadGroup``; the shard-level errors of ``_shard_samples``."""
+    for shard, raw in _shard_samples(Path(folder), manifest, verify):
+        yield _group(raw, shard)
+
+
+def decode_images(group: Group) -> list | None:
+    """The group's images as RGB PIL images, or None when one does not decode (a corrupt JPEG)."""
+    out = []
+    for data in group.jpegs:
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                out.append(im.convert("RGB"))
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+            return None
+    return out
+
+
+def read_images(folder: str | Path) -> tuple[list, list[str]]:
+    """Every image of a complete trajectory folder (manifest order, group by group) and its prompt; a
+    malformed group or an image that does not decode is a UserError."""
+    images, prompts = [], []
+    for g in iter_groups(folder, read_manifest(folder)):
+        if isinstance(g, BadGroup):
+            raise UserError(f"{folder}: group {g.key} is malformed ({g.reason}); sample it again")
+        ims = decode_images(g)
+        if ims is None:
+            raise UserError(f"{folder}: an image of group {g.key} does not decode; sample it again")
+        images += ims
+        prompts += [g.prompt] * len(ims)
+    return images, prompts
+
+
+def index_arrays(shard_dir: Path, manifest: dict) -> dict[str, dict[str, tuple[Path, int, int]]]:
+    """key -> array name -> (shard, byte offset, size) of the arrays of every group, from the tar
+    headers alone (``read_array`` reads one when a batch needs it, never all at once)."""
+    out: dict[str, dict[str, tuple[Path, int, int]]] = {}
+    for s in manifest["shards"]:
+        p = shard_dir / s["name"]
         if not p.is_file():
             raise UserError(f"{p}: listed in the manifest but missing")
-        if verify and sha256_file(p) != s["sha256"]:
-            raise UserError(f"{p}: sha256 differs from the manifest's (damaged or replaced)")
-        for raw in iter_tar_samples(p):
-            yield decode_group(raw, decode_images)
+        try:
+            with tarfile.open(p, "r:") as tar:
+                for ti in tar:
+                    if not ti.isfile():
+                        continue
+                    key, _, suffix = Path(ti.name).name.partition(".")
+                    name = suffix.removesuffix(".npy")
+                    if suffix.endswith(".npy") and name in ARRAY_FIELDS:
+                        out.setdefault(key, {})[name] = (p, ti.offset_data, ti.size)
+        except (tarfile.TarError, OSError) as e:
+            raise UserError(f"{p}: not a readable tar ({type(e).__name__}: {e}); sample it again") from e
+    for key, arrays in out.items():
+        missing = [name for name in ARRAY_FIELDS if name not in arrays]
+        if missing:
+            raise UserError(f"{arrays[next(iter(arrays))][0]}: group {key} has no {missing[0]}.npy")
+    return out
 
 
-LABEL_INDEX = "images.jsonl"  # the labelling service's sampling-folder source (pipeline/label/sources.py)
+def read_array(where: tuple[Path, int, int]) -> np.ndarray:
+    """One array of ``index_arrays``: (shard, byte offset, size)."""
+    path, offset, size = where
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return np.load(io.BytesIO(f.read(size)), allow_pickle=False)
+
+
+# --- the labelling service's index ----------------------------------------------------------------
 
 
 def write_label_index(shard_dir: str | Path) -> Path:
@@ -265,17 +381,20 @@ def write_label_index(shard_dir: str | Path) -> Path:
     ``images/<KEY>_<j>.jpg`` and ``images.jsonl`` (``image_key`` ``KEY/j``, the key the feedback stage
     matches people's labels by; ``prompt_key`` the group ``KEY``). The JPEG bytes are the shards' own;
     each file is written atomically, and a rerun rewrites the same bytes."""
-    from pipeline.data.shards import _atomic_write_bytes
-
     d = Path(shard_dir)
     (d / "images").mkdir(exist_ok=True)
-    lines = []
+    records = []
     for g in read_groups(d):
         for j, jpeg in enumerate(g["jpegs"]):
             rel = f"images/{g['key']}_{j}.jpg"
-            _atomic_write_bytes(d / rel, jpeg)
-            rec = {"image_key": f"{g['key']}/{j}", "prompt_key": g["key"], "caption": g["meta"]["prompt"], "k": j,
-                   "file": rel}  # fmt: skip
-            lines.append(json.dumps(rec, sort_keys=True))
-    _atomic_write_bytes(d / LABEL_INDEX, ("\n".join(lines) + "\n").encode())
-    return d / LABEL_INDEX
+            atomic_write_bytes(d / rel, jpeg)
+            records.append(
+                {
+                    "image_key": f"{g['key']}/{j}",
+                    "prompt_key": g["key"],
+                    "caption": g["meta"]["prompt"],
+                    "k": j,
+                    "file": rel,
+                }
+            )
+    return write_samples_index(d, records)

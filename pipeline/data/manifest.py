@@ -1,20 +1,29 @@
-"""The encode plan (which kept rows go to which shard) and the merged manifest.
+"""The plan of a shard-writing job array and the manifest merged from its shard records.
 
-The plan is a pure function of the input files, the model and the encode config; every job of an
-encode array computes the same plan and writes the same ``plan.json``. A job that finds a
-``plan.json`` that differs (another model, resolution or input in the same output dir) refuses.
-When every shard's sidecar exists, the sidecars and the plan merge into ``manifest.json``.
+The plan is a pure function of the inputs, the model and the config; every job of an array (the
+encode stage's, the sample stage's) computes the same plan and writes the same ``plan.json``. A job
+that finds a ``plan.json`` that differs (another model, resolution or input in the same output dir)
+refuses. When every shard's sidecar record exists, the plan and the records merge into
+``manifest.json``: ``merge_manifest`` collects the records and the format's ``contents`` function
+checks that they add up and says what else the manifest holds (``pair_contents``: the encoded pairs';
+``pipeline.d3po.trajectories.trajectory_contents``: the sampled trajectories').
 """
 
 from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.config import flatten
-from pipeline.data.shards import FORMAT, VERSION, finished_record, shard_name, write_json_atomic
+from pipeline.data.shards import finished_record, shard_name
 from pipeline.errors import UserError
+from pipeline.io import write_json_atomic
+
+# (folder, plan, the shard records in order) -> the format's own manifest keys; UserError when the
+# records do not add up
+Contents = Callable[[Path, dict, list[dict]], dict]
 
 
 def shard_ranges(n_kept: int, shard_size: int) -> list[tuple[int, int]]:
@@ -39,8 +48,9 @@ def check_or_write_plan(out_dir: Path, plan: dict, what: str = "shards of anothe
     write_json_atomic(path, plan)
 
 
-def merge_manifest(out_dir: Path, verify: bool = False) -> dict | None:
-    """Write ``manifest.json`` from ``plan.json`` and the shard sidecars; None while shards are missing."""
+def merge_manifest(out_dir: Path, verify: bool = False, contents: Contents | None = None) -> dict | None:
+    """Write ``manifest.json`` from ``plan.json`` and the shard sidecars; None while shards are missing.
+    ``contents``: the format's keys (default ``pair_contents``, the encode stage's format)."""
     out_dir = Path(out_dir)
     plan = json.loads((out_dir / "plan.json").read_text())
     records = []
@@ -49,6 +59,18 @@ def merge_manifest(out_dir: Path, verify: bool = False) -> dict | None:
         if rec is None:
             return None
         records.append(rec)
+    manifest = {
+        **{k: v for k, v in plan.items() if k != "scan"},
+        **(contents or pair_contents)(out_dir, plan, records),
+        "shards": [{k: r[k] for k in ("name", "count", "bytes", "sha256")} for r in records],
+    }
+    write_json_atomic(out_dir / "manifest.json", manifest)
+    return manifest
+
+
+def pair_contents(out_dir: Path, plan: dict, records: list[dict]) -> dict:
+    """The encoded pairs' manifest keys: counts (rows read, pairs, skipped rows by reason, captions),
+    the skipped ranking ids, the text files and the sizes."""
     skipped = Counter(plan["scan"]["skipped"])
     skipped_ids = {k: list(v) for k, v in plan["scan"]["skipped_ids"].items()}
     for rec in records:
@@ -70,23 +92,17 @@ def merge_manifest(out_dir: Path, verify: bool = False) -> dict | None:
             f"!= {plan['scan']['rows_read']} rows read; a shard record was edited or written by another "
             "version: delete the shards whose counts are wrong and run the encode again"
         )
-    manifest = {
-        "format": FORMAT,
-        "version": VERSION,
-        **{k: v for k, v in plan.items() if k not in ("scan", "format", "version")},
+    text_files = [t for r in records for t in r.get("text_files", [])]
+    text_bytes = sum(t["bytes"] for t in text_files)
+    return {
         "counts": {
             "rows_read": plan["scan"]["rows_read"],
             "pairs": kept,
             "skipped": dict(sorted(skipped.items())),
+            "captions": sum(t["count"] for t in text_files if t["name"].startswith("text-")),
         },
         "skipped_ranking_ids": {k: sorted(v) for k, v in sorted(skipped_ids.items())},
-        "shards": [{k: r[k] for k in ("name", "count", "bytes", "sha256")} for r in records],
-        "text_files": [t for r in records for t in r.get("text_files", [])],
+        "text_files": text_files,
+        "text_bytes": text_bytes,
+        "total_bytes": sum(r["bytes"] for r in records) + text_bytes,
     }
-    manifest["counts"]["captions"] = sum(
-        t["count"] for t in manifest["text_files"] if t["name"].startswith("text-")
-    )
-    manifest["text_bytes"] = sum(t["bytes"] for t in manifest["text_files"])
-    manifest["total_bytes"] = sum(r["bytes"] for r in records) + manifest["text_bytes"]
-    write_json_atomic(out_dir / "manifest.json", manifest)
-    return manifest

@@ -22,10 +22,39 @@ from pipeline.errors import UserError
 
 log = logging.getLogger(__name__)
 
+# Pick-a-Pic v2's columns that this project reads or writes, with the types it writes them with (the
+# labelling export, pipeline.label.export, and the toy data, tools/toy/make_pickapic.py); reading
+# accepts the wider COLUMN_TYPES below
+PICKAPIC_FIELDS = [
+    ("caption", pa.string()),
+    ("jpg_0", pa.binary()),
+    ("jpg_1", pa.binary()),
+    ("label_0", pa.float64()),
+    ("label_1", pa.float64()),
+    ("has_label", pa.bool_()),
+    ("are_different", pa.bool_()),
+    ("user_id", pa.int64()),
+    ("ranking_id", pa.int64()),
+    ("created_at", pa.timestamp("us", tz="UTC")),
+    ("image_0_uid", pa.string()),
+    ("image_1_uid", pa.string()),
+    ("model_0", pa.string()),
+    ("model_1", pa.string()),
+    ("best_image_uid", pa.string()),
+]
 REQUIRED_COLUMNS = (
-    "caption", "jpg_0", "jpg_1", "label_0", "label_1", "has_label", "are_different",
-    "user_id", "ranking_id", "image_0_uid", "image_1_uid",
-)  # fmt: skip
+    "caption",
+    "jpg_0",
+    "jpg_1",
+    "label_0",
+    "label_1",
+    "has_label",
+    "are_different",
+    "user_id",
+    "ranking_id",
+    "image_0_uid",
+    "image_1_uid",
+)
 OPTIONAL_COLUMNS = ("model_0", "model_1", "best_image_uid")
 # Arrow types each column may have (Pick-a-Pic v2's own types first); a column of only nulls is fine
 # where the scan turns nulls into a counted skip.

@@ -21,18 +21,16 @@ the same pairs give the same bytes. Format v1 (the embedding in every pair) is r
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import io
 import json
-import os
-import socket
 import tarfile
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.errors import UserError
+from pipeline.io import atomic_write_bytes, npy_bytes, write_json_atomic
 
 FORMAT = "pickapic-dpo-shards"
 VERSION = 2
@@ -52,14 +50,8 @@ def sidecar_path(tar_path: Path) -> Path:
     return tar_path.with_suffix(".json")
 
 
-def _npy_bytes(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
-    return buf.getvalue()
-
-
 def encode_sample(key: str, arrays: dict[str, np.ndarray], meta: dict) -> dict[str, bytes]:
-    members = {f"{name}.npy": _npy_bytes(a) for name, a in arrays.items() if a is not None}
+    members = {f"{name}.npy": npy_bytes(a) for name, a in arrays.items() if a is not None}
     members["json"] = json.dumps(meta, sort_keys=True).encode()
     return {"__key__": key, **members}
 
@@ -100,43 +92,6 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _mount_point(path: Path) -> Path:
-    path = path.resolve()
-    while not path.is_mount():
-        path = path.parent
-    return path
-
-
-def write_temporary(path: Path, data: bytes) -> Path:
-    """``data`` fsynced under a temporary name beside ``path`` (the caller renames or links it into
-    place). A full disk or quota is one line naming the file system; the temporary is removed, and
-    finished files are kept, so the same command resumes."""
-    tmp = path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise UserError(
-                f"writing {path}: {os.strerror(e.errno).lower()} on the file system at {_mount_point(path.parent)}; "
-                "free space and run the same command again (finished shards are kept)"
-            ) from e
-        raise
-    return tmp
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary name, fsync, rename (``write_temporary``)."""
-    write_temporary(path, data).replace(path)
-
-
-def write_json_atomic(path: Path, obj: dict) -> None:
-    _atomic_write_bytes(Path(path), (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
-
-
 def write_shard(tar_path: Path, samples: list[dict[str, bytes]], record: dict) -> dict:
     """Write the tar (tmp + rename), then its sidecar record with count, bytes and sha256 (the text
     files, written before, are in ``record["text_files"]``)."""
@@ -147,7 +102,7 @@ def write_shard(tar_path: Path, samples: list[dict[str, bytes]], record: dict) -
         for s in samples:
             sink.write(s)
     data = buf.getvalue()
-    _atomic_write_bytes(tar_path, data)
+    atomic_write_bytes(tar_path, data)
     record = dict(
         record,
         name=tar_path.name,
@@ -197,29 +152,33 @@ def iter_tar_samples(path: Path):
         yield from group_by_keys(tar_file_expander([{"stream": stream, "url": str(path)}]))
 
 
-def load_manifest(shard_dir: str | Path) -> dict:
+def load_manifest(
+    shard_dir: str | Path,
+    fmt: str = FORMAT,
+    version: int = VERSION,
+    unfinished: str = "the encode array has not finished, or run tools.merge_manifest",
+) -> dict:
+    """A shard folder's ``manifest.json``, refused unless it is ``fmt`` v``version`` (the encoded pairs'
+    by default; ``pipeline.d3po.trajectories.read_manifest`` asks for trajectories). Without one, the
+    error counts the shard records present and says why they are not merged yet (``unfinished``)."""
     p = Path(shard_dir) / "manifest.json"
     if not p.is_file():
         parts = sorted(Path(shard_dir).glob("shard-*.json")) if Path(shard_dir).is_dir() else []
-        hint = (
-            f" ({len(parts)} shard records present: the encode array has not finished, or run tools.merge_manifest)"
-            if parts
-            else ""
-        )
+        hint = f" ({len(parts)} shard records present: {unfinished})" if parts else ""
         raise UserError(f"{p}: no manifest{hint}")
     try:
         m = json.loads(p.read_text())
     except json.JSONDecodeError as e:
         raise UserError(f"{p}: not valid JSON ({e})") from e
-    if m.get("format") == FORMAT and m.get("version") == 1:
+    if fmt == FORMAT and m.get("format") == FORMAT and m.get("version") == 1:
         raise UserError(
             f"{p}: shards in format v1 (a text embedding stored with every pair); this version reads v2, "
             "which stores each caption's embedding once: re-encode them (python -m stages.encode, same "
             "config, a new output.dir)"
         )
-    if m.get("format") != FORMAT or m.get("version") != VERSION:
+    if m.get("format") != fmt or m.get("version") != version:
         raise UserError(
-            f"{p}: not a {FORMAT} v{VERSION} manifest (format={m.get('format')!r}, version={m.get('version')!r})"
+            f"{p}: not a {fmt} v{version} manifest (format={m.get('format')!r}, version={m.get('version')!r})"
         )
     return m
 

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.io import atomic_write_bytes, npy_bytes
+
 
 def text_name(index: int) -> str:
     return f"text-{index:06d}.npy"
@@ -46,24 +48,14 @@ def plan_texts(caption_keys: list[bytes], ranges: list[tuple[int, int]]) -> Text
     return TextPlan(refs=refs, first_seen=first_seen)
 
 
-def npy_bytes(arr: np.ndarray) -> bytes:
-    import io
-
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
-    return buf.getvalue()
-
-
 def write_texts(out_dir: Path, index: int, txt: np.ndarray, pooled: np.ndarray | None) -> list[dict]:
     """Write shard ``index``'s text files (tmp + rename); their records for the shard's sidecar."""
-    from pipeline.data.shards import _atomic_write_bytes
-
     records = []
     for name, arr in ((text_name(index), txt), (pooled_name(index), pooled)):
         if arr is None:
             continue
         data = npy_bytes(arr.astype(np.float16))
-        _atomic_write_bytes(Path(out_dir) / name, data)
+        atomic_write_bytes(Path(out_dir) / name, data)
         records.append(
             {"name": name, "count": len(arr), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
         )

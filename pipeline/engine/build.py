@@ -11,29 +11,16 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeline.engine.context import RunContext
 from pipeline.engine.ds_config import build_ds_config
 from pipeline.engine.ema import ShardedEMA
 from pipeline.engine.flat_layout import FlatLayout
+from pipeline.engine.lora import LoraReference, lora_config
 from pipeline.engine.precision import apply_attention
 from pipeline.models import DTYPES
-from pipeline.schema.train import TrainConfig, TrainModel
-from pipeline.step import LoraReference
+from pipeline.schema.train import TrainConfig
 
 UNetFactory = Callable[[torch.dtype], torch.nn.Module]
-
-
-def lora_config(m: TrainModel, init: str | bool = "gaussian"):
-    """peft's LoraConfig of ``model.lora_*``; None for full fine-tuning."""
-    if not m.lora_rank:
-        return None
-    from peft import LoraConfig
-
-    return LoraConfig(
-        r=m.lora_rank,
-        lora_alpha=m.lora_alpha or m.lora_rank,
-        init_lora_weights=init,
-        target_modules=list(m.lora_targets),
-    )
 
 
 def new_unet(factory: UNetFactory, dtype: torch.dtype, lora, attention: str) -> torch.nn.Module:
@@ -56,88 +43,71 @@ class Built:
     n_trainable: int
 
 
-def build_engine(
-    cfg: TrainConfig,
-    factory: UNetFactory,
-    lora,
-    attention: str,
-    device: torch.device,
-    world: int,
-    load_universal: bool = False,
-):
+def build_engine(cfg: TrainConfig, factory: UNetFactory, lora, ctx: RunContext, load_universal: bool = False):
     """The policy in fp32 (ZeRO-2 keeps the fp32 masters; compute is in ``train.precision``) inside a
     DeepSpeed engine. Returns (engine, number of trainable parameters)."""
-    import deepspeed
+    import deepspeed  # heavy (its ops and accelerator probe): loaded when an engine is built
 
     torch.manual_seed(cfg.train.seed)  # the same LoRA initialisation on every rank
-    unet = new_unet(factory, torch.float32, lora, attention)
+    unet = new_unet(factory, torch.float32, lora, ctx.attention)
     if cfg.model.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     if cfg.model.channels_last:
         unet.to(memory_format=torch.channels_last)
-    unet.to(device)
+    unet.to(ctx.device)
     params = [p for p in unet.parameters() if p.requires_grad]
     n = sum(p.numel() for p in params)
-    ds_cfg = build_ds_config(cfg, world, device.type == "cuda", load_universal=load_universal, n_trainable=n)
+    ds_cfg = build_ds_config(
+        cfg, ctx.world, ctx.device.type == "cuda", load_universal=load_universal, n_trainable=n
+    )
     engine, _, _, _ = deepspeed.initialize(model=unet, model_parameters=params, config=ds_cfg)
     return engine, n
 
 
-def build_reference(
-    cfg: TrainConfig, factory: UNetFactory, engine, attention: str, dtype: torch.dtype, device: torch.device
-):
+def build_reference(cfg: TrainConfig, factory: UNetFactory, engine, ctx: RunContext):
     """The frozen starting UNet in ``model.reference_dtype`` (auto: the compute dtype); for LoRA the
     policy's own module with its adapters disabled (no second copy)."""
     if cfg.model.lora_rank:
         return LoraReference(engine.module)
-    rd = dtype if cfg.model.reference_dtype == "auto" else DTYPES[cfg.model.reference_dtype]
+    rd = ctx.dtype if cfg.model.reference_dtype == "auto" else DTYPES[cfg.model.reference_dtype]
     ref = factory(rd)
-    apply_attention(ref, attention)
+    apply_attention(ref, ctx.attention)
     if cfg.model.channels_last:
         ref.to(memory_format=torch.channels_last)
-    return ref.to(device).eval().requires_grad_(False)
+    return ref.to(ctx.device).eval().requires_grad_(False)
 
 
 def build_ema(
-    cfg: TrainConfig,
-    factory: UNetFactory,
-    layout: FlatLayout,
-    lora,
-    attention: str,
-    dtype: torch.dtype,
-    device: torch.device,
-    decays: list[float],
+    cfg: TrainConfig, factory: UNetFactory, layout: FlatLayout, lora, ctx: RunContext, decays: list[float]
 ) -> ShardedEMA | None:
     """EMA models of ``decays`` as fp32 rank shards, with one reusable module for their forwards."""
     if not decays:
         return None
-    ema = ShardedEMA(layout, decays, cfg.ema.offload, device)
+    dtype = ctx.dtype
+    ema = ShardedEMA(layout, decays, cfg.ema.offload, ctx.device)
     # loaded in the compute dtype at once (an fp32 SDXL UNet is 10 GiB of host memory per rank): its
     # trainable parameters are overwritten by the gathered shards anyway; frozen ones round the same way
-    module = new_unet(factory, dtype, lora, attention)
+    module = new_unet(factory, dtype, lora, ctx.attention)
     if dtype != torch.float32:
         module.to(dtype)  # LoRA adapters are created in fp32
     if cfg.model.channels_last:
         module.to(memory_format=torch.channels_last)
     # a second buffer pays only where the gather is a collective that can overlap a forward
     buffers = 2 if cfg.ema.overlap_gather and layout.world > 1 else 1
-    ema.attach_module(module.to(device), dtype, buffers=buffers)
+    ema.attach_module(module.to(ctx.device), dtype, buffers=buffers)
     return ema
 
 
 def build_models(
     cfg: TrainConfig,
     factory: UNetFactory,
-    attention: str,
-    dtype: torch.dtype,
-    device: torch.device,
-    world: int,
+    ctx: RunContext,
     needs_reference: bool,
     load_universal: bool = False,
 ) -> Built:
     lora = lora_config(cfg.model)
-    engine, n = build_engine(cfg, factory, lora, attention, device, world, load_universal)
+    engine, n = build_engine(cfg, factory, lora, ctx, load_universal)
     layout = FlatLayout(engine)
-    ref = build_reference(cfg, factory, engine, attention, dtype, device) if needs_reference else None
-    ema = build_ema(cfg, factory, layout, lora, attention, dtype, device, cfg.ema.all_decays)
+    ref = build_reference(cfg, factory, engine, ctx) if needs_reference else None
+    ema = build_ema(cfg, factory, layout, lora, ctx, cfg.ema.all_decays)
     return Built(engine, layout, ref, ema, lora, n)

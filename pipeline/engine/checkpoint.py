@@ -38,9 +38,13 @@ from safetensors.torch import load_file, save_file
 
 from pipeline.config import flatten, schema_default
 from pipeline.engine import dist
+from pipeline.engine.context import RunContext
 from pipeline.engine.dist import barrier
+from pipeline.engine.lora import lora_config
 from pipeline.engine.safe_load import REFUSED_PREFIX, restricted_torch_load
 from pipeline.errors import UserError
+from pipeline.models import load_unet
+from pipeline.schema.train import TrainModel
 
 log = logging.getLogger(__name__)
 
@@ -109,12 +113,12 @@ def find_resume(
     return Resume(root, tag, read_state(root, tag))
 
 
-def restore(resume: Resume, engine, ema, objective, world: int, rank: int) -> None:
+def restore(resume: Resume, engine, ema, objective, ctx: RunContext) -> None:
     """Load a checkpoint into the engine (module, optimizer partitions, scheduler, loss scaler), the
     EMA shards, this rank's RNG states and the objective's state. Another world size goes through
     DeepSpeed's universal checkpoint (the engine must have been built with ``load_universal``)."""
     st = resume.state
-    if st["world_size"] != world:  # converted before the process group started (stages.train)
+    if st["world_size"] != ctx.world:  # converted before the process group started (stages.train)
         load_root = universal_root(resume.root)
         if not (load_root / resume.tag / "done").is_file():
             raise RuntimeError(f"{load_root / resume.tag} is not converted: call ensure_universal first")
@@ -131,7 +135,7 @@ def restore(resume: Resume, engine, ema, objective, world: int, rank: int) -> No
         raise RuntimeError(f"checkpoint step {st['step']} but the engine restored {engine.global_steps}")
     if ema is not None:
         ema.load(resume.folder / "ema")
-    load_rng(resume.folder / "rng", rank)
+    load_rng(resume.folder / "rng", ctx.rank)
     objective.load_state_dict(load_objective_state(resume.folder))
 
 
@@ -198,10 +202,11 @@ def save_checkpoint(
     state: dict,
     config_yaml: str,
     keep: int,
-    rank: int,
+    ctx: RunContext,
     objective_state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Collective: every rank calls it. Returns the final checkpoint folder."""
+    rank = ctx.rank
     objective_state = objective_state or {}
     check_same_on_all_ranks(objective_state, "the objective's state")
     tag = tag_for(step)
@@ -276,12 +281,16 @@ def ensure_universal(root: Path, tag: str, rank: int, wait_min: float = 240.0, p
         deadline = time.monotonic() + 60 * wait_min
         while not done.is_file():
             if failed.is_file():
-                raise UserError(f"rank 0 could not convert {root / tag} to a universal checkpoint: "
-                                f"{failed.read_text().strip()}")  # fmt: skip
+                raise UserError(
+                    f"rank 0 could not convert {root / tag} to a universal checkpoint: "
+                    f"{failed.read_text().strip()}"
+                )
             if time.monotonic() > deadline:
-                raise UserError(f"waited {wait_min:g} min for rank 0 to convert {root / tag} to a universal "
-                                "checkpoint (dist.universal_wait_min): is rank 0 running, and is output.dir "
-                                "on a file system every node mounts?")  # fmt: skip
+                raise UserError(
+                    f"waited {wait_min:g} min for rank 0 to convert {root / tag} to a universal "
+                    "checkpoint (dist.universal_wait_min): is rank 0 running, and is output.dir "
+                    "on a file system every node mounts?"
+                )
             time.sleep(poll_s)
     return out_root
 
@@ -289,9 +298,9 @@ def ensure_universal(root: Path, tag: str, rank: int, wait_min: float = 240.0, p
 def _convert_to_universal(root: Path, tag: str, out_root: Path) -> None:
     # DeepSpeed's converter, run inside restricted_torch_load (one worker each: no child processes
     # that would escape it)
-    cmd = [sys.executable, "-m", "pipeline.engine.safe_load", "deepspeed.checkpoint.ds_to_universal",
-           "--input_folder", str(root / tag), "--output_folder", str(out_root / tag), "--inject_missing_state",
-           "--num_extract_workers", "1", "--num_merge_workers", "1"]  # fmt: skip
+    cmd = [sys.executable, "-m", "pipeline.engine.safe_load", "deepspeed.checkpoint.ds_to_universal"]
+    cmd += ["--input_folder", str(root / tag), "--output_folder", str(out_root / tag)]
+    cmd += ["--inject_missing_state", "--num_extract_workers", "1", "--num_merge_workers", "1"]
     log.info("world size changed: converting %s to a universal checkpoint", tag)
     p = subprocess.run(cmd, capture_output=True, text=True, env=_env_with_project())
     refused = [ln for ln in p.stderr.splitlines() if ln.startswith(REFUSED_PREFIX)]
@@ -306,11 +315,7 @@ def load_checkpoint_unet(folder: Path, base_path: str, dtype: torch.dtype = torc
     ZeRO-2 partitions into the base model's UNet (with the run's LoRA adapters, per the checkpoint's
     ``config.yaml``), in ``dtype``. DeepSpeed's files are read inside ``restricted_torch_load``: a file
     holding anything but tensors and DeepSpeed's state is refused (a UserError naming it)."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    from pipeline.engine.build import lora_config
-    from pipeline.models import load_unet
-    from pipeline.schema.train import TrainModel
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # heavy: on use
 
     folder = Path(folder)
     m = (yaml.safe_load((folder / "config.yaml").read_text()) or {}).get("model", {})

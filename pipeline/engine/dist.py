@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from pipeline.dist_env import SLURM_SOURCE, job_info
 from pipeline.errors import UserError
 
 
@@ -79,8 +80,13 @@ class Launch:
     source: str  # which launcher's variables were read, for messages
 
     def env(self) -> dict[str, str]:
-        return {"RANK": str(self.rank), "WORLD_SIZE": str(self.world_size), "LOCAL_RANK": str(self.local_rank),
-                "MASTER_ADDR": self.master_addr, "MASTER_PORT": str(self.master_port)}  # fmt: skip
+        return {
+            "RANK": str(self.rank),
+            "WORLD_SIZE": str(self.world_size),
+            "LOCAL_RANK": str(self.local_rank),
+            "MASTER_ADDR": self.master_addr,
+            "MASTER_PORT": str(self.master_port),
+        }
 
 
 def resolve_launch(env: dict[str, str] | None = None) -> Launch:
@@ -93,23 +99,21 @@ def resolve_launch(env: dict[str, str] | None = None) -> Launch:
     - nothing: a world of one on a free loopback port.
     """
     env = dict(os.environ) if env is None else env
-    if "RANK" in env and "WORLD_SIZE" in env:
-        rank, world, source = int(env["RANK"]), int(env["WORLD_SIZE"]), "RANK/WORLD_SIZE"
-        local = int(env.get("LOCAL_RANK", 0))
-    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        rank, world, source = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), "SLURM (srun)"
-        local = int(env.get("SLURM_LOCALID", 0))
-    else:
-        rank, world, source, local = 0, 1, "no launcher", 0
-    if world < 1 or not 0 <= rank < world:
-        raise UserError(f"rank {rank} is not in [0, world size {world}) (from {source})")
+    try:
+        job = job_info(env=env)  # the job-array parser: RANK/WORLD_SIZE, then SLURM, else 0 of 1
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    rank, world, local, source = job.rank, job.world_size, job.local_rank, job.source
+    srun = source == SLURM_SOURCE
     addr, port = env.get("MASTER_ADDR"), env.get("MASTER_PORT")
     if world == 1:
         return Launch(rank, 1, local, addr or "127.0.0.1", int(port) if port else free_port(), source)
     if addr is None:
-        if source != "SLURM (srun)":
-            raise UserError(f"{source} says a world of {world} but MASTER_ADDR is not set: launch with "
-                            "torchrun or deepspeed, or set MASTER_ADDR and MASTER_PORT")  # fmt: skip
+        if not srun:
+            raise UserError(
+                f"{source} says a world of {world} but MASTER_ADDR is not set: launch with "
+                "torchrun or deepspeed, or set MASTER_ADDR and MASTER_PORT"
+            )
         nodes = int(
             env.get("SLURM_STEP_NUM_NODES", env.get("SLURM_NNODES", env.get("SLURM_JOB_NUM_NODES", "1")))
         )
@@ -122,8 +126,10 @@ def resolve_launch(env: dict[str, str] | None = None) -> Launch:
             except ValueError as e:
                 raise UserError(f"{e}: set MASTER_ADDR to the first node's address") from None
         else:
-            raise UserError(f"srun over {nodes} nodes without SLURM_STEP_NODELIST or MASTER_ADDR: "
-                            "set MASTER_ADDR to the first node's address")  # fmt: skip
+            raise UserError(
+                f"srun over {nodes} nodes without SLURM_STEP_NODELIST or MASTER_ADDR: "
+                "set MASTER_ADDR to the first node's address"
+            )
     if port is None:
         job = env.get("SLURM_JOB_ID")
         if job is None or not job.isdigit():
@@ -140,8 +146,10 @@ def device_index(local_rank: int, visible: int) -> int:
     if visible == 1:
         return 0
     if not 0 <= local_rank < visible:
-        raise UserError(f"local rank {local_rank} but {visible} GPUs are visible (CUDA_VISIBLE_DEVICES="
-                        f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): one rank per GPU")  # fmt: skip
+        raise UserError(
+            f"local rank {local_rank} but {visible} GPUs are visible (CUDA_VISIBLE_DEVICES="
+            f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): one rank per GPU"
+        )
     return local_rank
 
 
@@ -179,8 +187,9 @@ def init_distributed(device: str = "auto", timeout_min: float = 30.0) -> DistInf
     if backend == "gloo":
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
-                                   timeout=timedelta(minutes=timeout_min))  # fmt: skip
+        deepspeed.init_distributed(
+            dist_backend=backend, auto_mpi_discovery=False, timeout=timedelta(minutes=timeout_min)
+        )
     return DistInfo(dist.get_rank(), dist.get_world_size(), launch.local_rank, dev, backend)
 
 

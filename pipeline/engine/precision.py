@@ -105,8 +105,10 @@ def resolve_attention(
             raise UserError("model.attention=xformers needs a CUDA device; use sdpa on the CPU")
         why = xformers_probe(device, dtype, head_dims or [])
         if why:
-            raise UserError(f"model.attention=xformers but its probe failed ({why}): use sdpa, or an xformers "
-                            "wheel built for this torch")  # fmt: skip
+            raise UserError(
+                f"model.attention=xformers but its probe failed ({why}): use sdpa, or an xformers "
+                "wheel built for this torch"
+            )
         return "xformers"
     if choice == "auto" and have and device.type == "cuda":
         why = xformers_probe(device, dtype, head_dims or [])

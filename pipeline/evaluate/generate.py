@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import inspect
-from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw
 
+from pipeline.data.prompts import read_prompt_source
 from pipeline.errors import UserError
 
 
 def read_prompts(path: str, max_prompts: int) -> list[str]:
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"generation.prompts={path}: no such file")
-    prompts = [line.strip() for line in p.read_text().splitlines() if line.strip()]
+    """The evaluation's prompts: ``generation.prompts`` read by the one rule every stage reads prompt
+    files by (``pipeline.data.prompts.read_prompt_source``: every line a prompt), its empty prompts
+    left out, then the first ``max_prompts``."""
+    prompts = [p for p in read_prompt_source(path, key="generation.prompts").prompts if p]
     if not prompts:
         raise UserError(f"generation.prompts={path}: no prompts (one per line)")
     return prompts[:max_prompts]

@@ -2,8 +2,9 @@
 
 For every pair and every draw d = 1..D, one timestep and one noise (shared by winner and loser, and
 identical for every model evaluated: seeded by (seed, batch, draw)) give h_m = d_ref - d_m as in
-training. The classifier's margin is the mean of h_m over the draws; it prefers the labelled winner
-when the margin is > 0. Accuracy counts ties as one half.
+training, from the training step's own inputs and errors (``pipeline.losses.diffusion``). The
+classifier's margin is the mean of h_m over the draws; it prefers the labelled winner when the margin
+is > 0. Accuracy counts ties as one half.
 """
 
 from __future__ import annotations
@@ -17,9 +18,8 @@ import torch
 from pipeline.data.loader import collate_pairs
 from pipeline.data.shards import decode_sample, iter_tar_samples, load_manifest
 from pipeline.data.text_store import TextStore
-from pipeline.losses.objectives import Objective
-from pipeline.schema.objective import ObjectiveConfig
-from pipeline.step import PreferenceStep, run_unet
+from pipeline.engine.context import RunContext
+from pipeline.losses.diffusion import diffusion_errors, pair_inputs, run_unet, step_seed
 
 
 def iter_pairs(shard_dir: str | Path, max_pairs: int | None = None) -> Iterable[dict]:
@@ -35,25 +35,29 @@ def iter_pairs(shard_dir: str | Path, max_pairs: int | None = None) -> Iterable[
             n += 1
 
 
-class _Probe(Objective):
-    """Marks every model as needed so PreferenceStep.inputs/errors behave as in DPO training."""
+class HeldOutDraws:
+    """The held-out pairs as (batch, draw) inputs, identical for every model evaluated: ``d(model)``
+    gives each batch and draw's d_m = e_m(z_w) - e_m(z_l), [B] float32 on the CPU. Batch i's draw d
+    is seeded by ``step_seed(seed, 0, i * batch_size * draws + d)``, whatever the rank."""
 
-
-class _Draws:
-    """The held-out pairs as (batch, draw) inputs, identical for every model: ``d(model)`` gives each
-    batch and draw's d_m = e_m(z_w) - e_m(z_l), [B] float32 on the CPU."""
-
-    def __init__(self, samples, manifest, scheduler, prediction_type, device, dtype, draws, batch_size, seed):
-        self.step = PreferenceStep(
-            _Probe(ObjectiveConfig()), scheduler, prediction_type, dtype, device, seed, rank=0
-        )
+    def __init__(
+        self,
+        samples: list[dict],
+        manifest: dict,
+        scheduler,
+        prediction_type: str,
+        ctx: RunContext,
+        draws: int = 4,
+        batch_size: int = 16,
+        seed: int = 1234,
+    ):
+        self.scheduler, self.prediction_type, self.ctx = scheduler, prediction_type, ctx
         sdxl = manifest.get("pooled_dim") is not None
-        self.batches = [
-            collate_pairs(samples[bi : bi + batch_size], [False] * len(samples[bi : bi + batch_size]),
-                          manifest["resolution"], sdxl)
-            for bi in range(0, len(samples), batch_size)
-        ]  # fmt: skip
-        self.draws, self.batch_size = draws, batch_size
+        self.batches = []
+        for bi in range(0, len(samples), batch_size):
+            chunk = samples[bi : bi + batch_size]
+            self.batches.append(collate_pairs(chunk, [False] * len(chunk), manifest["resolution"], sdxl))
+        self.draws, self.batch_size, self.seed = draws, batch_size, seed
 
     @torch.no_grad()
     def d(self, model: Callable) -> list[list[torch.Tensor]]:
@@ -61,8 +65,11 @@ class _Draws:
         for i, batch in enumerate(self.batches):
             row = []
             for d in range(self.draws):
-                x = self.step.inputs(batch, micro_step=i * self.batch_size * self.draws + d)
-                row.append(self.step.errors(run_unet(model, x), x).d.cpu())
+                seed = step_seed(self.seed, 0, i * self.batch_size * self.draws + d)
+                x = pair_inputs(
+                    batch, self.scheduler, self.prediction_type, self.ctx.device, self.ctx.dtype, seed
+                )
+                row.append(diffusion_errors(run_unet(model, x), x).d.cpu())
             out.append(row)
         return out
 
@@ -72,24 +79,13 @@ class _Draws:
 
 
 def implicit_margins(
-    models: dict[str, Callable],
-    reference: Callable | list,
-    samples: list[dict],
-    manifest: dict,
-    scheduler,
-    prediction_type: str,
-    device: torch.device,
-    dtype: torch.dtype = torch.float32,
-    draws: int = 4,
-    batch_size: int = 16,
-    seed: int = 1234,
+    models: dict[str, Callable], reference: Callable | list, pairs: HeldOutDraws
 ) -> dict[str, np.ndarray]:
-    """Per-pair mean h over ``draws`` for each model in ``models``: {name: [N]}, plus "keys".
+    """Per-pair mean h over the draws for each model in ``models``: {name: [N]}, plus "keys".
 
-    One model runs at a time: the reference first (or ``reference`` is its result from
-    ``reference_errors``, computed once for many calls), then each model in turn, so a caller can keep
-    a single UNet on the GPU (SDXL in fp16: 5 GiB each)."""
-    pairs = _Draws(samples, manifest, scheduler, prediction_type, device, dtype, draws, batch_size, seed)
+    One model runs at a time: the reference first (or ``reference`` is ``pairs.d(reference_unet)``,
+    computed once for many calls), then each model in turn, so a caller can keep a single UNet on the
+    GPU (SDXL in fp16: 5 GiB each)."""
     ref = reference if isinstance(reference, list) else pairs.d(reference)
     res = {}
     for name, model in models.items():
@@ -98,29 +94,10 @@ def implicit_margins(
             acc = torch.zeros_like(row[0])
             for ref_d, d in zip(ref_row, row):
                 acc += ref_d - d
-            per_batch.append((acc / draws).numpy())
+            per_batch.append((acc / pairs.draws).numpy())
         res[name] = np.concatenate(per_batch) if per_batch else np.zeros(0, dtype=np.float32)
     res["keys"] = pairs.keys
     return res
-
-
-def reference_errors(
-    reference: Callable,
-    samples: list[dict],
-    manifest: dict,
-    scheduler,
-    prediction_type: str,
-    device: torch.device,
-    dtype: torch.dtype = torch.float32,
-    draws: int = 4,
-    batch_size: int = 16,
-    seed: int = 1234,
-) -> list:
-    """The reference's d per batch and draw, for ``implicit_margins`` called once per model (the same
-    arguments must follow)."""
-    return _Draws(samples, manifest, scheduler, prediction_type, device, dtype, draws, batch_size, seed).d(
-        reference
-    )
 
 
 def accuracy(margin: np.ndarray, label_agrees: np.ndarray | None = None) -> float:

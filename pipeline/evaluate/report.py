@@ -9,14 +9,25 @@ from pathlib import Path
 import numpy as np
 
 
-def mean_sem(values) -> dict:
+def describe(values) -> dict:
+    """The finite values' count ``n``, ``mean`` (None without one) and standard error of the mean
+    ``sem`` (None with fewer than two), and the finite ``values`` themselves, in order."""
     v = np.asarray(values, dtype=float)
     v = v[np.isfinite(v)]
     n = int(v.size)
-    if n == 0:
-        return {"mean": float("nan"), "sem": float("nan"), "n": 0}
-    sem = float(v.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
-    return {"mean": float(v.mean()), "sem": sem, "n": n}
+    sem = float(v.std(ddof=1) / math.sqrt(n)) if n > 1 else None
+    return {"mean": float(v.mean()) if n else None, "sem": sem, "n": n, "values": v.tolist()}
+
+
+def mean_sem(values) -> dict:
+    """``describe``'s mean, sem and n, NaN where it has None (the report's tables and plots)."""
+    d = describe(values)
+    nan = float("nan")
+    return {
+        "mean": nan if d["mean"] is None else d["mean"],
+        "sem": nan if d["sem"] is None else d["sem"],
+        "n": d["n"],
+    }
 
 
 def markdown_table(rows: dict[str, dict[str, dict]], metrics: list[str]) -> str:

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from pipeline.engine.checkpoint import load_checkpoint_unet
 from pipeline.errors import UserError
 from pipeline.models import ModelInfo, load_unet
 
@@ -64,6 +65,4 @@ def load(spec: UNetSpec, info: ModelInfo, dtype: torch.dtype):
         cls.load_lora_into_unet(state, alphas, unet)
         return unet.to(dtype)
     # a DeepSpeed checkpoint: consolidate the fp32 weights from the ZeRO partitions
-    from pipeline.engine.checkpoint import load_checkpoint_unet
-
     return load_checkpoint_unet(spec.path, info.path, dtype)

@@ -31,11 +31,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from pipeline.config import load_config
 from pipeline.errors import UserError
 from pipeline.label import assignment, audit
 from pipeline.label.people import Person, authenticate
 from pipeline.label.sources import ImageReader, media_type
 from pipeline.label.storage import Database, Unavailable
+from pipeline.schema.label import LabelConfig
 
 log = logging.getLogger("pipeline.label")
 COOKIE = "label_token"
@@ -44,12 +46,15 @@ ITEM_KEY = r"^[A-Za-z0-9]{1,64}$"
 STATIC = {"app.js": "text/javascript", "admin.js": "text/javascript", "style.css": "text/css"}
 PAGES = {"/": "index.html", "/admin": "admin.html"}
 SECURITY_HEADERS = [
-    (b"content-security-policy", b"default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
-     b"connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"),
+    (
+        b"content-security-policy",
+        b"default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
+        b"connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    ),
     (b"x-content-type-options", b"nosniff"),
     (b"referrer-policy", b"no-referrer"),
     (b"x-frame-options", b"DENY"),
-]  # fmt: skip
+]
 
 
 class _Strict(BaseModel):
@@ -150,8 +155,13 @@ Annotator = Annotated[Person, Depends(_annotator)]
 Admin = Annotated[Person, Depends(_admin)]
 
 
-def create_app(db: Database, policy: assignment.Policy, preload: int = 1, max_body_bytes: int = 16384,
-               images: ImageReader | None = None) -> FastAPI:  # fmt: skip
+def create_app(
+    db: Database,
+    policy: assignment.Policy,
+    preload: int = 1,
+    max_body_bytes: int = 16384,
+    images: ImageReader | None = None,
+) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         # requests run in a thread pool, each thread with its own database connection: bound both
@@ -220,8 +230,9 @@ def create_app(db: Database, policy: assignment.Policy, preload: int = 1, max_bo
         if p is None:
             raise HTTPException(401, "unknown or revoked token")
         secure = request.url.scheme == "https"
-        response.set_cookie(COOKIE, body.token, httponly=True, samesite="strict", secure=secure, path="/",
-                            max_age=14 * 86400)  # fmt: skip
+        response.set_cookie(
+            COOKIE, body.token, httponly=True, samesite="strict", secure=secure, path="/", max_age=14 * 86400
+        )
         return {"name": p.name, "role": p.role}
 
     @app.post("/api/signout")
@@ -245,8 +256,9 @@ def create_app(db: Database, policy: assignment.Policy, preload: int = 1, max_bo
 
     @app.post("/api/label")
     def label(body: LabelRequest, p: Annotator) -> dict:
-        label_id, duplicate = assignment.record_label(db, p.id, body.item, body.choice, body.submission_id,
-                                                      body.duration_ms)  # fmt: skip
+        label_id, duplicate = assignment.record_label(
+            db, p.id, body.item, body.choice, body.submission_id, body.duration_ms
+        )
         return {"ok": True, "label_id": label_id, "duplicate": duplicate}
 
     @app.get("/api/image/{item_key}/{index}")
@@ -288,15 +300,13 @@ CONFIG_ENV = "LABEL_APP_CONFIG"
 
 
 def app_from_config(cfg) -> FastAPI:
-    policy = assignment.Policy(cfg.assignment.per_item, cfg.assignment.lease_s,
-                               cfg.checks.every if cfg.checks.count else 0)  # fmt: skip
+    policy = assignment.Policy(
+        cfg.assignment.per_item, cfg.assignment.lease_s, cfg.checks.every if cfg.checks.count else 0
+    )
     return create_app(Database(cfg.db), policy, cfg.assignment.preload, cfg.server.max_body_bytes)
 
 
 def app_from_env() -> FastAPI:
-    from pipeline.config import load_config
-    from pipeline.schema.label import LabelConfig
-
     path = os.environ.get(CONFIG_ENV)
     if not path or not Path(path).is_file():
         raise UserError(f"{CONFIG_ENV}: expected the path of a resolved label config")

@@ -31,26 +31,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from pipeline.data import pickapic
 from pipeline.errors import UserError
 from pipeline.label.sources import ImageReader
 from pipeline.label.storage import Database, label_records
 
+# Pick-a-Pic v2's columns, then this service's own
 PICKAPIC_FIELDS = [
-    ("caption", pa.string()),
-    ("jpg_0", pa.binary()),
-    ("jpg_1", pa.binary()),
-    ("label_0", pa.float64()),
-    ("label_1", pa.float64()),
-    ("has_label", pa.bool_()),
-    ("are_different", pa.bool_()),
-    ("user_id", pa.int64()),
-    ("ranking_id", pa.int64()),
-    ("created_at", pa.timestamp("us", tz="UTC")),
-    ("image_0_uid", pa.string()),
-    ("image_1_uid", pa.string()),
-    ("model_0", pa.string()),
-    ("model_1", pa.string()),
-    ("best_image_uid", pa.string()),
+    *pickapic.PICKAPIC_FIELDS,
     ("annotator", pa.string()),
     ("item_key", pa.string()),
     ("choice", pa.string()),

@@ -8,10 +8,11 @@ or a file inside the sampling folder); the references are stored in the database
 loads, and the web app serves an image by (item key, index) through them, never by a path taken from
 a request.
 
-Sampling folder format (written by the sampling stage when a run is complete): ``images.jsonl``,
-one JSON object per line, ``{"image_key": str, "prompt_key": str, "caption": str, "k": int,
-"file": "images/<image_key>.jpg"}``, ``file`` relative to the folder, ``k`` the index of the image
-within its prompt group (0..K-1).
+Sampling folder format (written by the sampling stage when a run is complete, through
+``write_samples_index``): ``images.jsonl``, one JSON object per line, ``{"image_key": str,
+"prompt_key": str, "caption": str, "k": int, "file": str}``, ``file`` the image's path relative to
+the folder (the sample stage writes ``images/<KEY>_<k>.jpg``), ``k`` the index of the image within its
+prompt group (0..K-1).
 """
 
 from __future__ import annotations
@@ -30,14 +31,14 @@ import pyarrow.parquet as pq
 from pipeline.data import pickapic
 from pipeline.data.shards import pair_key
 from pipeline.errors import UserError
+from pipeline.io import atomic_write_bytes, read_jsonl
 
 SAMPLES_INDEX = "images.jsonl"
+SAMPLES_INDEX_FIELDS = {"image_key": str, "prompt_key": str, "caption": str, "k": int, "file": str}
 # Pick-a-Pic columns the export writes itself (or that are image bytes); every other scalar column of
-# a source row is kept in the item's metadata and carried to the export (e.g. the toy world's true_label_0)
-_OWN_COLUMNS = {
-    "jpg_0", "jpg_1", "label_0", "label_1", "has_label", "are_different", "user_id", "ranking_id",
-    "image_0_uid", "image_1_uid", "best_image_uid", "created_at", "caption",
-}  # fmt: skip
+# a source row (model_0 and model_1 among them) is kept in the item's metadata and carried to the
+# export (e.g. the toy world's true_label_0)
+_OWN_COLUMNS = {name for name, _ in pickapic.PICKAPIC_FIELDS} - {"model_0", "model_1"}
 
 
 @dataclass
@@ -118,8 +119,18 @@ def _pickapic_items(source: str, check_column: str) -> tuple[list[Item], Counter
     for fi, f in enumerate(files):
         n = pq.ParquetFile(f).metadata.num_rows
         extra = _scalar_columns(f)
-        cols = ["caption", "has_label", "are_different", "ranking_id", "user_id", "image_0_uid",
-                "image_1_uid", "label_0", "label_1", *extra]  # fmt: skip
+        cols = [
+            "caption",
+            "has_label",
+            "are_different",
+            "ranking_id",
+            "user_id",
+            "image_0_uid",
+            "image_1_uid",
+            "label_0",
+            "label_1",
+            *extra,
+        ]
         if check_column not in cols and check_column in pq.read_schema(f).names:
             cols.append(check_column)
         rows = pickapic.read_rows(files, [(fi, r) for r in range(n)], cols)
@@ -162,17 +173,8 @@ def _read_samples_index(folder: Path) -> list[dict]:
     path = folder / SAMPLES_INDEX
     root = folder.resolve()
     recs, keys = [], set()
-    types = {"image_key": str, "prompt_key": str, "caption": str, "k": int, "file": str}
-    for no, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{no}: not valid JSON ({e})") from e
-        if not isinstance(rec, dict):
-            raise UserError(f"{path}:{no}: expected a JSON object")
-        for k, t in types.items():
+    for no, rec in read_jsonl(path):
+        for k, t in SAMPLES_INDEX_FIELDS.items():
             if not isinstance(rec.get(k), t) or isinstance(rec.get(k), bool):
                 raise UserError(f"{path}:{no}: field {k!r} must be a {t.__name__}, got {rec.get(k)!r}")
         target = (root / rec["file"]).resolve()
@@ -183,10 +185,18 @@ def _read_samples_index(folder: Path) -> list[dict]:
         if rec["image_key"] in keys:
             raise UserError(f"{path}:{no}: image_key {rec['image_key']!r} appears twice")
         keys.add(rec["image_key"])
-        recs.append({**{k: rec[k] for k in types}, "path": str(target)})
+        recs.append({**{k: rec[k] for k in SAMPLES_INDEX_FIELDS}, "path": str(target)})
     if not recs:
         raise UserError(f"{path}: no images listed")
     return recs
+
+
+def write_samples_index(folder: Path, records: list[dict]) -> Path:
+    """Write ``folder``'s ``images.jsonl`` (atomically): one line per record, its fields those of
+    ``SAMPLES_INDEX_FIELDS`` (sorted keys), in the order given."""
+    lines = [json.dumps({k: rec[k] for k in SAMPLES_INDEX_FIELDS}, sort_keys=True) for rec in records]
+    atomic_write_bytes(Path(folder) / SAMPLES_INDEX, ("\n".join(lines) + "\n").encode())
+    return Path(folder) / SAMPLES_INDEX
 
 
 def _sample_items(folder: Path, mode: str) -> tuple[list[Item], Counter]:
@@ -216,8 +226,15 @@ def _sample_items(folder: Path, mode: str) -> tuple[list[Item], Counter]:
     return items, skipped
 
 
-def load_source(path: str, mode: str = "auto", max_items: int = 0, shuffle: bool = True, seed: int = 0,
-                checks: int = 0, check_column: str = "label_0") -> Source:  # fmt: skip
+def load_source(
+    path: str,
+    mode: str = "auto",
+    max_items: int = 0,
+    shuffle: bool = True,
+    seed: int = 0,
+    checks: int = 0,
+    check_column: str = "label_0",
+) -> Source:
     """Every usable item of the source, in serving order (seeded shuffle, then the first ``max_items``),
     ``checks`` of them (seeded) marked as check items with their known answer."""
     p = Path(path)

@@ -258,10 +258,20 @@ def load_items(db: Database, items: list, fingerprint: str, source: str) -> dict
         before = c.execute("SELECT COUNT(*) FROM items").fetchone()[0]
         base = c.execute("SELECT COALESCE(MAX(position), -1) + 1 FROM items").fetchone()[0]
         rows = [
-            (it.key, it.kind, it.caption, it.prompt_key, json.dumps(it.images), json.dumps(it.refs),
-             json.dumps(it.meta), it.answer, int(it.is_check), int(base) + i)
+            (
+                it.key,
+                it.kind,
+                it.caption,
+                it.prompt_key,
+                json.dumps(it.images),
+                json.dumps(it.refs),
+                json.dumps(it.meta),
+                it.answer,
+                int(it.is_check),
+                int(base) + i,
+            )
             for i, it in enumerate(items)
-        ]  # fmt: skip
+        ]
         c.executemany(
             "INSERT INTO items (key, kind, caption, prompt_key, images, refs, meta, answer, is_check, position) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET refs = excluded.refs",
@@ -282,9 +292,27 @@ def label_records(db: Database) -> list[dict]:
             "a.name, a.user_id FROM labels l JOIN items i ON i.id = l.item_id "
             "JOIN annotators a ON a.id = l.annotator_id ORDER BY l.id"
         ).fetchall()
-    names = ("label_id", "choice", "shown_at", "answered_at", "duration_ms", "display_pos", "submission_id",
-             "item_id", "item_key", "kind", "caption", "prompt_key", "images", "refs", "meta", "is_check",
-             "answer", "annotator", "user_id")  # fmt: skip
+    names = (
+        "label_id",
+        "choice",
+        "shown_at",
+        "answered_at",
+        "duration_ms",
+        "display_pos",
+        "submission_id",
+        "item_id",
+        "item_key",
+        "kind",
+        "caption",
+        "prompt_key",
+        "images",
+        "refs",
+        "meta",
+        "is_check",
+        "answer",
+        "annotator",
+        "user_id",
+    )
     out = []
     for r in rows:
         rec = dict(zip(names, r))

@@ -1,2 +1,3 @@
-"""Preference objectives: pure per-pair functions (dpo, adaptive, baselines) and the registry the
-trainer picks from by ``objective.name`` (objectives)."""
+"""Preference objectives: the diffusion inputs and errors every model shares (diffusion), pure per-pair
+functions (dpo, adaptive, baselines, d3po, noise_model) and the registry the trainer picks from by
+``objective.name`` (objectives)."""

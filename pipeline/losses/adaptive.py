@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.losses.dpo import neg_log_sigmoid
+from pipeline.schema.objective import AdaptiveConfig
 
 
 @dataclass
@@ -135,6 +136,22 @@ def resolve_c2(c2: float | str, h_theta: torch.Tensor, beta: float) -> float | t
 def renormalize(W: torch.Tensor) -> torch.Tensor:
     """W / batch mean of W (detached): the relative weighting stays, the mean step size does not shrink."""
     return (W / W.mean().clamp_min(torch.finfo(torch.float32).tiny)).detach()
+
+
+def adaptive_weights(
+    h_models: torch.Tensor, h_theta: torch.Tensor, a: AdaptiveConfig, beta: float
+) -> tuple[torch.Tensor, torch.Tensor, MinorityScore]:
+    """W and G of ``objective.adaptive`` (``a``), both detached, and the minority score they come from:
+    u from the models' margins ``h_models`` [M, B] (policy first, then the EMA models), W = weight(u)
+    (renormalised if asked), G = margin(u) with k2 (default -1/beta) and c2 resolved on ``h_theta`` [B].
+    Adaptive-DPO and Adaptive-D3PO both weigh their pairs through it."""
+    ms = minority_score(h_models, a.rho, a.spread, a.normalize, a.g_scale, beta, a.score, a.spread_of)
+    W = weight(ms.u, a.weight, a.k1)
+    if a.renormalize:
+        W = renormalize(W)
+    k2 = -1.0 / beta if a.k2 is None else a.k2
+    G = margin(ms.u, a.margin, k2, resolve_c2(a.c2, h_theta, beta))
+    return W, G, ms
 
 
 def bounded_weight(h: torch.Tensor, beta: float, k: float) -> torch.Tensor:

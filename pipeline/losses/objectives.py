@@ -3,7 +3,12 @@
 An objective takes the per-pair errors of the models the step ran (policy, reference, EMA models)
 and returns per-pair losses plus per-pair statistics to log; the trainer takes the mean. It also
 says what it needs, so the trainer runs only those forwards: ``needs_reference``, ``needs_losers``,
-``uses_ema``.
+``uses_ema`` (whether it ever reads EMA models) and ``ema_active`` (whether it reads them at this step).
+
+Objectives whose loss changes with training progress decide it themselves: the trainer calls
+``begin_step(step)`` with the optimizer step about to be taken (the engine's step count, restored by a
+resume), on every rank. The adaptive objectives use it for their warm-up (``objective.adaptive.
+warmup_steps``): plain DPO / D3PO (W = 1, G = 0, no EMA forwards) before it, the minority metric after.
 
 Stateful objectives (e.g. one that estimates label-flip rates per annotator during training) use
 three hooks, no-ops here: ``batch_fields`` names the per-pair batch fields the loss reads (they
@@ -21,12 +26,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from pipeline.losses import adaptive as A
-from pipeline.losses import baselines as BL
-from pipeline.losses import noise_model as NM
+from pipeline.losses.adaptive import adaptive_dpo_loss, adaptive_ipo_loss, adaptive_weights, bounded_weight
+from pipeline.losses.baselines import conservative_dpo_loss, hinge_loss, ipo_loss, robust_dpo_loss, sft_loss
 from pipeline.losses.d3po import TransitionLogProbs, clamped_log_ratio, d3po_stats, d3po_terms
 from pipeline.losses.diffusion import PairErrors
 from pipeline.losses.dpo import dpo_loss, implicit_accuracy, preference_h, rewards
+from pipeline.losses.noise_model import FlipRateEstimator, posterior_flip
 from pipeline.schema.objective import ObjectiveConfig
 
 
@@ -48,7 +53,7 @@ class Objective:
     needs_reference = True
     needs_losers = True
     uses_ema = False
-    # which workload feeds it (pipeline/train/workload.py): "pairs" = encoded pair shards
+    # which workload feeds it (pipeline.train.registry.WORKLOADS): "pairs" = encoded pair shards
     data_kind = "pairs"
     # per-pair stats that are logged as distributions too (std and histogram), when present
     distributions: tuple[str, ...] = ("h", "u", "W", "G")
@@ -58,6 +63,16 @@ class Objective:
     def __init__(self, cfg: ObjectiveConfig):
         self.cfg = cfg
         self.beta = cfg.beta
+        self.begin_step(0)
+
+    def begin_step(self, step: int) -> None:
+        """Before the micro-steps of optimizer step ``step`` (0-based: the engine's ``global_steps``, which
+        a resume restores), on every rank. A new objective stands at step 0. Nothing to decide here."""
+
+    @property
+    def ema_active(self) -> bool:
+        """Whether the loss reads the EMA models at this step: the step runs their forwards only then."""
+        return self.uses_ema
 
     def _pairwise(self, errors: ModelErrors) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if errors.ref is None:
@@ -74,7 +89,7 @@ class Objective:
         }
         return h, stats
 
-    def __call__(self, errors: ModelErrors, metric_active: bool = True) -> LossOutput:
+    def __call__(self, errors: ModelErrors) -> LossOutput:
         raise NotImplementedError
 
     def observe(self, stats: dict[str, np.ndarray]) -> None:
@@ -96,75 +111,80 @@ class Objective:
 
 
 class DPO(Objective):
-    def __call__(self, errors, metric_active=True):
+    def __call__(self, errors):
         h, stats = self._pairwise(errors)
         return LossOutput(dpo_loss(h, self.beta), stats)
 
 
 class RobustDPO(Objective):
-    def __call__(self, errors, metric_active=True):
+    def __call__(self, errors):
         h, stats = self._pairwise(errors)
-        return LossOutput(BL.robust_dpo_loss(h, self.beta, self.cfg.eps), stats)
+        return LossOutput(robust_dpo_loss(h, self.beta, self.cfg.eps), stats)
 
 
 class ConservativeDPO(Objective):
-    def __call__(self, errors, metric_active=True):
+    def __call__(self, errors):
         h, stats = self._pairwise(errors)
-        return LossOutput(BL.conservative_dpo_loss(h, self.beta, self.cfg.eps), stats)
+        return LossOutput(conservative_dpo_loss(h, self.beta, self.cfg.eps), stats)
 
 
 class IPO(Objective):
-    def __call__(self, errors, metric_active=True):
+    def __call__(self, errors):
         h, stats = self._pairwise(errors)
-        return LossOutput(BL.ipo_loss(h, self.beta), stats)
+        return LossOutput(ipo_loss(h, self.beta), stats)
 
 
 class Hinge(Objective):
-    def __call__(self, errors, metric_active=True):
+    def __call__(self, errors):
         h, stats = self._pairwise(errors)
-        return LossOutput(BL.hinge_loss(h, self.beta), stats)
+        return LossOutput(hinge_loss(h, self.beta), stats)
 
 
 class SFT(Objective):
     needs_reference = False
     needs_losers = False
 
-    def __call__(self, errors, metric_active=True):
-        return LossOutput(BL.sft_loss(errors.policy.w), {"e_w": errors.policy.w.detach().float()})
+    def __call__(self, errors):
+        return LossOutput(sft_loss(errors.policy.w), {"e_w": errors.policy.w.detach().float()})
 
 
-class AdaptiveDPO(Objective):
-    """Adaptive-DPO; before ``metric_active`` (the EMA warm-up) it is plain DPO with W = 1, G = 0."""
+class AdaptiveWarmup:
+    """The adaptive objectives' warm-up: for the first ``objective.adaptive.warmup_steps`` optimizer steps
+    the minority metric is off (``metric_active`` false: W = 1, G = 0, and the step runs no EMA forward);
+    from then on it is on. Decided from the step alone, so a resumed run decides as the uninterrupted one."""
 
+    cfg: ObjectiveConfig
     uses_ema = True
+    metric_active: bool
 
-    def weights(
-        self, h: torch.Tensor, errors: ModelErrors, metric_active: bool
-    ) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        a = self.cfg.adaptive
-        if not metric_active or not errors.ema:
+    def begin_step(self, step: int) -> None:
+        self.metric_active = step >= self.cfg.adaptive.warmup_steps
+
+    @property
+    def ema_active(self) -> bool:
+        return self.metric_active
+
+
+class AdaptiveDPO(AdaptiveWarmup, Objective):
+    """Adaptive-DPO; during its warm-up (``AdaptiveWarmup``) it is plain DPO with W = 1, G = 0."""
+
+    def weights(self, h: torch.Tensor, errors: ModelErrors) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        if not self.metric_active or not errors.ema:
             nan = torch.full_like(h, float("nan")).detach()
             return torch.ones_like(h).detach(), torch.zeros_like(h).detach(), {"u": nan, "c": nan, "s": nan}
         h_ema = [preference_h(e, errors.ref) for e in errors.ema]
         h_models = torch.stack([h.detach()] + [x.detach() for x in h_ema])
-        ms = A.minority_score(
-            h_models, a.rho, a.spread, a.normalize, a.g_scale, self.beta, a.score, a.spread_of
-        )
-        k2 = -1.0 / self.beta if a.k2 is None else a.k2
-        W = A.weight(ms.u, a.weight, a.k1)
-        if a.renormalize:
-            W = A.renormalize(W)
-        G = A.margin(ms.u, a.margin, k2, A.resolve_c2(a.c2, h, self.beta))
+        W, G, ms = adaptive_weights(h_models, h, self.cfg.adaptive, self.beta)
         extra = {"u": ms.u, "c": ms.c, "s": ms.s}
         extra.update({f"h_ema{i}": x.detach() for i, x in enumerate(h_ema)})
         return W, G, extra
 
     def _final(self, h, W, G):
-        return A.adaptive_dpo_loss(h, self.beta, W, G)
+        return adaptive_dpo_loss(h, self.beta, W, G)
 
-    def __call__(self, errors, metric_active=True):
+    def __call__(self, errors):
         h, stats = self._pairwise(errors)
-        W, G, extra = self.weights(h, errors, metric_active)
+        W, G, extra = self.weights(h, errors)
         stats.update(extra, W=W, G=G)
         return LossOutput(self._final(h, W, G), stats)
 
@@ -172,16 +192,16 @@ class AdaptiveDPO(Objective):
 class BoundedDPO(Objective):
     """Control for Adaptive-DPO without EMA models: -W log sigmoid(beta h), W = stopgrad(1/(1 + k |beta h|))."""
 
-    def __call__(self, errors, metric_active=True):
+    def __call__(self, errors):
         h, stats = self._pairwise(errors)
-        W = A.bounded_weight(h, self.beta, self.cfg.bounded_k)
+        W = bounded_weight(h, self.beta, self.cfg.bounded_k)
         stats["W"] = W
         return LossOutput(W * dpo_loss(h, self.beta), stats)
 
 
 class AdaptiveIPO(AdaptiveDPO):
     def _final(self, h, W, G):
-        return A.adaptive_ipo_loss(h, self.beta, W, G, self.cfg.adaptive.ipo_margin)
+        return adaptive_ipo_loss(h, self.beta, W, G, self.cfg.adaptive.ipo_margin)
 
 
 class D3PO(Objective):
@@ -197,7 +217,7 @@ class D3PO(Objective):
         self.beta, self.eps = cfg.d3po.beta, cfg.d3po.eps
         self.timestep_fraction = cfg.d3po.timestep_fraction
 
-    def __call__(self, logps: TransitionLogProbs, metric_active: bool = True) -> LossOutput:
+    def __call__(self, logps: TransitionLogProbs) -> LossOutput:
         if not isinstance(logps, TransitionLogProbs):
             raise TypeError(
                 f"objective d3po scores trajectory transitions (TransitionLogProbs), got {type(logps).__name__}"
@@ -206,40 +226,31 @@ class D3PO(Objective):
         return LossOutput(terms.loss, d3po_stats(terms, logps.tie))
 
 
-class AdaptiveD3PO(D3PO):
+class AdaptiveD3PO(AdaptiveWarmup, D3PO):
     """D3PO with Adaptive-DPO's minority weighting (objective.adaptive.*): the models' margins are the
     trajectories' summed log-ratios (``TransitionLogProbs.h_models``, policy first, then the EMA models,
     computed once per micro-batch by the workload), the score u, weight W and margin G are Adaptive-DPO's
-    (pipeline/losses/adaptive.py) and the loss is ``-W log sigmoid(beta (log r_w - log r_l) - G)``, the
-    margin's c2 taken on the step's clamped margin. Before ``metric_active`` (or without EMA models) it is
-    plain D3PO, W = 1, G = 0."""
+    (``pipeline.losses.adaptive.adaptive_weights``) and the loss is ``-W log sigmoid(beta (log r_w - log r_l)
+    - G)``, the margin's c2 taken on the step's clamped margin. During its warm-up (``AdaptiveWarmup``), or
+    without EMA models, it is plain D3PO, W = 1, G = 0."""
 
-    uses_ema = True
     distributions = ("h", "log_ratio_w", "log_ratio_l", "u", "W", "h_traj")
 
-    def __call__(self, logps: TransitionLogProbs, metric_active: bool = True) -> LossOutput:
+    def __call__(self, logps: TransitionLogProbs) -> LossOutput:
         if not isinstance(logps, TransitionLogProbs):
             raise TypeError(
                 f"objective adaptive_d3po scores trajectory transitions (TransitionLogProbs), got {type(logps).__name__}"
             )
-        a = self.cfg.adaptive
         b = logps.policy_w.shape[0]
         nan = torch.full((b,), float("nan"), device=logps.policy_w.device)
         W = G = None
         extra = {"u": nan, "c": nan, "s": nan, "h_traj": nan}
-        if metric_active and logps.h_models is not None:
-            ms = A.minority_score(
-                logps.h_models, a.rho, a.spread, a.normalize, a.g_scale, self.beta, a.score, a.spread_of
-            )
-            W = A.weight(ms.u, a.weight, a.k1)
-            if a.renormalize:
-                W = A.renormalize(W)
+        if self.metric_active and logps.h_models is not None:
             step_h = (
                 clamped_log_ratio(logps.policy_w, logps.ref_w, self.eps)
                 - clamped_log_ratio(logps.policy_l, logps.ref_l, self.eps)
             ).detach()
-            k2 = -1.0 / self.beta if a.k2 is None else a.k2
-            G = A.margin(ms.u, a.margin, k2, A.resolve_c2(a.c2, step_h, self.beta))
+            W, G, ms = adaptive_weights(logps.h_models, step_h, self.cfg.adaptive, self.beta)
             extra = {"u": ms.u, "c": ms.c, "s": ms.s, "h_traj": logps.h_models[0].detach().float()}
         terms = d3po_terms(logps, self.beta, self.eps, W, G)
         stats = d3po_stats(terms, logps.tie)
@@ -259,9 +270,9 @@ class EMDPO(Objective):
 
     def __init__(self, cfg: ObjectiveConfig):
         super().__init__(cfg)
-        self.noise = NM.FlipRateEstimator(cfg.noise)
+        self.noise = FlipRateEstimator(cfg.noise)
 
-    def __call__(self, errors, metric_active=True):
+    def __call__(self, errors):
         h, stats = self._pairwise(errors)
         if "user_id" not in errors.fields:
             raise ValueError("objective em_dpo needs the batch field user_id")
@@ -270,7 +281,7 @@ class EMDPO(Objective):
         eps = est.rates_for(users)
         if est.active:
             p = est.p_right(self.beta * h.detach().double().cpu().numpy())
-            q = NM.posterior_flip(p, eps)
+            q = posterior_flip(p, eps)
         else:
             q = np.zeros(len(users))
         q_t = torch.as_tensor(q, dtype=torch.float32, device=h.device)
@@ -284,8 +295,8 @@ class EMDPO(Objective):
         if self.cfg.noise.loss == "unbiased":
             # the global rate: Robust-DPO's estimator is unbiased per pair for any rate, but its variance
             # explodes as a rate nears 1/2, which a noisy per-annotator estimate easily does
-            return LossOutput(BL.robust_dpo_loss(h, self.beta, est.rate if est.active else 0.0), stats)
-        return LossOutput(BL.conservative_dpo_loss(h, self.beta, q_t), stats)  # smoothing by q
+            return LossOutput(robust_dpo_loss(h, self.beta, est.rate if est.active else 0.0), stats)
+        return LossOutput(conservative_dpo_loss(h, self.beta, q_t), stats)  # smoothing by q
 
     def observe(self, stats):
         self.noise.observe(stats["logit"], stats["user_id"])

@@ -1,5 +1,5 @@
 """Config of ``stages.feedback``: D3PO trajectories (``stages.sample``) -> per-pair preferences
-(``pipeline.d3po.preferences``), from scripted rewards or from people's labels."""
+(``pipeline.d3po.feedback``), from scripted rewards or from people's labels."""
 
 from __future__ import annotations
 
@@ -8,8 +8,15 @@ from typing import Annotated, Literal
 
 from annotated_types import Interval, MinLen
 
-from pipeline.d3po.rewards import REWARD_NAMES, SCORER_REWARDS
 from pipeline.schema.common import Count, Device, Dtype, NonNegInt, Text
+
+# the rewards of pipeline.d3po.rewards (which checks that its registry makes exactly these):
+# rewards backed by a scorer of the evaluation stage, each loaded from the folder given for it
+SCORER_REWARDS = ("aesthetic", "pickscore", "hpsv2", "imagereward")
+SCRIPTED_REWARDS = ("brightness", "jpeg_compressibility", "jpeg_incompressibility", "random")
+BASE_REWARDS = (*SCRIPTED_REWARDS, *SCORER_REWARDS)
+# every name the registry (and the config) accepts: each reward and its negation
+REWARD_NAMES = (*BASE_REWARDS, *(f"-{n}" for n in BASE_REWARDS))
 
 RewardName = Literal[REWARD_NAMES]  # type: ignore[valid-type]  # each reward and its '-' negation
 RewardNames = Annotated[list[RewardName], MinLen(1)]

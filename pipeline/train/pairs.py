@@ -1,4 +1,5 @@
-"""The pair workload: encoded preference-pair shards (``stages.encode``) and ``PreferenceStep``.
+"""The pair workload: encoded preference-pair shards (``stages.encode``) and ``PreferenceStep``
+(``pipeline.train.pair_step``).
 
 Data position: the micro-step counter alone, given the layout (shard counts, world size, data
 workers, micro-batch; ``pipeline.data.loader``). A resume on another layout continues at the same
@@ -16,13 +17,14 @@ import torch
 
 from pipeline.data.loader import Layout, PairStream, make_loader
 from pipeline.data.shards import load_manifest, sha256_file
+from pipeline.engine.context import RunContext
 from pipeline.engine.dist import all_gather_object
 from pipeline.errors import UserError
 from pipeline.evaluate.preference import accuracy as preference_accuracy
 from pipeline.minority import auroc
 from pipeline.models import ModelInfo, inspect_model, load_scheduler
-from pipeline.step import PreferenceStep
-from pipeline.train.workload import Models, RunContext, Workload, register
+from pipeline.train.pair_step import PreferenceStep
+from pipeline.train.workload import Models, Workload
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +73,8 @@ class PairWorkload(Workload):
             self.objective,
             load_scheduler(self.info),
             self.info.prediction_type,
-            ctx.dtype,
-            ctx.device,
+            ctx,
             cfg.train.seed,
-            ctx.rank,
             cfg.data.sample_latents,
         )
 
@@ -105,13 +105,24 @@ class PairWorkload(Workload):
     def batches(self, start: int):
         d, ctx = self.cfg.data, self.ctx
         stream = PairStream(
-            self.paths, self.counts, self.manifest, ctx.rank, ctx.world, d.micro_batch, d.num_workers,
-            d.seed, d.shuffle_buffer, d.flip_rate, d.flip_seed, d.flip_by, start=start,
-        )  # fmt: skip
+            self.paths,
+            self.counts,
+            self.manifest,
+            ctx.rank,
+            ctx.world,
+            micro_batch=d.micro_batch,
+            num_workers=d.num_workers,
+            seed=d.seed,
+            buffer=d.shuffle_buffer,
+            flip_rate=d.flip_rate,
+            flip_seed=d.flip_seed,
+            flip_by=d.flip_by,
+            start=start,
+        )
         return iter(make_loader(stream, d.num_workers, pin_memory=ctx.device.type == "cuda"))
 
-    def step(self, models: Models, batch: dict, micro_step: int, metric_active: bool):
-        return self.step_fn(models.policy, models.reference, models.ema, batch, micro_step, metric_active)
+    def step(self, models: Models, batch: dict, micro_step: int):
+        return self.step_fn(models.policy, models.reference, models.ema, batch, micro_step)
 
     def pairs_per_step(self, world: int) -> int:
         return self.cfg.data.micro_batch * self.cfg.train.grad_accum * world
@@ -123,8 +134,10 @@ class PairWorkload(Workload):
     def resume_position(self, state: dict) -> int:
         micro_step = state["micro_step"]
         d = state.get("data") or {  # checkpoints written before the data state had its own entry
-            "world_size": state["world_size"], "workers": state["data_workers"], "micro_batch": state["micro_batch"]
-        }  # fmt: skip
+            "world_size": state["world_size"],
+            "workers": state["data_workers"],
+            "micro_batch": state["micro_batch"],
+        }
         old = Layout(tuple(self.counts), d["world_size"], d["workers"], d["micro_batch"])
         new = self.layout(self.ctx.world)
         if old == new:
@@ -133,8 +146,13 @@ class PairWorkload(Workload):
         pos = micro_step * old.world * old.micro_batch // (new.world * new.micro_batch)
         log.warning(
             "data layout changed (world %d->%d, workers %d->%d): the sample order differs from here on; "
-            "resuming at micro-batch %d of this layout", old.world, new.world, old.workers, new.workers, pos,
-        )  # fmt: skip
+            "resuming at micro-batch %d of this layout",
+            old.world,
+            new.world,
+            old.workers,
+            new.workers,
+            pos,
+        )
         return pos
 
     def records(self, batch: dict) -> dict[str, list]:
@@ -164,6 +182,3 @@ class PairWorkload(Workload):
             if np.isfinite(w[:, 1]).any():
                 s["auroc_neg_h_window"] = auroc(-w[:, 1], w[:, 2] > 0.5)
         return s
-
-
-register("pairs", PairWorkload)

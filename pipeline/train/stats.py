@@ -13,6 +13,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from pipeline.engine.dist import all_gather_stack
+
 
 def gather_pair_stats(
     stats: dict[str, torch.Tensor], fields: dict[str, torch.Tensor], device: torch.device, world: int
@@ -23,8 +25,6 @@ def gather_pair_stats(
     dtype: floating -> float32, bool -> bool, integer -> int64 (exact). Every rank must pass the same
     names with the same B. Returns name -> [world * B] numpy arrays.
     """
-    from pipeline.engine.dist import all_gather_stack
-
     rows, kinds = [], {}
     for name, t in sorted(stats.items()):
         rows.append(t.detach().float().to(device).view(torch.int32).to(torch.int64))

@@ -37,32 +37,32 @@ arithmetic exactly and grows when the trajectories came from another policy than
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
-import tarfile
 from collections import deque
 from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers import DDIMScheduler
 
-from pipeline.d3po import trajectories as tj
 from pipeline.d3po.ddim import cfg_noise_pred, ddim_step_with_logprob
+from pipeline.d3po.feedback_files import PARQUET, load_preferences
+from pipeline.d3po.trajectories import index_arrays, load_uncond, read_array, read_manifest
 from pipeline.data.shards import sha256_file
+from pipeline.engine.context import RunContext
 from pipeline.errors import UserError
 from pipeline.losses.d3po import TransitionLogProbs, trained_timesteps, trajectory_margin
+from pipeline.minority import auroc
 from pipeline.models import inspect_model
-from pipeline.train.workload import Models, RunContext, Workload, register
+from pipeline.train.workload import Models, Workload
 
 log = logging.getLogger(__name__)
-
-FIELDS = ("latents", "log_probs", "timesteps", "txt")
 
 
 def _load_trajectory_manifest(cfg) -> dict:
     """The folder's manifest; a missing or foreign one names what objective.name=d3po needs."""
     try:
-        return tj.load_manifest(cfg.data.shards)
+        return read_manifest(cfg.data.shards)
     except UserError as e:
         raise UserError(
             f"objective.name={cfg.objective.name} trains on 'trajectories' data (the output of stages.sample), "
@@ -107,8 +107,6 @@ def check_trajectories(cfg, manifest: dict):
 
 def preference_folder(path: str) -> Path:
     """``data.preferences``: the feedback stage's out folder, or its ``preferences.parquet``."""
-    from pipeline.d3po.preferences import PARQUET
-
     p = Path(path)
     if p.is_file() and p.name == PARQUET:
         return p.parent
@@ -120,39 +118,6 @@ def preference_folder(path: str) -> Path:
     if not p.is_dir():
         raise UserError(f"data.preferences={path}: not a feedback folder or its {PARQUET}")
     return p
-
-
-def index_shards(shard_dir: Path, manifest: dict) -> dict[str, dict[str, tuple[Path, int, int]]]:
-    """key -> field -> (shard, byte offset, size) of the arrays of every group, from the tar headers
-    alone (the data is read when a batch needs it, never all at once)."""
-    out: dict[str, dict[str, tuple[Path, int, int]]] = {}
-    for s in manifest["shards"]:
-        p = shard_dir / s["name"]
-        if not p.is_file():
-            raise UserError(f"{p}: listed in the manifest but missing")
-        try:
-            with tarfile.open(p, "r:") as tar:
-                for ti in tar:
-                    if not ti.isfile():
-                        continue
-                    key, _, suffix = Path(ti.name).name.partition(".")
-                    field = suffix.removesuffix(".npy")
-                    if suffix.endswith(".npy") and field in FIELDS:
-                        out.setdefault(key, {})[field] = (p, ti.offset_data, ti.size)
-        except (tarfile.TarError, OSError) as e:
-            raise UserError(f"{p}: not a readable tar ({type(e).__name__}: {e}); sample it again") from e
-    for key, fields in out.items():
-        missing = [f for f in FIELDS if f not in fields]
-        if missing:
-            raise UserError(f"{fields[next(iter(fields))][0]}: group {key} has no {missing[0]}.npy")
-    return out
-
-
-def _read_npy(where: tuple[Path, int, int]) -> np.ndarray:
-    path, offset, size = where
-    with open(path, "rb") as f:
-        f.seek(offset)
-        return np.load(io.BytesIO(f.read(size)), allow_pickle=False)
 
 
 class TrajectoryWorkload(Workload):
@@ -202,8 +167,8 @@ class TrajectoryWorkload(Workload):
                     f"data.verify_sha256: {len(bad)} file(s) in {d.shards} differ from the manifest: "
                     f"{', '.join(bad[:8])}; sample them again"
                 )
-        self.uncond_np = tj.load_uncond(self.shard_dir, self.manifest["shapes"]["txt"][1])
-        self.index = index_shards(self.shard_dir, self.manifest)
+        self.uncond_np = load_uncond(self.shard_dir, self.manifest["shapes"]["txt"][1])
+        self.index = index_arrays(self.shard_dir, self.manifest)
         self._load_preferences(d.preferences)
         self._cache: tuple[tuple[int, int], dict] | None = None
         self.window: deque = deque(maxlen=max(cfg.train.auroc_window, 0))
@@ -212,8 +177,6 @@ class TrajectoryWorkload(Workload):
     # ------------------------------------------------------------------ checks
 
     def _load_preferences(self, path: str) -> None:
-        from pipeline.d3po.preferences import PARQUET, load_preferences
-
         folder = preference_folder(path)
         table, summary = load_preferences(folder)
         pfile = folder / PARQUET
@@ -253,12 +216,14 @@ class TrajectoryWorkload(Workload):
         self.pairs, self.ties = pairs, ties
         log.info(
             "trajectories %s: %d decided pairs (%d ties skipped), %d of %d timesteps trained per pair",
-            self.shard_dir, len(pairs), ties, self.T, self.n_steps,
-        )  # fmt: skip
+            self.shard_dir,
+            len(pairs),
+            ties,
+            self.T,
+            self.n_steps,
+        )
 
     def prepare(self, ctx: RunContext) -> None:
-        from diffusers import DDIMScheduler
-
         super().prepare(ctx)
         mb = self.cfg.data.micro_batch
         self.n_batches = len(self.pairs) // (ctx.world * mb)
@@ -314,9 +279,9 @@ class TrajectoryWorkload(Workload):
         for p in idx:
             key, i, j, _, _ = self.pairs[p]
             where = self.index[key]
-            la = _read_npy(where["latents"])  # [K, N+1, C, h, w] fp16
-            lp = _read_npy(where["log_probs"])  # [K, N]
-            ts = _read_npy(where["timesteps"])
+            la = read_array(where["latents"])  # [K, N+1, C, h, w] fp16
+            lp = read_array(where["log_probs"])  # [K, N]
+            ts = read_array(where["timesteps"])
             if la.shape[:2] != (self.k, self.n_steps + 1) or lp.shape != (self.k, self.n_steps):
                 raise UserError(
                     f"{where['latents'][0]}: group {key}: latents {list(la.shape)} / log_probs {list(lp.shape)} "
@@ -324,7 +289,7 @@ class TrajectoryWorkload(Workload):
                 )
             lat.append(la[[i, j]])
             lps.append(lp[[i, j]])
-            txt.append(_read_npy(where["txt"]))
+            txt.append(read_array(where["txt"]))
             tsteps.append(ts)
         return {
             "pairs": idx,
@@ -415,7 +380,7 @@ class TrajectoryWorkload(Workload):
         self._margins = (batch["batch_id"], h)
         return h
 
-    def step(self, models: Models, batch: dict, micro_step: int, metric_active: bool):
+    def step(self, models: Models, batch: dict, micro_step: int):
         dev, dt = self.ctx.device, self.ctx.dtype
         b = batch["x_t"].shape[0]
         # one call for the pair's two images, in group order, as the sampler batched them
@@ -433,9 +398,9 @@ class TrajectoryWorkload(Workload):
 
         (pw, pl), (rw, rl) = wl(pol), wl(ref)
         h_models = None
-        if self.objective.uses_ema and metric_active and models.ema is not None:
+        if self.objective.ema_active and models.ema is not None:
             h_models = self.trajectory_margins(models, batch)
-        out = self.objective(TransitionLogProbs(pw, rw, pl, rl, h_models=h_models), metric_active)
+        out = self.objective(TransitionLogProbs(pw, rw, pl, rl, h_models=h_models))
         sampled = batch["sampled_log_probs"].to(dev)
         out.stats["sampled_gap"] = (ref - sampled).abs().amax(dim=1).detach()
         return out
@@ -466,8 +431,10 @@ class TrajectoryWorkload(Workload):
         pos -= pos % self.cfg.train.grad_accum
         log.warning(
             "data layout changed (%s -> %s): the pair order differs from here on; resuming at micro-step %d",
-            d, self.data_state(), pos,
-        )  # fmt: skip
+            d,
+            self.data_state(),
+            pos,
+        )
         return pos
 
     def records(self, batch: dict) -> dict[str, list]:
@@ -483,8 +450,6 @@ class TrajectoryWorkload(Workload):
     def summary(self, cat: dict[str, np.ndarray]) -> dict[str, float]:
         """Implicit accuracy on the flipped and the kept preferences, when both occur; Adaptive-D3PO: the
         mean W of each and the AUROC of u for finding the flipped pairs (over the last train.auroc_window pairs)."""
-        from pipeline.minority import auroc
-
         s: dict[str, float] = {}
         fl = cat["flipped"]
         if not (fl.any() and (~fl).any()):
@@ -499,6 +464,3 @@ class TrajectoryWorkload(Workload):
             if len(set(w[:, 1])) == 2:
                 s["auroc_u_window"] = auroc(w[:, 0], w[:, 1] > 0.5)
         return s
-
-
-register("trajectories", TrajectoryWorkload)

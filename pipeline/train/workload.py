@@ -2,20 +2,26 @@
 
 ``stages/train.py`` is one recipe for every kind of training. What it shares: the DeepSpeed engine
 (ZeRO-2, precision, loss scaling, gradient accumulation), the reference and EMA models, checkpoints
-and resume (``pipeline.engine``), the per-pair statistics all-gather and the logs (``pipeline.train.stats``, ``pipeline.metrics_log``), signals and
-the non-finite guard. What a workload brings, chosen by the objective's ``data_kind``
-(``WORKLOADS[objective.data_kind]``):
+and resume (``pipeline.engine``), the per-pair statistics all-gather and the logs
+(``pipeline.train.stats``, ``pipeline.metrics_log``), signals and the non-finite guard. What a
+workload brings, chosen by the objective's ``data_kind`` (``pipeline.train.registry.WORKLOADS``:
+``"pairs"``, encoded preference-pair shards and ``pipeline.train.pair_step.PreferenceStep``, in
+``pipeline.train.pairs``; ``"trajectories"``, D3PO on sampled denoising trajectories, in
+``pipeline.train.trajectories``):
 
 - ``__init__(cfg, objective)``: check the data *before any model loads* (``UserError`` naming the
   bad key or file), and set ``info`` (``pipeline.models.ModelInfo``): the model whose UNet is trained;
-- ``prepare(ctx)``: after the process group exists: collective data checks, and the step's tools;
+- ``prepare(ctx)``: after the process group exists (``pipeline.engine.context.RunContext``):
+  collective data checks, and the step's tools;
 - ``batches(start)``: an iterator of micro-batches from micro-step ``start`` on. Each batch is a dict
   with ``micro_step`` (int, must equal the trainer's counter), ``epoch`` (int), ``substituted``
   (int, samples replaced because they could not be read), the per-pair fields named in
   ``pair_fields`` as [B] tensors, and whatever the step reads;
-- ``step(models, batch, micro_step, metric_active) -> LossOutput``: the per-pair losses [B] (the
-  trainer backpropagates their mean through ``models.policy``, the DeepSpeed engine) and per-pair
-  statistics [B] (detached; the same names on every rank at a given step);
+- ``step(models, batch, micro_step) -> LossOutput``: the per-pair losses [B] (the trainer
+  backpropagates their mean through ``models.policy``, the DeepSpeed engine) and per-pair statistics
+  [B] (detached; the same names on every rank at a given step). The trainer has called
+  ``objective.begin_step`` with the optimizer step first: run the EMA models only while
+  ``objective.ema_active``;
 - ``pair_fields``: name -> dtype of the per-pair batch fields that are all-gathered after every
   micro-step with the step's statistics (integers exactly, as int64), for logging and for the
   objective's ``observe`` hook;
@@ -28,37 +34,35 @@ the non-finite guard. What a workload brings, chosen by the objective's ``data_k
 - ``summary(cat)``: workload-specific scalars from the gathered per-pair arrays since the last log
   line (``cat``), e.g. statistics split by flipped labels.
 
-The only implementation today is ``PairWorkload`` (``pipeline.train.pairs``): encoded pair shards and
-``pipeline.step.PreferenceStep``. A second one, e.g. trajectories for D3PO, registers with
-``register("trajectories", TrajectoryWorkload)`` and an objective whose ``data_kind =
-"trajectories"``; the recipe does not change. Notes for such a workload:
+Notes for a workload:
 
-- one micro-step may be one timestep index of a batch of trajectory pairs: ``batches`` then yields
-  the same trajectories T times with ``micro_step`` advancing and a timestep index in the batch, and
-  the data position is ``micro_step // T`` batches plus ``micro_step % T``; set
-  ``train.grad_accum`` to the number of trained timesteps (times the accumulation over batches) so
-  that DeepSpeed accumulates the gradient over the timesteps of one optimizer step;
+- one micro-step may be one timestep index of a batch of trajectory pairs (as the trajectory workload
+  does): ``batches`` then yields the same trajectories T times with ``micro_step`` advancing and a
+  timestep index in the batch, and the data position is ``micro_step // T`` batches plus
+  ``micro_step % T``; ``train.grad_accum`` must then be the number of trained timesteps (times the
+  accumulation over batches) so that DeepSpeed accumulates the gradient over the timesteps of one
+  optimizer step;
 - ``models.reference`` (the frozen starting UNet, or for LoRA the adapters-off policy) is there when
-  ``objective.needs_reference``: compute its log-probabilities inside ``step`` under ``no_grad``;
+  ``objective.needs_reference``: compute its outputs inside ``step`` under ``no_grad``;
 - ``models.ema`` (``ShardedEMA``, or None) exists when ``ema.decays`` is set; a step may ignore it;
-- RNG: draw noise from a generator seeded by ``pipeline.step.step_seed(seed, rank, micro_step)``
-  so that a resumed run draws what the uninterrupted one drew.
+- RNG: draw noise from a generator seeded by ``pipeline.losses.diffusion.step_seed(seed, rank,
+  micro_step)`` so that a resumed run draws what the uninterrupted one drew.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import numpy as np
 import torch
 
-if TYPE_CHECKING:
-    from pipeline.engine.ema import ShardedEMA
-    from pipeline.losses.objectives import LossOutput, Objective
-    from pipeline.models import ModelInfo
-    from pipeline.schema.train import TrainConfig
+from pipeline.engine.context import RunContext
+from pipeline.engine.ema import ShardedEMA
+from pipeline.losses.objectives import LossOutput, Objective
+from pipeline.models import ModelInfo
+from pipeline.schema.train import TrainConfig
 
 
 @dataclass
@@ -71,18 +75,7 @@ class Models:
     ema: ShardedEMA | None
 
 
-@dataclass
-class RunContext:
-    """What a workload needs to know about the run once the process group exists."""
-
-    rank: int
-    world: int
-    device: torch.device
-    dtype: torch.dtype  # compute dtype of the models
-
-
 class Workload:
-    data_kind: ClassVar[str]
     pair_fields: ClassVar[dict[str, torch.dtype]] = {}
 
     def __init__(self, cfg: TrainConfig, objective: Objective):
@@ -95,7 +88,7 @@ class Workload:
     def batches(self, start: int) -> Iterator[dict]:
         raise NotImplementedError
 
-    def step(self, models: Models, batch: dict, micro_step: int, metric_active: bool) -> LossOutput:
+    def step(self, models: Models, batch: dict, micro_step: int) -> LossOutput:
         raise NotImplementedError
 
     def pairs_per_step(self, world: int) -> int:
@@ -112,35 +105,3 @@ class Workload:
 
     def summary(self, cat: dict[str, np.ndarray]) -> dict[str, float]:
         return {}
-
-
-WORKLOADS: dict[str, type[Workload]] = {}
-
-
-def register(data_kind: str, cls: type[Workload]) -> None:
-    cls.data_kind = data_kind
-    WORKLOADS[data_kind] = cls
-
-
-def build_workload(cfg: TrainConfig, objective: Objective) -> Workload:
-    import pipeline.train.pairs  # noqa: F401  (registers "pairs")
-    import pipeline.train.trajectories  # noqa: F401  (registers "trajectories")
-
-    kind = objective.data_kind
-    if kind not in WORKLOADS:
-        # a user error, named before any model loads: e.g. objective.name=d3po (trajectories) given the
-        # encoded pair shards, before a trajectory workload exists
-        from pipeline.errors import UserError
-        from pipeline.losses.objectives import OBJECTIVES, TRAJECTORY_OBJECTIVES
-
-        names = {**OBJECTIVES, **TRAJECTORY_OBJECTIVES}
-        have = "; ".join(
-            f"{k!r}, for objective.name = {', '.join(sorted(n for n, c in names.items() if c.data_kind == k))}"
-            for k in sorted(WORKLOADS)
-        )
-        raise UserError(
-            f"objective.name={cfg.objective.name} trains on {kind!r} data, but this trainer has no {kind!r} "
-            f"workload yet, so it cannot train on data.shards={cfg.data.shards} (encoded preference pairs); "
-            f"its workloads: {have}"
-        )
-    return WORKLOADS[kind](cfg, objective)

@@ -82,9 +82,17 @@ def main(cfg: TrainConfig) -> int:
             coverage &= bool(torch.equal(owner, want))
     # every rank reports, so a wrong shard on rank 1 fails the test too; one write() per line, so the
     # ranks' lines never interleave in the shared pipe (print writes the text and the newline apart)
-    line = f"EMACHECK {lay.rank} " + json.dumps({"shards": ok_shards, "module": ok_module, "coverage": coverage,
-                                                  "max_err": max_err, "world": lay.world, "steps": t.engine.global_steps,
-                                                  "buffers": ema.buffers})  # fmt: skip
+    line = f"EMACHECK {lay.rank} " + json.dumps(
+        {
+            "shards": ok_shards,
+            "module": ok_module,
+            "coverage": coverage,
+            "max_err": max_err,
+            "world": lay.world,
+            "steps": t.engine.global_steps,
+            "buffers": ema.buffers,
+        }
+    )
     sys.stdout.flush()
     os.write(sys.stdout.fileno(), (line + "\n").encode())
     return 0

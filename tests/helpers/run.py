@@ -23,14 +23,32 @@ def env(**extra) -> dict:
     return e
 
 
-def train(shards, out, *overrides, nproc: int = 1, launcher: str = "torchrun", module: str = "stages.train",
-          extra_env: dict | None = None, timeout: int = 900, config: str = TRAIN_CFG) -> subprocess.CompletedProcess:  # fmt: skip
+def train(
+    shards,
+    out,
+    *overrides,
+    nproc: int = 1,
+    launcher: str = "torchrun",
+    module: str = "stages.train",
+    extra_env: dict | None = None,
+    timeout: int = 900,
+    config: str = TRAIN_CFG,
+) -> subprocess.CompletedProcess:
     args = ["--config", config, f"data.shards={shards}", f"output.dir={out}", *TEST_DEFAULTS, *overrides]
     if nproc == 1:
         cmd = [sys.executable, "-m", module, *args]
     elif launcher == "deepspeed":
-        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc), "--master_port",
-               str(free_port()), "stages/train.py", *args]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "deepspeed.launcher.runner",
+            "--num_gpus",
+            str(nproc),
+            "--master_port",
+            str(free_port()),
+            "stages/train.py",
+            *args,
+        ]
     else:
         cmd = [
             sys.executable,

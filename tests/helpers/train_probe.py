@@ -7,9 +7,9 @@ import sys
 import torch
 
 from pipeline import cli
+from pipeline.engine.lora import LoraReference
 from pipeline.models import load_unet
 from pipeline.schema.train import TrainConfig
-from pipeline.step import LoraReference
 from stages import train
 
 

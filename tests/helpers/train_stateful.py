@@ -24,7 +24,7 @@ class CountingDPO(objectives.DPO):
         super().__init__(cfg)
         self.seen: Counter[int] = Counter()
 
-    def __call__(self, errors, metric_active=True):
+    def __call__(self, errors):
         h, stats = self._pairwise(errors)
         users = errors.fields["user_id"].tolist()
         W = torch.tensor([1.0 / (1.0 + 0.1 * self.seen[u]) for u in users], device=h.device)

@@ -1,7 +1,7 @@
 """Write tiny, randomly initialised stand-ins of the four reward models, in the folder layouts that
 pipeline.evaluate.scorers loads, so tests exercise the real loading and scoring code offline.
 
-    python -m tools.make_tiny_scorers --out DIR [--seed N]
+    python -m tools.toy.make_tiny_scorers --out DIR [--seed N]
 
 Writes DIR/pickscore, DIR/hpsv2 (CLIPModel + processor), DIR/aesthetic (clip/ + head.safetensors),
 DIR/imagereward (blip/ + head.safetensors). Their scores mean nothing; their shapes and code paths
@@ -18,8 +18,8 @@ import torch
 from safetensors.torch import save_file
 
 from pipeline.evaluate.scorers import MLPHead
-from tools.make_tiny_model import write_tokenizer
-from tools.vocabulary import WORDS
+from tools.toy.make_tiny_model import write_tokenizer
+from tools.toy.vocabulary import WORDS
 
 
 def _clip_processor(tok_dir: Path):
@@ -54,7 +54,7 @@ def _clip(vocab: int):
             bos_token_id=vocab - 2,
             eos_token_id=vocab - 1,
             pad_token_id=vocab - 1,
-        ),  # fmt: skip
+        ),
         vision_config=dict(TINY_VISION),
         projection_dim=16,
     )
@@ -76,7 +76,7 @@ def make_tiny_scorers(out: str | Path, seed: int = 0) -> Path:
         BlipForImageTextRetrieval,
         BlipImageProcessor,
         BlipProcessor,
-        CLIPTokenizer,  # fmt: skip
+        CLIPTokenizer,
         CLIPVisionConfig,
         CLIPVisionModelWithProjection,
     )
@@ -111,7 +111,7 @@ def make_tiny_scorers(out: str | Path, seed: int = 0) -> Path:
             bos_token_id=5,
             sep_token_id=3,
             pad_token_id=0,
-        ),  # fmt: skip
+        ),
         projection_dim=16,
         image_text_hidden_size=16,
     )
@@ -128,7 +128,7 @@ def make_tiny_scorers(out: str | Path, seed: int = 0) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m tools.make_tiny_scorers", description=__doc__.split("\n\n")[0]
+        prog="python -m tools.toy.make_tiny_scorers", description=__doc__.split("\n\n")[0]
     )
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
