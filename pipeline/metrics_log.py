@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import torch
 
 
 class MetricsLogger:
@@ -75,13 +76,16 @@ class PairRecorder:
                 f.unlink()
 
     def add(self, step: int, columns: dict[str, list], stats: dict) -> None:
-        """``columns``: per-pair values of the batch (``key`` first); ``stats``: name -> [B] tensor."""
+        """``columns``: per-pair values of the batch (``key`` first); ``stats``: name -> [B] values
+        (numpy arrays or host tensors: the trainer passes its slice of the gathered arrays)."""
         if not self.enabled:
             return
         b = len(columns["key"])
         cols = {"step": [step] * b, **columns}
         for k, v in stats.items():
-            cols[k] = v.detach().float().cpu().tolist()
+            if isinstance(v, torch.Tensor):
+                v = v.detach().float().cpu().numpy()
+            cols[k] = np.asarray(v, dtype=np.float32).tolist()
         for k, v in cols.items():
             self.rows.setdefault(k, []).extend(v)
 

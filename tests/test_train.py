@@ -68,6 +68,7 @@ def test_ds_config_is_built_from_the_typed_config():
     cfg = TrainConfig(data=TrainData(shards="s", micro_batch=3), output=TrainOutput(dir="o"))
     cfg.train.grad_accum, cfg.train.precision, cfg.optim.warmup_steps = 2, "fp16", 10
     ds = build_ds_config(cfg, world_size=4, on_cuda=True)
+    assert "data_types" not in ds  # fp16: DeepSpeed's loss-scaled fp16 gradients
     assert ds["train_batch_size"] == 3 * 2 * 4 and ds["train_micro_batch_size_per_gpu"] == 3
     assert ds["zero_optimization"]["stage"] == 2 and ds["zero_optimization"]["reduce_bucket_size"] == 5e8
     lora = build_ds_config(cfg, world_size=4, on_cuda=True, n_trainable=1_600_000)["zero_optimization"]
@@ -84,6 +85,9 @@ def test_ds_config_is_built_from_the_typed_config():
     cfg.train.precision, cfg.optim.warmup_steps = "bf16", 0
     ds = build_ds_config(cfg, world_size=1, on_cuda=False, load_universal=True)
     assert ds["bf16"]["enabled"] and ds["optimizer"]["params"]["torch_adam"] is True
+    assert ds["data_types"] == {"grad_accum_dtype": "fp32"}  # not 16 micro-steps x 64 ranks summed in bf16
+    cfg.train.zero_stage = 1
+    assert build_ds_config(cfg, world_size=8, on_cuda=True)["zero_optimization"]["stage"] == 1
     assert ds["optimizer"]["params"]["fused"] is True  # torch's fused AdamW
     assert ds["scheduler"]["params"]["warmup_min_lr"] == cfg.optim.lr  # no warm-up: constant from step 1
     assert ds["checkpoint"] == {"load_universal": True}
@@ -558,6 +562,29 @@ def test_sigterm_checkpoints_and_the_same_command_resumes(shards16, tmp_path):
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == list(range(1, step + 3))
 
 
+def test_zero1_trains_like_zero2_and_resumes_under_it(shards64, tmp_path):
+    """2 ranks, grad_accum 2: ZeRO-1 (whole gradients, one reduce per optimizer step) follows the same
+    trajectory as ZeRO-2 (a reduce-scatter per micro-step) up to the order of float sums, and its
+    checkpoint resumes under ZeRO-2 (the same optimizer-state files)."""
+    common = [
+        "data.micro_batch=2",
+        "train.grad_accum=2",
+        "checkpoint.every=2",
+        "output.tensorboard=false",
+    ]
+    z2, z1 = tmp_path / "zero2", tmp_path / "zero1"
+    check(train(shards64, z2, *common, "train.max_steps=3", nproc=2))
+    check(train(shards64, z1, *common, "train.zero_stage=1", "train.max_steps=2", nproc=2))
+    check(train(shards64, z1, *common, "train.max_steps=3", nproc=2))  # stage 2 from stage 1's step 2
+    a, b = read_metrics(z2 / "metrics.jsonl"), read_metrics(z1 / "metrics.jsonl")
+    assert [r["step"] for r in b] == [1, 2, 3]
+    for ra, rb in zip(a, b):
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-4), ra["step"]
+    ta, tb = _unet_tensors(z2 / "export" / "unet"), _unet_tensors(z1 / "export" / "unet")
+    worst = max(float((ta[k] - tb[k]).abs().max()) for k in ta)
+    assert 0 <= worst < 1e-5, worst
+
+
 def test_bf16_mixed_precision_trains_and_exports_fp32_masters(shards16, tmp_path):
     """bf16 compute (policy, reference and EMA module in bf16; ZeRO-2 keeps fp32 masters)."""
     out = tmp_path / "bf16"
@@ -575,3 +602,57 @@ def test_bf16_mixed_precision_trains_and_exports_fp32_masters(shards16, tmp_path
     assert len(m) == 3 and all(np.isfinite(r["loss"]) for r in m)
     for name in ("unet", "unet_ema_0.9"):
         assert next(iter(_unet_tensors(out / "export" / name).values())).dtype == torch.float32
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective", ["adaptive_dpo", "dpo"])
+def test_a_micro_step_makes_the_host_wait_once(objective, shards64, tmp_path):
+    """The hot loop's host syncs, counted by tools/benchmarks/host_syncs.py (an op on a tensor that would
+    be on the GPU and returns to the host: .item(), .cpu(), .tolist(), bool(t), torch.equal, ...): a
+    micro-step within an optimizer step makes exactly one, the non-finite-loss check; per-pair
+    statistics, records and EMA bookkeeping wait for the optimizer step (grad_accum 4 here, with two
+    EMA models for Adaptive-DPO)."""
+    p = check(
+        train(
+            shards64,
+            tmp_path / "run",
+            f"objective.name={objective}",
+            "ema.decays=[0.9,0.5]",
+            "data.micro_batch=4",
+            "train.grad_accum=4",
+            "train.max_steps=3",
+            "checkpoint.every=3",
+            "output.tensorboard=false",
+            module="tools.benchmarks.host_syncs",
+        )
+    )
+    per_step = json.loads(next(x for x in p.stdout.splitlines() if x.startswith("SYNCS ")).split(" ", 1)[1])
+    assert [r["micro_step"] for r in per_step] == list(range(12))
+    inner = [r for r in per_step if r["micro_step"] % 4 != 3]
+    assert all(r["ops"] == ["item"] for r in inner), [(r["micro_step"], r["ops"]) for r in inner]
+
+
+@pytest.mark.slow
+def test_each_ema_model_is_gathered_once_per_optimizer_step(shards64, tmp_path):
+    """2 ranks on gloo, grad_accum 4, Adaptive-DPO with two EMA models: with a resident buffer per model
+    (ema.resident, the default) 2 transfers + all-gathers per optimizer step; with one shared buffer
+    2 x grad_accum = 8. The losses are the same bits either way."""
+    common = [
+        "objective.name=adaptive_dpo",
+        "ema.decays=[0.9,0.5]",
+        "data.micro_batch=2",
+        "train.grad_accum=4",
+        "train.max_steps=3",
+        "checkpoint.every=3",
+        "checkpoint.export=false",
+        "output.tensorboard=false",
+    ]
+    check(train(shards64, tmp_path / "resident", *common, nproc=2))
+    check(train(shards64, tmp_path / "shared", *common, "ema.resident=false", nproc=2))
+    a, b = (
+        read_metrics(tmp_path / "resident" / "metrics.jsonl"),
+        read_metrics(tmp_path / "shared" / "metrics.jsonl"),
+    )
+    assert [r["ema_gathers_per_step"] for r in a] == [2.0, 2.0, 2.0]
+    assert [r["ema_gathers_per_step"] for r in b] == [8.0, 8.0, 8.0]
+    assert [r["loss"] for r in a] == [r["loss"] for r in b] and [r["u"] for r in a] == [r["u"] for r in b]

@@ -52,8 +52,6 @@ def build_engine(cfg: TrainConfig, factory: UNetFactory, lora, ctx: RunContext, 
     unet = new_unet(factory, torch.float32, lora, ctx.attention)
     if cfg.model.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    if cfg.model.channels_last:
-        unet.to(memory_format=torch.channels_last)
     unet.to(ctx.device)
     params = [p for p in unet.parameters() if p.requires_grad]
     n = sum(p.numel() for p in params)
@@ -72,8 +70,6 @@ def build_reference(cfg: TrainConfig, factory: UNetFactory, engine, ctx: RunCont
     rd = ctx.dtype if cfg.model.reference_dtype == "auto" else DTYPES[cfg.model.reference_dtype]
     ref = factory(rd)
     apply_attention(ref, ctx.attention)
-    if cfg.model.channels_last:
-        ref.to(memory_format=torch.channels_last)
     return ref.to(ctx.device).eval().requires_grad_(False)
 
 
@@ -84,16 +80,18 @@ def build_ema(
     if not decays:
         return None
     dtype = ctx.dtype
-    ema = ShardedEMA(layout, decays, cfg.ema.offload, ctx.device)
+    ema = ShardedEMA(layout, decays, cfg.ema.offload, ctx.device, background=cfg.ema.background_update)
     # loaded in the compute dtype at once (an fp32 SDXL UNet is 10 GiB of host memory per rank): its
     # trainable parameters are overwritten by the gathered shards anyway; frozen ones round the same way
     module = new_unet(factory, dtype, lora, ctx.attention)
     if dtype != torch.float32:
         module.to(dtype)  # LoRA adapters are created in fp32
-    if cfg.model.channels_last:
-        module.to(memory_format=torch.channels_last)
-    # a second buffer pays only where the gather is a collective that can overlap a forward
-    buffers = 2 if cfg.ema.overlap_gather and layout.world > 1 else 1
+    # resident: one buffer per model, gathered once per optimizer step; otherwise one shared buffer, and a
+    # second pays only where the gather is a collective that can overlap a forward
+    if cfg.ema.resident:
+        buffers = len(decays)
+    else:
+        buffers = 2 if cfg.ema.overlap_gather and layout.world > 1 else 1
     ema.attach_module(module.to(ctx.device), dtype, buffers=buffers)
     return ema
 

@@ -153,6 +153,29 @@ def device_index(local_rank: int, visible: int) -> int:
     return local_rank
 
 
+def ranks_per_node(env: dict[str, str] | None = None) -> int:
+    """Processes of this job on this node: LOCAL_WORLD_SIZE (torchrun, the deepspeed launcher), else
+    SLURM's tasks per node, else the visible GPUs."""
+    env = dict(os.environ) if env is None else env
+    for key in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE"):
+        m = re.match(r"\d+", env.get(key, ""))
+        if m:
+            return max(1, int(m.group()))
+    return max(1, torch.cuda.device_count() if torch.cuda.is_available() else 1)
+
+
+def rank_threads(env: dict[str, str] | None = None) -> int:
+    """CPU threads of this rank: its share of the node's cores, unless OMP_NUM_THREADS says otherwise.
+    The deepspeed launcher sets none, so 8 ranks would each start a pool of every core for the CPU work
+    of a step (the EMA update of offloaded shards, the data path): 8x oversubscribed. Returns the count."""
+    env = dict(os.environ) if env is None else env
+    if "OMP_NUM_THREADS" in env:
+        return torch.get_num_threads()
+    n = max(1, (os.cpu_count() or 1) // ranks_per_node(env))
+    torch.set_num_threads(n)
+    return n
+
+
 @dataclass(frozen=True)
 class DistInfo:
     rank: int
@@ -184,6 +207,8 @@ def init_distributed(device: str = "auto", timeout_min: float = 30.0) -> DistInf
     else:
         dev, idx, backend = torch.device(device), launch.local_rank, "gloo"
     os.environ.update(launch.env() | {"LOCAL_RANK": str(idx)})
+    if backend == "nccl":
+        rank_threads()
     if backend == "gloo":
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     if not dist.is_initialized():
@@ -234,6 +259,17 @@ def all_reduce_max(x: float, device: torch.device | None = None) -> float:
     t = torch.tensor([float(x)], dtype=torch.float64, device=collective_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return float(t.item())
+
+
+def all_reduce_max_flag(flag: torch.Tensor) -> bool:
+    """Whether ``flag`` (a bool tensor on the compute device, e.g. ``~torch.isfinite(loss)``) is true on
+    any rank: reduced on the device, then one host sync for the answer (not one per rank, nor a host
+    scalar sent to the device first)."""
+    t = flag.detach().reshape(-1).any().to(torch.float32).reshape(1)
+    if is_multi():
+        t = _on(t, collective_device())
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
 
 
 def all_reduce_(t: torch.Tensor, op: str = "sum") -> torch.Tensor:

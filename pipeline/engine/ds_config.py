@@ -12,7 +12,7 @@ def build_ds_config(
     load_universal: bool = False,
     n_trainable: int | None = None,
 ) -> dict:
-    """ZeRO stage 2; total batch = micro_batch x grad_accum x world_size (in pairs).
+    """ZeRO stage 2 (``train.zero_stage``: 1); total batch = micro_batch x grad_accum x world_size (in pairs).
 
     Precision: fp16 with dynamic loss scaling (V100; the scaler's settings: ``train.loss_scale``), bf16,
     or fp32. Optimizer: AdamW, torch's fused kernel on CUDA and CPU (no build); DeepSpeed's FusedAdam
@@ -32,7 +32,7 @@ def build_ds_config(
         "train_batch_size": cfg.data.micro_batch * cfg.train.grad_accum * world_size,
         "gradient_clipping": o.grad_clip,
         "zero_optimization": {
-            "stage": 2,
+            "stage": cfg.train.zero_stage,
             "overlap_comm": on_cuda,
             "contiguous_gradients": True,
             "reduce_scatter": True,
@@ -70,6 +70,9 @@ def build_ds_config(
             "min_loss_scale": ls.min_scale,
         },
         "bf16": {"enabled": cfg.train.precision == "bf16"},
+        # bf16 has 8 bits of mantissa: a sum of 16 micro-steps' gradients over 64 ranks in bf16 loses
+        # the small ones. fp32 accumulation (+2 bytes per gradient element this rank holds)
+        **({"data_types": {"grad_accum_dtype": "fp32"}} if cfg.train.precision == "bf16" else {}),
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }

@@ -5,10 +5,19 @@ the trainable parameters), in CPU memory (``offload``, pinned when CUDA is prese
 accelerator. After each optimizer step a rank updates its shard from its own master slice, with no
 communication: ``ema = decay * ema + (1 - decay) * theta``. For an EMA model's forward the shards are
 all-gathered, in the compute dtype, into one reusable module whose parameters are views into flat
-buffers, so a gather is the only copy. With ``buffers=2`` (``ema.overlap_gather``) the all-gather of
-the next EMA model runs asynchronously while the current one (or the reference) runs its forward:
-``prefetch(k)`` starts it, ``gather(k)`` waits for it; each buffer remembers which model it holds
-until the next update.
+buffers, so a gather is the only copy. Each buffer remembers which model it holds until the next
+update: with one buffer per EMA model (``ema.resident``, the default) every model is transferred and
+all-gathered once per optimizer step, however many micro-steps use it (with one shared buffer, two
+EMA models and grad_accum 8, it was 16 transfers and all-gathers); with ``buffers=2``
+(``ema.overlap_gather``, for one shared buffer's memory plus one) the all-gather of the next EMA
+model runs asynchronously while the current one (or the reference) runs its forward:
+``prefetch(k)`` starts it, ``gather(k)`` waits for it. ``counts`` records the gathers and the bytes
+copied host -> device (tests and benchmarks read it).
+
+The update of offloaded shards (a ``lerp`` over this rank's fp32 slice in CPU memory, once per
+optimizer step) can run in a background thread (``background``): the device -> host copy of the
+master slice is queued on the GPU, the thread waits for it and updates the shards while the next
+micro-steps run; anything that reads the shards (a gather, a checkpoint) waits for it first.
 
 Checkpoints: one safetensors file per rank with every decay's shard; the loader re-cuts shards saved
 at another world size (flat offsets do not depend on it), reading only the ranges it needs.
@@ -17,6 +26,8 @@ at another world size (flat offsets do not depend on it), reading only the range
 from __future__ import annotations
 
 import json
+from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -40,6 +51,7 @@ class ShardedEMA:
         offload: bool,
         device: torch.device,
         staging: bool | None = None,
+        background: bool = False,
     ):
         self.layout = layout
         self.decays = list(decays)
@@ -63,6 +75,12 @@ class ShardedEMA:
         self._holds: list[int | None] = []  # which EMA model each buffer holds (None: stale)
         self._pending: dict[int, tuple[int, list, list]] = {}  # buffer -> (model, async works, sources)
         self.loaded: int | None = None  # which decay the module holds now
+        self.counts: Counter[str] = Counter()  # gathers, h2d_bytes, updates
+        # a background update needs a staged copy of the masters (the optimizer rewrites them in place)
+        self._executor = (
+            ThreadPoolExecutor(1, "ema-update") if background and self._staging is not None else None
+        )
+        self._update_done: Future | None = None
 
     def __len__(self) -> int:
         return len(self.decays)
@@ -71,17 +89,39 @@ class ShardedEMA:
     def update(self) -> None:
         """After an optimizer step: ema_k <- decay_k * ema_k + (1 - decay_k) * theta, on this rank's slice."""
         self._finish_pending()  # an all-gather in flight may still read the shards
-        for g, theta in enumerate(self.layout.local_partitions()):
-            if self._staging is not None:  # one device -> (pinned) host copy, shared by every decay
-                self._staging[g].copy_(theta, non_blocking=True)
-                if theta.device.type == "cuda":
-                    torch.cuda.current_stream(theta.device).synchronize()
-                src = self._staging[g]
-            else:
-                src = theta.detach().to(self.shards[0][g].device, torch.float32)
-            for k, d in enumerate(self.decays):
-                self.shards[k][g].lerp_(src, 1.0 - d)
+        self.wait_update()  # the previous background update still reads the staging buffers
+        parts = self.layout.local_partitions()
+        ready = None
+        if self._staging is not None:  # one device -> (pinned) host copy, shared by every decay
+            for buf, theta in zip(self._staging, parts):
+                buf.copy_(theta, non_blocking=True)
+            if parts and parts[0].device.type == "cuda":
+                ready = torch.cuda.Event()
+                ready.record(torch.cuda.current_stream(parts[0].device))
+            sources = self._staging
+        else:
+            sources = [t.detach().to(self.shards[0][g].device, torch.float32) for g, t in enumerate(parts)]
+
+        def lerp() -> None:
+            if ready is not None:
+                ready.synchronize()  # the copy has landed; only this thread waits for it
+            with torch.no_grad():
+                for g, src in enumerate(sources):
+                    for k, d in enumerate(self.decays):
+                        self.shards[k][g].lerp_(src, 1.0 - d)
+
         self.invalidate()
+        self.counts["updates"] += 1
+        if self._executor is not None:
+            self._update_done = self._executor.submit(lerp)
+        else:
+            lerp()
+
+    def wait_update(self) -> None:
+        """Block until a background update has written the shards (re-raising its error)."""
+        if self._update_done is not None:
+            done, self._update_done = self._update_done, None
+            done.result()
 
     def invalidate(self) -> None:
         """Forget what the module and the buffers hold (the shards changed)."""
@@ -100,7 +140,10 @@ class ShardedEMA:
         first = self.layout.new_flats(dtype, self.device)
         self.layout.bind(module, first)
         n = max(1, min(buffers, len(self.decays)))
-        self._bufs = [first] + [None] * (n - 1)
+        self._bufs = [first]
+        if all(self._direct(k) for k in range(len(self.decays))):
+            n = 1  # the module points at the shards: no model is ever copied into a buffer
+        self._bufs += [None] * (n - 1)
         self._holds = [None] * n
         self.module = module
 
@@ -122,6 +165,13 @@ class ShardedEMA:
         if self._direct(k) or self._holds[b] == k or self._pending.get(b, (None,))[0] == k:
             return
         self._finish_pending(b)
+        self.wait_update()
+        self.counts["gathers"] += 1
+        self.counts["h2d_bytes"] += sum(
+            s.numel() * s.element_size()
+            for s in self.shards[k]
+            if s.device.type == "cpu" and self.device.type != "cpu"
+        )
         if self._bufs[b] is None:
             self._bufs[b] = self.layout.new_flats(self._bufs[0][0].dtype, self.device)
         parts = [s.to(self.device, f.dtype, non_blocking=True) for s, f in zip(self.shards[k], self._bufs[b])]
@@ -147,6 +197,7 @@ class ShardedEMA:
             raise RuntimeError("attach_module() first")
         if self.loaded != k:
             if self._direct(k):
+                self.wait_update()
                 self.layout.point(self.module, self.shards[k])
             else:
                 b = k % len(self._bufs)
@@ -160,6 +211,7 @@ class ShardedEMA:
     # ------------------------------------------------------------------ checkpoints
 
     def save(self, folder: Path) -> None:
+        self.wait_update()
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {
             f"decay{k}.group{g}": s.contiguous().cpu()
@@ -177,6 +229,7 @@ class ShardedEMA:
 
     @torch.no_grad()
     def load(self, folder: Path) -> None:
+        self.wait_update()
         files = sorted(folder.glob("rank_*.safetensors"))
         if not files:
             raise UserError(f"{folder}: no EMA shards in the checkpoint")

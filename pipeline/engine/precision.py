@@ -50,6 +50,15 @@ def allow_fp16_on_the_cpu_accelerator() -> None:
         acc.is_fp16_supported = lambda: True
 
 
+def enable_tf32(device: torch.device, on: bool = True) -> bool:
+    """TF32 tensor cores for fp32 matmuls and convolutions on sm80+ (A100, H100): PyTorch leaves matmuls
+    in full fp32 by default. Returns whether it is on."""
+    use = on and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
+    torch.backends.cuda.matmul.allow_tf32 = use
+    torch.backends.cudnn.allow_tf32 = use
+    return use
+
+
 def flush_denormals() -> None:
     """Flush subnormal floats to zero on the CPU. Measured here: when a pair's logit reaches ~90 the
     DPO loss's gradient sigmoid(-90) ~ 8e-40 is subnormal in float32, and the whole UNet backward

@@ -92,6 +92,12 @@ class Objective:
     def __call__(self, errors: ModelErrors) -> LossOutput:
         raise NotImplementedError
 
+    @property
+    def stateful(self) -> bool:
+        """Whether ``observe`` learns from the per-pair values (then the trainer hands them over after
+        every micro-step; otherwise once per optimizer step, with the log's)."""
+        return type(self).observe is not Objective.observe
+
     def observe(self, stats: dict[str, np.ndarray]) -> None:
         """After every micro-step whose loss was finite, on every rank with the same values: every
         rank's per-pair values of that micro-step, concatenated in rank order (read-only): the stats

@@ -30,7 +30,6 @@ class TrainModel:
     lora_targets: Names = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
     attention: Literal["auto", "xformers", "sdpa"] = "auto"  # auto: xformers when installed and on CUDA
     gradient_checkpointing: bool = False
-    channels_last: bool = False
     reference_dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # auto: the training precision
 
 
@@ -85,6 +84,11 @@ class TrainLoop:
     max_nonfinite: Count = 5  # consecutive non-finite losses (steps skipped) before the run stops
     auroc_window: Count = 2048  # pairs in the sliding window of the AUROC of u against flips
     fp16_on_cpu: bool = False  # allow fp16 on the CPU: for tests of the V100 path (slow, not for training)
+    # ZeRO-2 partitions gradients and reduce-scatters them on every micro-step; ZeRO-1 keeps a whole
+    # gradient per GPU (+2 bytes/parameter: SD1.5 1.6 GiB, SDXL 4.8 GiB) and communicates once per
+    # optimizer step: fewer collectives where grad_accum is large and the interconnect slow
+    zero_stage: Literal[1, 2] = 2
+    tf32: bool = True  # sm80+ (A100, H100): fp32 matmuls and convolutions (fp32 runs, the VAE-free fp32 parts) on TF32 tensor cores
     loss_scale: LossScaling = field(default_factory=LossScaling)
 
 
@@ -94,7 +98,13 @@ class EMAConfig:
     half_lives: list[Positive] = field(default_factory=list)  # or in steps: decay = 0.5 ** (1 / half_life)
     half_life_fractions: list[Positive] = field(default_factory=list)  # x train.max_steps, into half_lives
     offload: bool = True  # fp32 shards in CPU memory (pinned); false: on the accelerator
-    overlap_gather: bool = False  # >1 rank: next EMA all-gather during a forward (+1 model buffer)
+    overlap_gather: bool = (
+        False  # resident false, >1 rank: next EMA all-gather during a forward (+1 model buffer)
+    )
+    resident: bool = True  # a gather buffer per EMA model, filled once per optimizer step (+1 UNet in the compute dtype per EMA model); false: one, refilled each micro-step
+    background_update: bool = (
+        True  # offloaded shards on CUDA: the CPU update runs in a thread beside the next micro-steps
+    )
 
     @property
     def all_decays(self) -> list[float]:
@@ -175,6 +185,8 @@ RESUMABLE_KEYS = (
     "train.max_nonfinite",
     "train.auroc_window",
     "train.fp16_on_cpu",
+    "train.tf32",
+    "train.zero_stage",  # the same optimizer-state files for stages 1 and 2
     "data.num_workers",
     "data.shards",
     "data.preferences",  # like data.shards: the online loop gives each round's trajectories and feedback
@@ -183,7 +195,10 @@ RESUMABLE_KEYS = (
     "dist.",
     "output.tensorboard",
     "ema.offload",
+    "ema.resident",
+    "ema.background_update",
+    "ema.overlap_gather",
     "model.attention",
     "model.gradient_checkpointing",
-    "model.channels_last",
+    "model.channels_last",  # a removed key (ZeRO flattened the policy back to contiguous): old checkpoints carry it
 )

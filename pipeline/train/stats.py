@@ -16,15 +16,9 @@ import torch
 from pipeline.engine.dist import all_gather_stack
 
 
-def gather_pair_stats(
-    stats: dict[str, torch.Tensor], fields: dict[str, torch.Tensor], device: torch.device, world: int
-) -> dict[str, np.ndarray]:
-    """All ranks' per-pair values of this micro-step, concatenated in rank order, on every rank.
-
-    ``stats``: name -> [B] float tensors (sent as float32); ``fields``: name -> [B] tensors sent by
-    dtype: floating -> float32, bool -> bool, integer -> int64 (exact). Every rank must pass the same
-    names with the same B. Returns name -> [world * B] numpy arrays.
-    """
+def _rows(
+    stats: dict[str, torch.Tensor], fields: dict[str, torch.Tensor], device
+) -> tuple[torch.Tensor, dict]:
     rows, kinds = [], {}
     for name, t in sorted(stats.items()):
         rows.append(t.detach().float().to(device).view(torch.int32).to(torch.int64))
@@ -37,10 +31,10 @@ def gather_pair_stats(
         else:
             rows.append(t.to(torch.int64))
             kinds[name] = "bool" if t.dtype == torch.bool else "int"
-    mat = torch.stack(rows)  # [rows, B] int64
-    if world > 1:
-        mat = all_gather_stack(mat).permute(1, 0, 2).reshape(len(rows), -1)  # [rows, world * B], rank order
-    arr = mat.cpu().numpy()
+    return torch.stack(rows), kinds  # [rows, B] int64
+
+
+def _decode(arr: np.ndarray, kinds: dict) -> dict[str, np.ndarray]:
     out = {}
     for i, (name, kind) in enumerate(kinds.items()):
         if kind == "float":
@@ -50,6 +44,36 @@ def gather_pair_stats(
         else:
             out[name] = arr[i]
     return out
+
+
+def gather_pair_stats_many(
+    steps: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]], device: torch.device, world: int
+) -> list[dict[str, np.ndarray]]:
+    """``gather_pair_stats`` of several micro-steps at once: one all-gather and one device -> host copy
+    for all of them (the trainer calls it once per optimizer step, not per micro-step). Every micro-step
+    must have the same names and B. Returns one dict per micro-step, each as ``gather_pair_stats``'s."""
+    if not steps:
+        return []
+    mats = [_rows(stats, fields, device) for stats, fields in steps]
+    kinds = mats[0][1]
+    mat = torch.stack([m for m, _ in mats])  # [n, rows, B]
+    n, r, b = mat.shape
+    if world > 1:  # [world, n, rows, B] -> per micro-step [rows, world * B], rank order
+        mat = all_gather_stack(mat).permute(1, 2, 0, 3).reshape(n, r, world * b)
+    arr = mat.cpu().numpy()
+    return [_decode(arr[i], kinds) for i in range(n)]
+
+
+def gather_pair_stats(
+    stats: dict[str, torch.Tensor], fields: dict[str, torch.Tensor], device: torch.device, world: int
+) -> dict[str, np.ndarray]:
+    """All ranks' per-pair values of this micro-step, concatenated in rank order, on every rank.
+
+    ``stats``: name -> [B] float tensors (sent as float32); ``fields``: name -> [B] tensors sent by
+    dtype: floating -> float32, bool -> bool, integer -> int64 (exact). Every rank must pass the same
+    names with the same B. Returns name -> [world * B] numpy arrays.
+    """
+    return gather_pair_stats_many([(stats, fields)], device, world)[0]
 
 
 class StatsAccumulator:

@@ -22,15 +22,27 @@ from pipeline.config import dump_yaml, to_dict, write_resolved
 from pipeline.engine import checkpoint as ckpt
 from pipeline.engine.build import build_models
 from pipeline.engine.context import RunContext
-from pipeline.engine.dist import all_reduce_max, check_shared_dir, init_distributed, resolve_launch
-from pipeline.engine.precision import check_precision, flush_denormals, resolve_attention, unet_head_dims
+from pipeline.engine.dist import (
+    all_reduce_max,
+    all_reduce_max_flag,
+    check_shared_dir,
+    init_distributed,
+    resolve_launch,
+)
+from pipeline.engine.precision import (
+    check_precision,
+    enable_tf32,
+    flush_denormals,
+    resolve_attention,
+    unet_head_dims,
+)
 from pipeline.export import export_models
 from pipeline.losses.objectives import build_objective
 from pipeline.metrics_log import MetricsLogger, PairRecorder
 from pipeline.models import load_unet
 from pipeline.schema.train import RESUMABLE_KEYS, TrainConfig
 from pipeline.train.registry import build_workload
-from pipeline.train.stats import StatsAccumulator, engine_scalars, gather_pair_stats, summarize
+from pipeline.train.stats import StatsAccumulator, engine_scalars, gather_pair_stats_many, summarize
 from pipeline.train.workload import Models
 
 log = logging.getLogger("pipeline.train.trainer")
@@ -43,6 +55,7 @@ class Trainer:
         self.cfg = cfg
         self.stop_signal = 0
         self.stop_reason = None
+        self._gathers_logged = 0
 
     # ------------------------------------------------------------------ setup
 
@@ -64,6 +77,7 @@ class Trainer:
         info = init_distributed(cfg.train.device, cfg.dist.timeout_min)
         dtype = check_precision(cfg.train.precision, info.device, cfg.train.fp16_on_cpu)
         flush_denormals()
+        enable_tf32(info.device, cfg.train.tf32)
         unet_cfg = json.loads((Path(self.info.path) / "unet" / "config.json").read_text())
         attention = resolve_attention(cfg.model.attention, info.device, dtype, unet_head_dims(unet_cfg))
         self.ctx = RunContext(info.rank, info.world, info.device, dtype, attention)
@@ -122,6 +136,10 @@ class Trainer:
             pairs_per_s=self.workload.pairs_per_step(self.ctx.world) * n_steps / max(dt, 1e-9),
             epoch=self.epoch,
         )
+        if self.ema is not None:  # EMA models transferred and all-gathered (ema.resident: once per step)
+            gathers = self.ema.counts["gathers"]
+            s["ema_gathers_per_step"] = (gathers - self._gathers_logged) / max(n_steps, 1)
+            self._gathers_logged = gathers
         return s, hists
 
     def on_step_end(self, step: int) -> None:
@@ -140,6 +158,7 @@ class Trainer:
         t_log, steps_since_log = time.time(), 0
         rc = 0
         self.objective.begin_step(e.global_steps)  # the restored step after a resume
+        pending: list = []  # (step, stats, fields, records) of micro-steps not yet recorded
         while e.global_steps < max_steps:
             batch = next(it)
             if batch["micro_step"] != self.micro_step:
@@ -151,7 +170,7 @@ class Trainer:
             out = self.workload.step(self.models, batch, self.micro_step)
             loss = out.loss.mean()
             self.micro_step += 1
-            if all_reduce_max(0.0 if torch.isfinite(loss).item() else 1.0) > 0:
+            if all_reduce_max_flag(~torch.isfinite(loss)):  # the one host sync of a micro-step
                 self.counters["nonfinite_skipped"] += 1
                 consecutive_bad += 1
                 log.warning(
@@ -173,11 +192,12 @@ class Trainer:
             stats = out.stats | {"loss": out.loss.detach()}
             self.stat_names = list(stats)
             fields = {k: batch[k] for k in self.workload.pair_fields}
-            gathered = gather_pair_stats(stats, fields, self.ctx.device, self.ctx.world)
-            self.objective.observe(gathered)  # the same values on every rank
-            if self.ctx.rank == 0:
-                acc.add(gathered)
-            self.recorder.add(before + 1, self.workload.records(batch), stats)  # the step it counts for
+            pending.append((before + 1, stats, fields, self.workload.records(batch)))
+            # per-pair statistics go to the host once per optimizer step (one all-gather, one copy);
+            # an objective that learns from them (observe) gets them after every micro-step
+            if self.objective.stateful or e.global_steps != before:
+                self._record(pending, acc)
+                pending = []
             if e.global_steps == before:
                 continue
             # ---- an optimizer step happened
@@ -206,9 +226,25 @@ class Trainer:
                 rc = 128 + int(signalled)
                 break
         pbar.close()
+        if pending:  # stopped within an optimizer step (train.max_nonfinite)
+            self._record(pending, acc)
         if rc == 1:
             self.save_checkpoint()
         return rc
+
+    def _record(self, pending: list, acc: StatsAccumulator) -> None:
+        """Every rank's per-pair values of the pending micro-steps, in order: to the objective's
+        ``observe`` (every rank), the log's accumulator (rank 0) and this rank's pair records."""
+        gathered = gather_pair_stats_many(
+            [(st, f) for _, st, f, _ in pending], self.ctx.device, self.ctx.world
+        )
+        for (step, stats, _, records), g in zip(pending, gathered):
+            self.objective.observe(g)  # the same values on every rank
+            if self.ctx.rank == 0:
+                acc.add(g)
+            b = len(records["key"])
+            mine = slice(self.ctx.rank * b, (self.ctx.rank + 1) * b)
+            self.recorder.add(step, records, {k: g[k][mine] for k in stats})  # the step it counts for
 
     # ------------------------------------------------------------------ checkpoints and export
 

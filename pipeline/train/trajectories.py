@@ -336,7 +336,10 @@ class TrajectoryWorkload(Workload):
     # ------------------------------------------------------------------ the step
 
     def _log_probs(self, unet, x_t, x_prev, t, text) -> torch.Tensor:
-        eps = cfg_noise_pred(unet, x_t.to(self.ctx.dtype), t, text, self.uncond, self.guidance)
+        """``t``: the timesteps on the CPU: the UNet gets a device copy, the DDIM schedule looks them up
+        on the CPU (a device tensor there would cost a device -> host sync per call)."""
+        t_dev = t.to(x_t.device, non_blocking=True)
+        eps = cfg_noise_pred(unet, x_t.to(self.ctx.dtype), t_dev, text, self.uncond, self.guidance)
         _, lp = ddim_step_with_logprob(self.scheduler, eps, t, x_t, self.eta, prev_sample=x_prev)
         return lp
 
@@ -354,9 +357,7 @@ class TrajectoryWorkload(Workload):
         out, size = [], 2 * b
         for k in range(0, x_t.shape[0], size):
             sl = slice(k, k + size)
-            lp = self._log_probs(
-                unet, x_t[sl].to(dev), x_prev[sl].to(dev), t[sl].to(dev), text[sl].to(dev).to(dt)
-            )
+            lp = self._log_probs(unet, x_t[sl].to(dev), x_prev[sl].to(dev), t[sl], text[sl].to(dev).to(dt))
             out.append(lp.float())
         return torch.cat(out).view(b, 2, n).sum(dim=2)
 
@@ -386,7 +387,7 @@ class TrajectoryWorkload(Workload):
         # one call for the pair's two images, in group order, as the sampler batched them
         x_t = batch["x_t"].to(dev).flatten(0, 1)
         x_prev = batch["x_prev"].to(dev).flatten(0, 1)
-        t = batch["t"].to(dev).repeat_interleave(2)
+        t = batch["t"].repeat_interleave(2)  # stays on the CPU (_log_probs)
         text = batch["txt"].to(dev).to(dt).repeat_interleave(2, 0)
         pol = self._log_probs(models.policy, x_t, x_prev, t, text).view(b, 2)
         with torch.no_grad():

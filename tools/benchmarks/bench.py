@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import os
 import statistics
@@ -133,6 +134,8 @@ def bench_step(a) -> dict:
     cfg = TrainConfig(data=TrainData(shards="-", micro_batch=B), output=TrainOutput(dir="-"))
     cfg.train.precision, cfg.model.gradient_checkpointing = a.precision, a.grad_ckpt
     cfg.ema.offload, cfg.ema.overlap_gather = a.offload, a.overlap_gather
+    cfg.train.zero_stage = a.zero_stage
+    cfg.train.grad_accum = a.grad_accum  # a timed step is grad_accum micro-steps and one optimizer step
     factory = _unet_factory(a.width, L, a.shape)
     # the trainer's own construction: engine, reference, EMA models (pipeline.engine.build)
     built = build_models(cfg, factory, ctx, needs_reference=True)
@@ -143,6 +146,10 @@ def bench_step(a) -> dict:
         for m in (2, 3)
         if f"adaptive_m{m}" in names
     }
+    if "adaptive_m3_shared" in names:  # the same two EMA models in one shared buffer (ema.resident false)
+        shared = copy.deepcopy(cfg)
+        shared.ema.resident = False
+        emas["3_shared"] = build_ema(shared, factory, layout, None, ctx, [0.9999, 0.5])
     from diffusers import DDPMScheduler
 
     sched = DDPMScheduler(
@@ -174,23 +181,25 @@ def bench_step(a) -> dict:
         ms = [0]
 
         def one():
-            loss = step(engine, ref, ema, batch, ms[0]).loss.mean()
-            engine.backward(loss)
-            engine.step()
+            for _ in range(a.grad_accum):
+                loss = step(engine, ref, ema, batch, ms[0]).loss.mean()
+                engine.backward(loss)
+                engine.step()
+                ms[0] += 1
             if ema is not None:
                 ema.update()
-            ms[0] += 1
 
         return one
 
     results = {}
-    units = {"dpo": 4, "adaptive_m2": 5, "adaptive_m3": 6}
+    units = {"dpo": 4, "adaptive_m2": 5, "adaptive_m3": 6, "adaptive_m3_shared": 6}
     fns = {
         name: runner(obj, m)
         for name, (obj, m) in {
             "dpo": ("dpo", None),
             "adaptive_m2": ("adaptive_dpo", 2),
             "adaptive_m3": ("adaptive_dpo", 3),
+            "adaptive_m3_shared": ("adaptive_dpo", "3_shared"),
         }.items()
         if name in names
     }
@@ -200,16 +209,18 @@ def bench_step(a) -> dict:
         torch.cuda.reset_peak_memory_stats(dev)
     # interleaved, one step of each objective per round: slow drifts of the machine hit all alike
     times: dict[str, list[float]] = {name: [] for name in fns}
+    ema_of = {"adaptive_m2": 2, "adaptive_m3": 3, "adaptive_m3_shared": "3_shared"}
+    gathers0 = {name: emas[ema_of[name]].counts["gathers"] for name in fns if name in ema_of}
     for _ in range(a.steps):
         for name, fn in fns.items():
             times[name] += _timeit(fn, dev, 1)
     for name, ts in times.items():
         t = statistics.median(ts)
-        flops = units[name] * fwd
+        flops = units[name] * fwd * a.grad_accum
         results[name] = {
             "step_s": t,
             "step_s_min": min(ts),
-            "pairs_per_s": B / t,
+            "pairs_per_s": B * a.grad_accum / t,
             "model_tflop_per_step": flops / 1e12,
             "achieved_tflops": flops / t / 1e12,
             "mfu": (flops / t / 1e12 / a.peak_tflops) if a.peak_tflops else None,
@@ -223,7 +234,11 @@ def bench_step(a) -> dict:
             "max_reserved_gb": torch.cuda.max_memory_reserved(dev) / 2**30,
             "device_total_gb": torch.cuda.get_device_properties(dev).total_memory / 2**30,
         }
-    for name in ("adaptive_m2", "adaptive_m3"):
+    for name in gathers0:  # EMA transfers + all-gathers per optimizer step, counted by ShardedEMA
+        results[name]["ema_gathers_per_step"] = (
+            emas[ema_of[name]].counts["gathers"] - gathers0[name]
+        ) / a.steps
+    for name in ("adaptive_m2", "adaptive_m3", "adaptive_m3_shared"):
         if name in results and "dpo" in results:
             results[name]["ratio_to_dpo"] = results[name]["step_s"] / results["dpo"]["step_s"]
             results[name]["floor_ratio"] = units[name] / units["dpo"]
@@ -699,12 +714,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--skip-usual", action="store_true")
     p.add_argument("--skip-breakdown", action="store_true", help="step: no per-phase timing")
+    p.add_argument("--grad-accum", type=int, default=1, help="step: micro-steps per timed optimizer step")
+    p.add_argument("--zero-stage", type=int, default=2, choices=[1, 2], help="step: DeepSpeed ZeRO stage")
     p.add_argument("--shape", default="sd15", choices=["sd15", "sdxl"], help="step: the UNet's architecture")
     p.add_argument(
         "--objectives",
         nargs="+",
         default=["dpo", "adaptive_m2", "adaptive_m3"],
-        choices=["dpo", "adaptive_m2", "adaptive_m3"],
+        choices=["dpo", "adaptive_m2", "adaptive_m3", "adaptive_m3_shared"],
         help="step: which steps to time (each built EMA model stays resident)",
     )
     p.add_argument(

@@ -17,13 +17,17 @@ randomly initialised SD1.5 / SDXL-shaped UNets in memory.
 - ``encode_sd15``, ``encode_sdxl``: tiny models, VAE in fp16 and fp32 (SDXL's VAE is upcast), finite.
 - ``adaptive_resume``: Adaptive-DPO, 6 steps in the run's precision, xformers, gradient checkpointing,
   grad_accum 2, two offloaded EMA models; killed after step 4, resumed: bit-identical to uninterrupted.
+- ``host_syncs``: the host syncs of each training micro-step (CUDA's sync debug mode; Adaptive-DPO,
+  two EMA models, grad_accum 4): one inside an optimizer step (the finite-loss check).
 - ``lora``: LoRA train + export + evaluate.
 - ``d3po``: sample + feedback + 2 D3PO steps (loss log 2 at step 1).
 - ``multi_gpu`` (2+ GPUs; 2 gloo processes in CPU mode): the tiny run under torchrun with checkpoints
   (NCCL), then resumed on one device through the universal checkpoint.
 - ``full_sd15``, ``full_sdxl`` (GPU only): random-weight steps of full-size UNets at the shipped micro-
-  batches with gradient checkpointing: step time, model-FLOP utilisation, and ``max_memory_allocated``
-  / ``max_memory_reserved`` against 16, 32, 40 and 80 GB.
+  batches with gradient checkpointing and grad_accum 4: DPO and Adaptive-DPO (two EMA models, resident
+  buffers and one shared buffer) step time, model-FLOP utilisation, EMA gathers per step, and
+  ``max_memory_allocated`` / ``max_memory_reserved`` against 16, 32, 40 and 80 GB; SD1.5 also with the
+  EMA shards on the GPU and with ZeRO-1.
 
 ``--cpu`` (automatic without CUDA) runs the same script on the CPU with gloo and fp32 at the smallest
 sizes, so that it cannot rot: CI runs it (tests/test_gpu_check.py).
@@ -404,6 +408,44 @@ def check_adaptive_resume(ctx: Context) -> dict:
     }
 
 
+def check_host_syncs(ctx: Context) -> dict:
+    """The hot loop's host syncs per micro-step (tools.benchmarks.host_syncs: on CUDA, the sync debug mode):
+    Adaptive-DPO with two EMA models, grad_accum 4. A micro-step inside an optimizer step may make one
+    (the finite-loss check)."""
+    shards = ctx.shards("sd15")
+    run = ctx.out / "runs" / "host_syncs"
+    args = ctx.train_args(
+        shards,
+        run,
+        "objective.name=adaptive_dpo",
+        "ema.decays=[0.9,0.5]",
+        "train.grad_accum=4",
+        "train.max_steps=3",
+        "checkpoint.every=3",
+        "checkpoint.export=false",
+    )
+    ctx.run(["tools.benchmarks.host_syncs", *args[1:]], "host_syncs")
+    line = next(
+        x
+        for x in (ctx.out / "logs" / "host_syncs.log").read_text().splitlines()[::-1]
+        if x.startswith("SYNCS ")
+    )
+    per_step = json.loads(line.split(" ", 1)[1])
+    inner = [r for r in per_step if r["micro_step"] % 4 != 3]
+    boundary = [r for r in per_step if r["micro_step"] % 4 == 3]
+    worst = max(inner, key=lambda r: len(r["ops"]))
+    if len(worst["ops"]) > 1:
+        raise RuntimeError(
+            f"micro-step {worst['micro_step']} waits {len(worst['ops'])} times: {worst['ops'][:6]}"
+        )
+    return {
+        "micro_steps": len(per_step),
+        "syncs_per_inner_micro_step": max(len(r["ops"]) for r in inner),
+        "syncs_per_boundary_micro_step": max(len(r["ops"]) for r in boundary) if boundary else None,
+        "where": sorted({op for r in inner for op in r["ops"]}),
+    }
+
+
 def check_lora(ctx: Context) -> dict:
     shards = ctx.shards("sd15")
     run = ctx.out / "runs" / "lora"
@@ -507,7 +549,9 @@ def check_multi_gpu(ctx: Context) -> dict:
 
 
 def _full(ctx: Context, shape: str) -> dict:
-    """tools.benchmarks.bench's step on a full-size random-weight UNet at the shipped micro-batch (grad ckpt on)."""
+    """tools.benchmarks.bench's step on a full-size random-weight UNet at the shipped micro-batch (grad ckpt
+    on), grad_accum 4: DPO, Adaptive-DPO with two offloaded EMA models (resident buffers, and one shared
+    buffer as before issue 25); for SD1.5 also the EMA shards on the GPU and ZeRO-1."""
     from pipeline.config import load_config
     from pipeline.schema.train import TrainConfig
 
@@ -517,56 +561,78 @@ def _full(ctx: Context, shape: str) -> dict:
         width, latent, micro = 0.125, 16, 1  # the code path only
     else:
         width, latent = 1.0, 64 if shape == "sd15" else 128
-    out = ctx.out / f"bench_{shape}.json"
-    ctx.run(
-        [
-            "tools.benchmarks.bench",
-            "step",
-            "--shape",
-            shape,
-            "--width",
-            str(width),
-            "--latent",
-            str(latent),
-            "--micro-batch",
-            str(micro),
-            "--precision",
-            ctx.precision,
-            "--attention",
-            ctx.attention,
-            "--grad-ckpt",
-            "--steps",
-            "3",
-            "--skip-usual",
-            "--skip-breakdown",
-            "--objectives",
-            "dpo",
-            "adaptive_m3",
-            "--device",
-            ctx.device,
-            "--out",
-            str(out),
-        ],
-        f"full_{shape}",
-        timeout=900,
-    )
-    r = json.loads(out.read_text())["result"]
+    accum = 4
+
+    def bench(tag: str, objectives: list[str], *extra: str) -> dict:
+        out = ctx.out / f"bench_{shape}{tag}.json"
+        ctx.run(
+            [
+                "tools.benchmarks.bench",
+                "step",
+                "--shape",
+                shape,
+                "--width",
+                str(width),
+                "--latent",
+                str(latent),
+                "--micro-batch",
+                str(micro),
+                "--grad-accum",
+                str(accum),
+                "--precision",
+                ctx.precision,
+                "--attention",
+                ctx.attention,
+                "--grad-ckpt",
+                "--steps",
+                "3",
+                "--skip-usual",
+                "--skip-breakdown",
+                "--objectives",
+                *objectives,
+                "--device",
+                ctx.device,
+                "--out",
+                str(out),
+                *extra,
+            ],
+            f"full_{shape}",
+            timeout=900,
+        )
+        return json.loads(out.read_text())["result"]
+
+    r = bench("", ["dpo", "adaptive_m3", "adaptive_m3_shared"])
     figs = {
         "micro_batch": micro,
+        "grad_accum": accum,
         "width": width,
         "latent": latent,
         "unet_params_m": round(r["unet_params"] / 1e6),
     }
-    for name in ("dpo", "adaptive_m3"):
+    for name in ("dpo", "adaptive_m3", "adaptive_m3_shared"):
         figs[f"{name}_step_s"] = round(r[name]["step_s"], 4)
         figs[f"{name}_mfu"] = None if r[name]["mfu"] is None else round(r[name]["mfu"], 3)
-    figs["adaptive_m3_over_dpo"] = round(r["adaptive_m3"]["ratio_to_dpo"], 3)
+    for name in ("adaptive_m3", "adaptive_m3_shared"):
+        figs[f"{name}_over_dpo"] = round(r[name]["ratio_to_dpo"], 3)
+        figs[f"{name}_ema_gathers_per_step"] = r[name].get("ema_gathers_per_step")
     mem = r.get("memory") or {}
     for k in ("max_allocated_gb", "max_reserved_gb"):
         if k in mem:
             figs[k] = round(mem[k], 2)
     if "max_reserved_gb" in mem:
         figs["fits_gb"] = [g for g in GB_TARGETS if mem["max_reserved_gb"] < 0.95 * g]
+    if shape == "sd15":
+        variants = [("ema_on_gpu", ["--no-offload"])] if ctx.cuda else []  # the same as offload on a CPU
+        for tag, extra in [*variants, ("zero1", ["--zero-stage", "1"])]:
+            try:
+                v = bench(f"_{tag}", ["dpo", "adaptive_m3"], *extra)
+            except RuntimeError as e:  # e.g. out of memory: say so, keep the main figures
+                figs[f"{tag}_error"] = str(e)[-300:]
+                continue
+            figs[f"{tag}_dpo_step_s"] = round(v["dpo"]["step_s"], 4)
+            figs[f"{tag}_adaptive_m3_over_dpo"] = round(v["adaptive_m3"]["ratio_to_dpo"], 3)
+            if "memory" in v:
+                figs[f"{tag}_max_reserved_gb"] = round(v["memory"]["max_reserved_gb"], 2)
     return figs
 
 
@@ -585,6 +651,7 @@ CHECKS: dict[str, Callable[[Context], dict]] = {
     "encode_sd15": check_encode_sd15,
     "encode_sdxl": check_encode_sdxl,
     "adaptive_resume": check_adaptive_resume,
+    "host_syncs": check_host_syncs,
     "lora": check_lora,
     "d3po": check_d3po,
     "multi_gpu": check_multi_gpu,

@@ -34,7 +34,8 @@ Method (every number below comes out of this computation):
    pipeline/engine/ds_config.py, two with ``overlap_comm``) and the gradient partition c part (two
    with ``train.grad_accum`` > 1); the frozen reference c_ref P_all (none for LoRA); EMA (any
    ``ema.decays`` / ``half_lives``): one reusable module c P_all, a second flat buffer c P with
-   ``ema.overlap_gather`` and N > 1 and two or more EMA models, the shards 4 part per EMA model on the
+   ``ema.overlap_gather`` and N > 1 and two or more EMA models (with ``ema.resident``, the default, one
+   flat buffer c P per EMA model beyond the first instead), the shards 4 part per EMA model on the
    GPU unless ``ema.offload`` (then in pinned host memory, reported per rank, with a 4 part staging
    buffer). The DeepSpeed 0.19.8 lines behind each term are cited in ``states``.
 3. Total = 1.10 x the largest of four phases + 1.0 GiB. The policy's backward: states (the
@@ -342,6 +343,7 @@ class Setting:
     n_ema: int
     ema_offload: bool
     ema_overlap: bool
+    ema_resident: bool
     guidance: float
     reduce_bucket: int  # elements (ds_config)
     bucket_buffers: int  # 2 with overlap_comm, else 1
@@ -402,6 +404,7 @@ def load_setting(path: Path, overrides: list[str], world: int) -> Setting:
         n_ema=len(cfg.ema.all_decays),
         ema_offload=cfg.ema.offload,
         ema_overlap=cfg.ema.overlap_gather,
+        ema_resident=cfg.ema.resident,
         guidance=sampler_guidance(family) if obj.data_kind == "trajectories" else 1.0,
         reduce_bucket=int(zero["reduce_bucket_size"]),
         bucket_buffers=2 if zero["overlap_comm"] and zero["contiguous_gradients"] else 1,
@@ -456,16 +459,20 @@ def states(s: Setting, world: int) -> dict:
         # the reusable module in the compute dtype; attach_module binds its trainable parameters into a
         # flat buffer (flat_layout.bind), so the module stays c * P_all
         persistent["ema_module"] = c * p_all
-        if s.ema_overlap and world > 1 and s.n_ema > 1:  # ema.py prefetch: a second flat buffer
+        if s.ema_resident and s.n_ema > 1:  # build_ema: one flat gather buffer per EMA model (ema.resident)
+            persistent["ema_resident_buffers"] = c * part * world * (s.n_ema - 1)
+        elif s.ema_overlap and world > 1 and s.n_ema > 1:  # ema.py prefetch: a second flat buffer
             persistent["ema_second_buffer"] = c * part * world
         if s.ema_offload:  # pinned host shards + one staging buffer (ShardedEMA.__init__)
             host = 4 * part * (s.n_ema + 1)
         else:
             persistent["ema_shards"] = 4 * part * s.n_ema
+    # ds_config sets data_types.grad_accum_dtype fp32 for bf16 only: fp16 gradients stay in the compute
+    # dtype (engine.py 1806-1809); bf16 ones are summed in fp32 in the "compact" partition buffer
+    # (stage_1_and_2.py 1259-1275)
+    g = 4 if s.precision == "bf16" else c
     backward = {
-        # ds_config sets no data_types.grad_accum_dtype, so gradients stay in the compute dtype
-        # (engine.py 1806-1809) and the fp32 "compact" partition path is off (stage_1_and_2.py
-        # 1259-1262); stage_1_and_2.py 3257-3278 (setup_buckets, at the first gradient of each
+        # stage_1_and_2.py 3257-3278 (setup_buckets, at the first gradient of each
         # backward): a reduce bucket of reduce_bucket_size elements in that dtype (1253-1254), a second
         # one with overlap_comm, released at the end of each backward (_release_ipg_buffers, 924-931);
         # ds_config sizes the bucket at no more than the trainable parameters (LoRA: ~1M, not 5e8)
@@ -473,11 +480,11 @@ def states(s: Setting, world: int) -> dict:
         # stage_1_and_2.py 2184-2195: grads_in_partition, this rank's gradients (16-bit); with gradient
         # accumulation the previous micro-steps' sum is kept in all_grad_tensors (1038-1045) while the
         # next backward allocates a new one
-        "gradient_partition": c * part * (2 if s.grad_accum > 1 else 1),
+        "gradient_partition": g * part * (2 if s.grad_accum > 1 else 1),
     }
     no_grad = {
         # the previous micro-steps' gradient sum (all_grad_tensors) during the next micro-step's forwards
-        "gradient_partition": c * part if s.grad_accum > 1 else 0,
+        "gradient_partition": g * part if s.grad_accum > 1 else 0,
         # ema.py prefetch: this rank's shard cast to the compute dtype on the GPU, the all-gather's source
         "ema_gather_source": c * part if s.n_ema and s.uses_ema else 0,
     }
