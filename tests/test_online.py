@@ -19,6 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from pipeline.d3po.loop import round_seed
 from pipeline.metrics_log import read_metrics
 from tests.helpers.run import ROOT, env
 
@@ -170,7 +171,7 @@ def test_bad_config_exits_2_naming_the_key_or_file(tiny_sd15, files, tmp_path, c
 
 
 def test_pair_flips_are_redrawn_every_round_prompt_flips_are_not(tiny_sd15, files, tmp_path):
-    """Round r's feedback flips pairs with flip_seed + r (a labeller's slips fall on other pairs each
+    """Round r's feedback flips pairs with a hash of (flip_seed, r) (a labeller's slips fall on other pairs each
     round); flips by prompt keep the seed (the same prompts' minority taste every round)."""
     from pipeline.config import load_config
     from pipeline.d3po.loop import Loop
@@ -184,8 +185,15 @@ def test_pair_flips_are_redrawn_every_round_prompt_flips_are_not(tiny_sd15, file
         loop = Loop(load_config(OnlineConfig, CONFIG, over))
         return [loop.feedback_cfg(tmp_path, tmp_path / "fb", r).flip_seed for r in range(3)]
 
-    assert seeds("pair") == [7, 8, 9]
+    pair = seeds("pair")
+    assert pair == [7, round_seed(7, 1), round_seed(7, 2)] and len(set(pair)) == 3
     assert seeds("prompt") == [7, 7, 7]
+
+
+def test_round_seeds_of_neighbouring_loop_seeds_do_not_collide():
+    """seed + r made round 1 of loop seed s sample with round 0 of loop seed s + 1's noise."""
+    seen = [round_seed(s, r) for s in range(20) for r in range(50)]
+    assert len(set(seen)) == len(seen) and all(0 <= x < 2**31 for x in seen)
 
 
 @pytest.mark.slow

@@ -37,6 +37,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from pipeline.config import flatten, load_config, to_dict, write_resolved
@@ -76,6 +77,12 @@ def write_done(folder: Path, phase: str, info: dict) -> None:
     """The phase's marker, written last (atomically) when the phase has finished."""
     folder.mkdir(parents=True, exist_ok=True)
     write_json_atomic(marker(folder, phase), info, indent=2)
+
+
+def round_seed(seed: int, r: int) -> int:
+    """Round r's seed: a hash of (seed, r), so that loops started with seeds s and s + 1 share no round's
+    noise (``seed + r`` made round 1 of seed s round 0 of seed s + 1)."""
+    return int(np.random.SeedSequence([seed, r]).generate_state(1, np.uint32)[0] >> 1)
 
 
 class Loop:
@@ -130,15 +137,15 @@ class Loop:
         return self._load("sample", SampleConfig, o)
 
     def feedback_cfg(self, traj: Path, out: Path, r: int = 0) -> FeedbackConfig:
-        """Round r's feedback. Pair flips (``flip_by=pair``) are drawn afresh every round (``flip_seed``
-        + r), as a labeller's slips fall on different pairs each time; ``flip_by=prompt`` keeps the same
+        """Round r's feedback. Pair flips (``flip_by=pair``) are drawn afresh every round (a hash of
+        ``flip_seed`` and r), as a labeller's slips fall on different pairs each time; ``flip_by=prompt`` keeps the same
         prompts flipped in every round: a minority with its own taste on those prompts."""
         fb = self._load("feedback", FeedbackConfig, [f"trajectories={traj}", f"out={out}"])
         if r and fb.flip_rate > 0 and fb.flip_by == "pair":
             fb = self._load(
                 "feedback",
                 FeedbackConfig,
-                [f"trajectories={traj}", f"out={out}", f"flip_seed={fb.flip_seed + r}"],
+                [f"trajectories={traj}", f"out={out}", f"flip_seed={round_seed(fb.flip_seed, r)}"],
             )
         return fb
 
@@ -216,7 +223,9 @@ class Loop:
     def run_phase(self, phase: str, r: int) -> None:
         """The work of one phase, done in this process (the child's side of ``in_child``)."""
         if phase == "sample":
-            c = self.sample_cfg(self.prompts, self.round_dir(r) / "sample", self.cfg.seed + r, self.policy(r))
+            c = self.sample_cfg(
+                self.prompts, self.round_dir(r) / "sample", round_seed(self.cfg.seed, r), self.policy(r)
+            )
             print(sampling.sample_trajectories(c))
         elif phase == "feedback":
             rd = self.round_dir(r)
@@ -228,7 +237,9 @@ class Loop:
 
     def do_sample(self, r: int) -> dict:
         self.in_child("sample", r)
-        c = self.sample_cfg(self.prompts, self.round_dir(r) / "sample", self.cfg.seed + r, self.policy(r))
+        c = self.sample_cfg(
+            self.prompts, self.round_dir(r) / "sample", round_seed(self.cfg.seed, r), self.policy(r)
+        )
         return {"unet": c.model.unet or "base", "sampler_seed": c.sampler.seed}
 
     def do_feedback(self, r: int) -> dict:

@@ -18,9 +18,10 @@ class OnlineModel:
 class OnlineEval:
     prompts: Text  # text file of the evaluation prompts: the same prompts and seeds every round
     seed: NonNegInt = 1_000_000  # sampler.seed of every evaluation: only the policy changes between rounds
-    # rewards the evaluation scores (any feedback reward name); null: the feedback's own. E.g. a reward
-    # one watches but does not train on, or [brightness] for a loop fed the `random` control
-    rewards: list[RewardName] | None = None
+    # e.g. a reward one watches but does not train on, or [brightness] for a loop fed the `random` control
+    rewards: list[RewardName] | None = (
+        None  # rewards the evaluation scores (any feedback reward); null: the feedback's own
+    )
 
 
 @dataclass
@@ -34,7 +35,7 @@ class OnlineConfig:
     eval: OnlineEval
     rounds: Count = 2  # sample -> feedback -> train -> evaluate, this many times
     steps_per_round: Count = 10  # optimizer steps per round: round r trains up to (r + 1) x steps_per_round
-    seed: NonNegInt = 0  # round r samples its training prompts with sampler.seed = seed + r (fresh noise)
+    seed: NonNegInt = 0  # round r samples its training prompts with a hash of (seed, r): fresh noise, none shared with another seed's loop
     sample_config: Text = "configs/sample/tiny.yaml"  # stages.sample config of the training and eval samples
     sample_overrides: list[Text] = field(default_factory=list)  # key=value for it, e.g. [run.batch_size=4]
     feedback_config: Text = "configs/feedback/tiny.yaml"  # stages.feedback config (source=rewards)
