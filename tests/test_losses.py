@@ -8,6 +8,7 @@ softplus(x) = log(1 + e^x), so -log sigmoid(x) = softplus(-x). Hand values used 
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -418,3 +419,50 @@ def test_confidence_does_not_underflow_for_large_g():
     assert ms.u[0] == 0 and ms.u[1] > 0  # pair 1: the models agree exactly, s = 0
     assert abs(ms.u[1].item() / (0.5 * want[1].item()) - 1) < 1e-6
     assert ms.c.dtype == ms.u.dtype == torch.float32
+
+
+def test_robust_dpo_at_each_annotators_measured_rate(tmp_path):
+    """objective.flip_rates: eps per pair from annotators.json (user 1: 0.0, user 2: 0.9, user 3: 0.5;
+    user 99 absent -> the global 0.2). Rates above 1/2 read the label reversed at 1 - eps (the same
+    loss), capped at flip_rates_cap 0.4. Logits 1 for every pair (beta 10, h 0.1):
+      user 1:  softplus(-1)                                            = 0.313262
+      user 2:  (0.9 softplus(1) - 0.1 softplus(-1)) / 0.8              = 1.438262  (reversed, eps 0.1)
+      user 3:  (0.6 softplus(-1) - 0.4 softplus(1)) / 0.2              = -1.686739 (0.5 capped at 0.4)
+      user 99: (0.8 softplus(-1) - 0.2 softplus(1)) / 0.6              = -0.020072"""
+    from pipeline.errors import UserError
+
+    f = tmp_path / "annotators.json"
+    rows = [(1, 0.0, 5), (2, 0.9, 5), (3, 0.5, 0)]
+    f.write_text(
+        json.dumps(
+            {
+                "global_flip_rate": 0.2,
+                "annotators": [{"user_id": u, "flip_rate": r, "informative": n} for u, r, n in rows],
+            }
+        )
+    )
+    obj = build_objective(ObjectiveConfig(name="robust_dpo", beta=10.0, flip_rates=str(f)))
+    assert obj.batch_fields == ("user_id",)
+    ref = PairErrors(torch.zeros(4), torch.zeros(4))
+    for sign in (1, -1):  # the policy's errors that give h = +0.1 (logit 1)
+        pol = PairErrors(torch.full((4,), -0.05 * sign), torch.full((4,), 0.05 * sign))
+        if preference_h(pol, ref)[0] > 0:
+            break
+    assert_close(preference_h(pol, ref), torch.full((4,), 0.1))
+    users = torch.tensor([1, 2, 3, 99])
+    out = obj(ModelErrors(pol, ref, fields={"user_id": users}))
+    assert_close(
+        out.loss, T(0.3132616875182229, 1.4382616875182226, -1.6867383124817772, -0.0200716458151105)
+    )
+    assert_close(out.stats["eps_pair"], T(0.0, 0.9, 0.5, 0.2))
+    # the reversed reading is Robust-DPO's own formula at eps 0.9 (valid for any eps != 1/2)
+    x, e = 1.0, 0.9
+    sp = lambda z: math.log1p(math.exp(z))  # noqa: E731
+    assert out.loss[1].item() == pytest.approx(((1 - e) * sp(-x) - e * sp(x)) / (1 - 2 * e), rel=1e-6)
+    # a file that measured nothing, a missing file, another objective: refused with the key named
+    f.write_text(json.dumps({"global_flip_rate": 0.5, "annotators": [{"user_id": 1, "flip_rate": 0.5}]}))
+    with pytest.raises(UserError, match="measures nothing"):
+        build_objective(ObjectiveConfig(name="robust_dpo", flip_rates=str(f)))
+    with pytest.raises(UserError, match="objective.flip_rates=.*no such file"):
+        build_objective(ObjectiveConfig(name="robust_dpo", flip_rates=str(tmp_path / "nope.json")))
+    assert "flip_rates" in ObjectiveConfig(name="dpo", flip_rates=str(f)).check()[0]

@@ -585,6 +585,29 @@ def test_zero1_trains_like_zero2_and_resumes_under_it(shards64, tmp_path):
     assert 0 <= worst < 1e-5, worst
 
 
+def test_per_pair_flip_rates_reach_the_trainer(shards16, tmp_path):
+    """objective.flip_rates with no annotator of these shards in the file: every pair gets the file's
+    global rate 0.25, so the run equals Robust-DPO at eps 0.25 bit for bit (the per-pair path on the
+    device against the scalar one; 0.25 is exact in float32, so both compute the same products: with
+    0.3 the rounding of the rate alone moves step 2's loss by 1e-4 through Adam's first step); eps_pair
+    is logged."""
+    f = tmp_path / "annotators.json"
+    f.write_text(
+        json.dumps(
+            {"global_flip_rate": 0.25, "annotators": [{"user_id": -7, "flip_rate": 0.9, "informative": 4}]}
+        )
+    )
+    common = ["objective.name=robust_dpo", "train.max_steps=2", "checkpoint.export=false"]
+    check(train(shards16, tmp_path / "scalar", *common, "objective.eps=0.25"))
+    check(train(shards16, tmp_path / "table", *common, f"objective.flip_rates={f}"))
+    a, b = (
+        read_metrics(tmp_path / "scalar" / "metrics.jsonl"),
+        read_metrics(tmp_path / "table" / "metrics.jsonl"),
+    )
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+    assert [r["eps_pair"] for r in b] == [0.25, 0.25] and "eps_pair" not in a[0]
+
+
 def test_bf16_mixed_precision_trains_and_exports_fp32_masters(shards16, tmp_path):
     """bf16 compute (policy, reference and EMA module in bf16; ZeRO-2 keeps fp32 masters)."""
     out = tmp_path / "bf16"

@@ -17,6 +17,12 @@ ranking_id: the chosen image against each other one (a tie or skip: image 0 agai
 judged image: ``{"prompt_key", "image_key", "user_id", "annotator", "score", "created_at"}`` with
 score 1 for the chosen image and 0 for each other image of the item, 0.5 for every image of a tie;
 skips write nothing.
+
+``annotators.json``: each annotator's flip rate against the consensus, estimated from the labels alone
+(``pipeline.label.reliability``: Dawid-Skene EM over items judged by two or more people and check
+items, shrunk toward the global rate for annotators with few labels), most doubtful first;
+``objective.flip_rates`` gives Robust-DPO each pair's own rate from it. Without redundancy (one label
+per item, no check items) every rate is the global prior: nothing is measured.
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ from tqdm import tqdm
 
 from pipeline.data import pickapic
 from pipeline.errors import UserError
+from pipeline.io import write_json_atomic
+from pipeline.label import reliability
 from pipeline.label.sources import ImageReader
 from pipeline.label.storage import Database, label_records
 
@@ -49,6 +57,7 @@ PICKAPIC_FIELDS = [
 ]
 _META_OWN = {"model_0", "model_1", "source_ranking_id", "source_user_id"}
 PREFERENCES = "image_preferences.jsonl"
+ANNOTATORS = "annotators.json"  # pipeline.label.reliability's estimate: objective.flip_rates
 
 
 def pair_rows(kind: str, k: int, choice: str) -> list[tuple[int, int, float, float, bool]]:
@@ -174,6 +183,10 @@ def export(db: Database, out: str | Path, include_checks: bool = True, rows_per_
                 }
                 prefs.write(json.dumps(line) + "\n")
         flush()
+    # per-annotator flip rates from the redundancy in these labels (R >= 2 per item, check items), for
+    # Robust-DPO's objective.flip_rates; every label counts here, check items included (they anchor it)
+    rel = reliability.estimate(label_records(db))
+    write_json_atomic(tmp / ANNOTATORS, rel.as_dict())
     summary = {
         "labels": len(labels),
         "rows": n_rows,
@@ -182,6 +195,8 @@ def export(db: Database, out: str | Path, include_checks: bool = True, rows_per_
         "include_checks": include_checks,
         "files": files,
         "preferences": PREFERENCES,
+        "annotators_file": ANNOTATORS,
+        "global_flip_rate": rel.global_rate,
         "exported_at": dt.datetime.now(dt.timezone.utc).isoformat(),
     }
     (tmp / "export.json").write_text(json.dumps(summary, indent=1) + "\n")

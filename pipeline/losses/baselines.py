@@ -16,8 +16,9 @@ import torch
 from pipeline.losses.dpo import neg_log_sigmoid
 
 
-def robust_dpo_loss(h: torch.Tensor, beta: float, eps: float) -> torch.Tensor:
-    if not 0 <= eps < 0.5:
+def robust_dpo_loss(h: torch.Tensor, beta: float, eps: float | torch.Tensor) -> torch.Tensor:
+    """eps: one rate, or one per pair ([B], each in [0, 0.5): pipeline.losses.flip_rates.fold)."""
+    if not isinstance(eps, torch.Tensor) and not 0 <= eps < 0.5:
         raise ValueError(f"eps: robust DPO needs 0 <= eps < 0.5, got {eps}")
     x = beta * h.float()
     return ((1 - eps) * neg_log_sigmoid(x) - eps * neg_log_sigmoid(-x)) / (1 - 2 * eps)

@@ -31,6 +31,7 @@ from pipeline.losses.baselines import conservative_dpo_loss, hinge_loss, ipo_los
 from pipeline.losses.d3po import TransitionLogProbs, clamped_log_ratio, d3po_stats, d3po_terms
 from pipeline.losses.diffusion import PairErrors
 from pipeline.losses.dpo import dpo_loss, implicit_accuracy, preference_h, rewards
+from pipeline.losses.flip_rates import FlipRateTable, fold
 from pipeline.losses.noise_model import FlipRateEstimator, posterior_flip
 from pipeline.schema.objective import ObjectiveConfig
 
@@ -123,9 +124,26 @@ class DPO(Objective):
 
 
 class RobustDPO(Objective):
+    """Robust-DPO at one assumed rate (``objective.eps``), or at each pair's annotator's measured rate
+    (``objective.flip_rates``: the label export's annotators.json; pipeline/losses/flip_rates.py)."""
+
+    def __init__(self, cfg: ObjectiveConfig):
+        super().__init__(cfg)
+        self.table = FlipRateTable.from_file(cfg.flip_rates) if cfg.flip_rates else None
+        if self.table is not None:
+            self.batch_fields = ("user_id",)
+            self.distributions = (*Objective.distributions, "eps_pair")
+
     def __call__(self, errors):
         h, stats = self._pairwise(errors)
-        return LossOutput(robust_dpo_loss(h, self.beta, self.cfg.eps), stats)
+        if self.table is None:
+            return LossOutput(robust_dpo_loss(h, self.beta, self.cfg.eps), stats)
+        if "user_id" not in errors.fields:
+            raise ValueError("objective.flip_rates needs the batch field user_id")
+        eps = self.table.lookup(errors.fields["user_id"])
+        sign, eps_f = fold(eps, self.cfg.flip_rates_cap)
+        stats["eps_pair"] = eps
+        return LossOutput(robust_dpo_loss(sign * h, self.beta, eps_f), stats)
 
 
 class ConservativeDPO(Objective):

@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 from annotated_types import Interval
 
-from pipeline.schema.common import NonNegFloat, NonNegInt, Positive, Probability
+from pipeline.schema.common import NonNegFloat, NonNegInt, Positive, Probability, Text
 
 # objectives trained on encoded preference pairs (data.shards)
 ObjectiveName = Literal[
@@ -101,12 +101,20 @@ class ObjectiveConfig:
     name: Literal[ObjectiveName, TrajectoryObjectiveName] = "dpo"  # see "Objectives" for each formula
     beta: Positive = 1000.0  # logit = beta * h (Diffusion-DPO's beta_dpo 5000 == 2500 here)
     eps: Probability = 0.1  # robust_dpo: assumed flip rate (< 0.5); cdpo: label smoothing
+    # robust_dpo: each pair at its annotator's measured flip rate instead of eps
+    flip_rates: Text | None = None  # annotators.json of stages.label export (rates from redundant labels)
+    flip_rates_cap: Annotated[float, Interval(ge=0, lt=0.5)] = (
+        0.4  # folded per-pair eps capped here (variance ~ 1/(1-2 eps)^2)
+    )
     bounded_k: NonNegFloat = 1.0  # bounded_dpo: W = stopgrad(1 / (1 + k |beta h|)), no EMA models
     adaptive: AdaptiveConfig = field(default_factory=AdaptiveConfig)
     d3po: D3POConfig = field(default_factory=D3POConfig)  # d3po reads these, not objective.beta / eps
     noise: NoiseConfig = field(default_factory=NoiseConfig)  # em_dpo: the estimated label-flip model
 
     def check(self) -> list[str]:
+        errs = []
         if self.name == "robust_dpo" and not self.eps < 0.5:
-            return [f"eps: robust_dpo needs eps < 0.5 (it divides by 1 - 2 eps), got {self.eps}"]
-        return []
+            errs.append(f"eps: robust_dpo needs eps < 0.5 (it divides by 1 - 2 eps), got {self.eps}")
+        if self.flip_rates is not None and self.name != "robust_dpo":
+            errs.append(f"flip_rates: read by objective.name=robust_dpo only, not {self.name}")
+        return errs
