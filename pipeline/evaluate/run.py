@@ -41,8 +41,9 @@ def _correct(margin: np.ndarray, agrees: np.ndarray) -> np.ndarray:
 METRIC_LEGEND = (
     "\nHeld-out pairs (`preference.shards`), share whose implicit margin h (the model's denoising gain over "
     "the reference) prefers: `accuracy_labels` the labelled winner; `accuracy_true` the true preference "
-    "(toy worlds' `true_label_0`; absent on real data); `accuracy_flipped_view` the labels the run trained on, "
-    "after its `data.flip_rate` flips. `base` is the reference itself: h = 0, so 0.5 by construction. "
+    "(toy worlds' `true_label_0`; absent on real data); `accuracy_flipped_view` (runs with `data.flip_by` "
+    "prompt or user) the labels as the run's flips would read them: the flipped prompts' or annotators' view, "
+    "which the held-out pairs share with the training pairs. `base` is the reference itself: h = 0, so 0.5 by construction. "
     "Scores: mean over generated images. ± is the standard error.\n"
 )
 
@@ -73,7 +74,10 @@ def preference_section(cfg: EvalConfig, specs, info, device, dtype, rows: dict, 
             entry["accuracy_true"] = mean_sem(_correct(h, truth))
             rows[spec.name]["accuracy_true"] = entry["accuracy_true"]
         d = (spec.run_config or {}).get("data", {})
-        if d.get("flip_rate", 0) > 0:  # the labels this run trained on
+        # the held-out pairs were never trained on: their flips say something only where the flipped
+        # unit reaches them (the same prompts or annotators: did the model learn the minority's view?);
+        # a pair's own random flip does not, so none is reported for flip_by=pair
+        if d.get("flip_rate", 0) > 0 and d.get("flip_by", "pair") != "pair":
             units = [unit_key(s["__key__"], s["meta"], d.get("flip_by", "pair")) for s in samples]
             fl = flipped_mask(units, d.get("flip_seed", 0), d["flip_rate"])
             entry["accuracy_flipped_view"] = mean_sem(_correct(h, (~fl).astype(float)))
