@@ -554,7 +554,7 @@ def test_the_image_reader_cache_stays_within_its_budget(toy):
 
 def test_export_measures_each_annotators_flip_rate_for_training(tmp_path):
     """Three annotators label every pair (per_item 3): two follow the toy world's truth, carl labels
-    against it. The export's annotators.json (Dawid-Skene over the redundant labels) puts carl first with
+    against it. The export's flip_rates.json (Dawid-Skene over the redundant labels) puts carl first with
     a rate near 1 and the others near 0; Robust-DPO's flip-rate table reads it by user_id."""
     import torch
 
@@ -572,12 +572,12 @@ def test_export_measures_each_annotators_flip_rate_for_training(tmp_path):
             better = truth[it["key"]]
             record_label(db, ids[who], it["key"], str(better if who != "carl" else 1 - better), sid(), 900)
     s = export(db, tmp_path / "export")
-    assert s["annotators_file"] == "annotators.json" and 0.2 < s["global_flip_rate"] < 0.45
-    ann = json.loads((tmp_path / "export" / "annotators.json").read_text())
+    assert s["flip_rates_file"] == "flip_rates.json" and 0.2 < s["global_flip_rate"] < 0.45
+    ann = json.loads((tmp_path / "export" / "flip_rates.json").read_text())
     rates = {a["name"]: a["flip_rate"] for a in ann["annotators"]}
     assert ann["annotators"][0]["name"] == "carl" and rates["carl"] > 0.9
     assert rates["ann"] < 0.1 and rates["bea"] < 0.1
     assert all(a["labels"] == a["informative"] == 30 for a in ann["annotators"])
-    table = FlipRateTable.from_file(tmp_path / "export" / "annotators.json")
+    table = FlipRateTable.from_file(tmp_path / "export" / "flip_rates.json")
     got = table.lookup(torch.tensor([ids["carl"], ids["ann"], 12345]))
     assert got[0] > 0.9 and got[1] < 0.1 and got[2].item() == pytest.approx(ann["global_flip_rate"])

@@ -422,7 +422,7 @@ def test_confidence_does_not_underflow_for_large_g():
 
 
 def test_robust_dpo_at_each_annotators_measured_rate(tmp_path):
-    """objective.flip_rates: eps per pair from annotators.json (user 1: 0.0, user 2: 0.9, user 3: 0.5;
+    """objective.flip_rates: eps per pair from flip_rates.json (user 1: 0.0, user 2: 0.9, user 3: 0.5;
     user 99 absent -> the global 0.2). Rates above 1/2 read the label reversed at 1 - eps (the same
     loss), capped at flip_rates_cap 0.4. Logits 1 for every pair (beta 10, h 0.1):
       user 1:  softplus(-1)                                            = 0.313262
@@ -431,7 +431,7 @@ def test_robust_dpo_at_each_annotators_measured_rate(tmp_path):
       user 99: (0.8 softplus(-1) - 0.2 softplus(1)) / 0.6              = -0.020072"""
     from pipeline.errors import UserError
 
-    f = tmp_path / "annotators.json"
+    f = tmp_path / "flip_rates.json"
     rows = [(1, 0.0, 5), (2, 0.9, 5), (3, 0.5, 0)]
     f.write_text(
         json.dumps(

@@ -591,7 +591,7 @@ def test_per_pair_flip_rates_reach_the_trainer(shards16, tmp_path):
     device against the scalar one; 0.25 is exact in float32, so both compute the same products: with
     0.3 the rounding of the rate alone moves step 2's loss by 1e-4 through Adam's first step); eps_pair
     is logged."""
-    f = tmp_path / "annotators.json"
+    f = tmp_path / "flip_rates.json"
     f.write_text(
         json.dumps(
             {"global_flip_rate": 0.25, "annotators": [{"user_id": -7, "flip_rate": 0.9, "informative": 4}]}

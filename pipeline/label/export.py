@@ -18,7 +18,7 @@ judged image: ``{"prompt_key", "image_key", "user_id", "annotator", "score", "cr
 score 1 for the chosen image and 0 for each other image of the item, 0.5 for every image of a tie;
 skips write nothing.
 
-``annotators.json``: each annotator's flip rate against the consensus, estimated from the labels alone
+``flip_rates.json``: each annotator's flip rate against the consensus, estimated from the labels alone
 (``pipeline.label.reliability``: Dawid-Skene EM over items judged by two or more people and check
 items, shrunk toward the global rate for annotators with few labels), most doubtful first;
 ``objective.flip_rates`` gives Robust-DPO each pair's own rate from it. Without redundancy (one label
@@ -57,7 +57,7 @@ PICKAPIC_FIELDS = [
 ]
 _META_OWN = {"model_0", "model_1", "source_ranking_id", "source_user_id"}
 PREFERENCES = "image_preferences.jsonl"
-ANNOTATORS = "annotators.json"  # pipeline.label.reliability's estimate: objective.flip_rates
+FLIP_RATES = "flip_rates.json"  # pipeline.label.reliability's estimate: objective.flip_rates
 
 
 def pair_rows(kind: str, k: int, choice: str) -> list[tuple[int, int, float, float, bool]]:
@@ -186,7 +186,7 @@ def export(db: Database, out: str | Path, include_checks: bool = True, rows_per_
     # per-annotator flip rates from the redundancy in these labels (R >= 2 per item, check items), for
     # Robust-DPO's objective.flip_rates; every label counts here, check items included (they anchor it)
     rel = reliability.estimate(label_records(db))
-    write_json_atomic(tmp / ANNOTATORS, rel.as_dict())
+    write_json_atomic(tmp / FLIP_RATES, rel.as_dict())
     summary = {
         "labels": len(labels),
         "rows": n_rows,
@@ -195,7 +195,7 @@ def export(db: Database, out: str | Path, include_checks: bool = True, rows_per_
         "include_checks": include_checks,
         "files": files,
         "preferences": PREFERENCES,
-        "annotators_file": ANNOTATORS,
+        "flip_rates_file": FLIP_RATES,
         "global_flip_rate": rel.global_rate,
         "exported_at": dt.datetime.now(dt.timezone.utc).isoformat(),
     }

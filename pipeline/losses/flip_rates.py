@@ -1,6 +1,6 @@
 """Per-annotator flip rates measured from redundant labels, looked up per pair on the device.
 
-The labelling service's export writes ``annotators.json`` beside the Pick-a-Pic parquet
+The labelling service's export writes ``flip_rates.json`` beside the Pick-a-Pic parquet
 (``pipeline.label.reliability``: Dawid-Skene EM over items judged by two or more people and check items,
 shrunk toward the global rate for annotators with few labels). With ``objective.flip_rates`` pointing
 at it, Robust-DPO uses each pair's own rate instead of one assumed rate: a pair labelled by an
@@ -42,10 +42,10 @@ class FlipRateTable:
             rates = [float(a["flip_rate"]) for a in ann]
             glob = float(d["global_flip_rate"])
         except FileNotFoundError as e:
-            raise UserError(f"{key}={p}: no such file (stages.label export writes annotators.json)") from e
+            raise UserError(f"{key}={p}: no such file (stages.label export writes flip_rates.json)") from e
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise UserError(
-                f"{key}={p}: not an annotators.json of stages.label export ({type(e).__name__}: {e})"
+                f"{key}={p}: not a flip_rates.json of stages.label export ({type(e).__name__}: {e})"
             ) from e
         if not any(int(a.get("informative", 0)) for a in ann):
             raise UserError(

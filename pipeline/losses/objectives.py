@@ -125,7 +125,7 @@ class DPO(Objective):
 
 class RobustDPO(Objective):
     """Robust-DPO at one assumed rate (``objective.eps``), or at each pair's annotator's measured rate
-    (``objective.flip_rates``: the label export's annotators.json; pipeline/losses/flip_rates.py)."""
+    (``objective.flip_rates``: the label export's flip_rates.json; pipeline/losses/flip_rates.py)."""
 
     def __init__(self, cfg: ObjectiveConfig):
         super().__init__(cfg)

@@ -102,7 +102,7 @@ class ObjectiveConfig:
     beta: Positive = 1000.0  # logit = beta * h (Diffusion-DPO's beta_dpo 5000 == 2500 here)
     eps: Probability = 0.1  # robust_dpo: assumed flip rate (< 0.5); cdpo: label smoothing
     # robust_dpo: each pair at its annotator's measured flip rate instead of eps
-    flip_rates: Text | None = None  # annotators.json of stages.label export (rates from redundant labels)
+    flip_rates: Text | None = None  # flip_rates.json of stages.label export (rates from redundant labels)
     flip_rates_cap: Annotated[float, Interval(ge=0, lt=0.5)] = (
         0.4  # folded per-pair eps capped here (variance ~ 1/(1-2 eps)^2)
     )
