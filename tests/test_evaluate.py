@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from pipeline.evaluate.minority_report import run_report
+from pipeline.metrics_log import read_metrics
 from pipeline.minority import auroc
 from stages.evaluate import cli_main
 from tests.helpers.run import ROOT, env
@@ -656,3 +657,57 @@ def test_one_unet_on_the_device_per_model_and_images_unchanged(
         want = generate(pipe, ["a red cat", "a blue house", "a green tree"], 0, 2, 5.0, None, 2)
         got = [Image.open(f) for f in sorted((out / "images" / name).glob("*.png"))]
         assert [np.asarray(w).tobytes() for w in want] == [np.asarray(x).tobytes() for x in got], name
+
+
+@pytest.mark.slow
+def test_campaign_study_smoke(tiny_sd15, tmp_path):
+    """tools.studies.campaign_study at smoke size: a campaign labelled over HTTP (heavy-tailed counts,
+    flipped annotators, R = 2, check items), the export's flip-rate estimates scored against the truth,
+    and DPO against Robust-DPO at the measured per-annotator rates trained on the export."""
+    out = tmp_path / "cs"
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tools.studies.campaign_study",
+            "--out",
+            str(out),
+            "--model",
+            str(tiny_sd15),
+            "--pairs",
+            "60",
+            "--heldout",
+            "16",
+            "--annotators",
+            "12",
+            "--checks",
+            "4",
+            "--data-seeds",
+            "0",
+            "--train-seeds",
+            "0",
+            "--variants",
+            "dpo",
+            "robust_flip_rates",
+            "--steps",
+            "2",
+            "--micro-batch",
+            "8",
+            "--draws",
+            "1",
+        ],
+        cwd=ROOT,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert p.returncode == 0, p.stderr[-4000:]
+    res = json.loads((out / "results.json").read_text())
+    c = res["campaigns"]["0"]
+    assert c["labels"] >= 2 * 60 and 0.1 < c["wrong_label_share"] < 0.7  # R = 2, ~40 % flipped + slips
+    assert c["flipped_annotators"] >= 1 and 0 <= c["auroc_flipped_annotators"] <= 1
+    assert set(res["accuracy_true"]) == {"dpo", "robust_flip_rates"}
+    m = read_metrics(out / "runs" / "robust_flip_rates_d0_s0" / "metrics.jsonl")
+    assert len(m) == 2 and 0 <= m[-1]["eps_pair"] <= 1  # the measured rates reached the loss
+    assert "robust_flip_rates" in (out / "table.md").read_text()
