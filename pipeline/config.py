@@ -311,6 +311,11 @@ def _read_yaml(path: str | Path, chain: tuple[Path, ...] = ()) -> dict:
     return _merge(merged, data)
 
 
+def read_config_file(path: str | Path) -> dict:
+    """A config file merged with its bases, before any check (to read one key ahead of loading)."""
+    return _read_yaml(path)
+
+
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
     """Load ``path`` (YAML, with its bases) into ``cls`` and apply dotted overrides; raise ConfigError
     listing every problem."""

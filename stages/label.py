@@ -40,22 +40,29 @@ PROG = "python -m stages.label"
 def serve(cfg: LabelConfig) -> int:
     db = Database(cfg.db)
     it = cfg.items
-    src = load_source(
-        cfg.source, it.mode, it.max_items, it.shuffle, it.seed, cfg.checks.count, cfg.checks.column
-    )
-    counts = load_items(db, src.items, src.fingerprint, cfg.source)
+    if cfg.source is not None:
+        src = load_source(
+            cfg.source, it.mode, it.max_items, it.shuffle, it.seed, cfg.checks.count, cfg.checks.column
+        )
+        counts = load_items(db, src.items, src.fingerprint, cfg.source)
+        checks = sum(x.is_check for x in src.items)
+        where = f"from {src.kind} source {cfg.source}" + (
+            f", skipped {dict(src.skipped)}" if src.skipped else ""
+        )
+    else:  # what the database holds (an online loop's campaign adds each round's items)
+        with db.tx() as c:
+            n, checks = c.execute("SELECT COUNT(*), COALESCE(SUM(is_check), 0) FROM items").fetchone()
+        counts = {"items": int(n), "new": 0}
+        where = "already in the database (no source given)"
     db.set_meta("per_item", cfg.assignment.per_item)
     with db.tx() as c:
         people = c.execute(
             "SELECT COUNT(*) FROM annotators WHERE role = 'annotator' AND active = 1"
         ).fetchone()[0]
     db.close()
-    checks = sum(x.is_check for x in src.items)
     url = f"http://{cfg.server.host}:{cfg.server.port}/"
     print(
-        f"campaign {cfg.db}: {counts['items']} items ({counts['new']} new, {checks} checks) from {src.kind} "
-        f"source {cfg.source}"
-        + (f", skipped {dict(src.skipped)}" if src.skipped else "")
+        f"campaign {cfg.db}: {counts['items']} items ({counts['new']} new, {checks} checks) {where}"
         + f"; {people} active annotator(s); {cfg.assignment.per_item} labels per item\n"
         f"annotators: {url}   admin: {url}admin   (add people: {PROG} add-annotator --db {cfg.db} NAME)",
         flush=True,

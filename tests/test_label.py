@@ -581,3 +581,83 @@ def test_export_measures_each_annotators_flip_rate_for_training(tmp_path):
     table = FlipRateTable.from_file(tmp_path / "export" / "flip_rates.json")
     got = table.lookup(torch.tensor([ids["carl"], ids["ann"], 12345]))
     assert got[0] > 0.9 and got[1] < 0.1 and got[2].item() == pytest.approx(ann["global_flip_rate"])
+
+
+def test_online_rounds_open_close_and_export_their_own_labels(tmp_path):
+    """pipeline.label.rounds through the app: two rounds of the same prompt groups (the same sample
+    keys) are separate items; round 0 closes by its deadline once it has a label (not before), its
+    items are no longer handed out and a late label is refused; round 1 closes when an admin says so
+    (not without a decisive label), or when complete; each round's export holds its own labels; a v1
+    database is migrated."""
+    from fastapi.testclient import TestClient
+
+    from pipeline.label import rounds
+    from pipeline.label.app import create_app
+
+    folder = _samples(tmp_path / "r0", prompts=2, k=2)
+    db = Database(str(tmp_path / "labels.db"))
+    tokens = {n: add_person(db, n)[1] for n in ("alice", "bob")}
+    tokens["boss"] = add_person(db, "boss", "admin")[1]
+    c = TestClient(create_app(db, Policy(per_item=2), max_body_bytes=4096))
+
+    s0 = rounds.open_round(db, 0, folder, "auto", deadline_min=0.5)
+    assert s0["items"] == 2 and s0["deadline"] == pytest.approx(s0["opened_at"] + 30)
+    assert rounds.open_round(db, 0, folder, "auto", 0.5) == s0  # a restarted loop: the same round
+    t_after = s0["deadline"] + 1
+    assert rounds.should_close(db, 0, 2, t_after) is None  # past the deadline, but no label yet
+
+    def label(who: str, choice: str = "0") -> tuple[str, int]:
+        items = c.post("/api/next", json={"n": 1}, headers=H(tokens[who])).json()["items"]
+        if not items:
+            return "", 0
+        lab = {"item": items[0]["key"], "choice": choice, "submission_id": sid(), "duration_ms": 500}
+        return items[0]["key"], c.post("/api/label", json=lab, headers=H(tokens[who])).status_code
+
+    key, code = label("alice")
+    assert code == 200 and key.startswith("r000o")
+    assert rounds.should_close(db, 0, 2, s0["opened_at"] + 1) is None  # before the deadline
+    assert rounds.should_close(db, 0, 2, t_after) == "deadline"
+    # bob holds round 0's other item when the round closes: his label is refused, nothing more is given
+    held = c.post("/api/next", json={"n": 1}, headers=H(tokens["bob"])).json()["items"][0]["key"]
+    rounds.close_round(db, 0, "deadline")
+    late = {"item": held, "choice": "1", "submission_id": sid(), "duration_ms": 500}
+    r = c.post("/api/label", json=late, headers=H(tokens["bob"]))
+    assert r.status_code == 409 and "round has closed" in r.json()["detail"]
+    assert label("bob") == ("", 0)
+
+    # round 1: the same sample keys, new items; the admin page shows it
+    s1 = rounds.open_round(db, 1, folder, "auto", deadline_min=0)
+    assert s1["round"] == 1 and s1["deadline"] is None
+    summary = c.get("/api/admin/summary", headers=H(tokens["boss"])).json()["round"]
+    assert (summary["round"], summary["items"], summary["complete"], summary["closed"]) == (1, 2, 0, False)
+    r = c.post("/api/admin/close-round", json={"round": 1}, headers=H(tokens["boss"]))
+    assert r.status_code == 409 and "no label yet" in r.json()["detail"]
+    assert c.post("/api/admin/close-round", json={"round": 1}, headers=H(tokens["alice"])).status_code == 403
+    for who in ("alice", "bob", "alice", "bob"):
+        assert label(who, "1")[1] == 200
+    assert rounds.should_close(db, 1, 2) == "complete"
+    r = c.post("/api/admin/close-round", json={"round": 1}, headers=H(tokens["boss"]))
+    assert r.status_code == 200 and r.json()["closed_by"] == "admin boss"
+    assert c.post("/api/admin/close-round", json={"round": 0}, headers=H(tokens["boss"])).status_code == 409
+
+    e0, e1 = export(db, tmp_path / "e0", online_round=0), export(db, tmp_path / "e1", online_round=1)
+    assert (e0["labels"], e1["labels"]) == (1, 4) and e1["online_round"] == 1
+    prefs = [json.loads(x) for x in (tmp_path / "e1" / "image_preferences.jsonl").read_text().splitlines()]
+    assert {p["image_key"] for p in prefs} <= {"p0k0", "p0k1", "p1k0", "p1k1"}  # the sample's own keys
+    keys = set(pq.read_table(tmp_path / "e1" / "labels-00000.parquet")["item_key"].to_pylist())
+    assert all(k.startswith("r001o") for k in keys) and len(keys) == 2
+
+    # a database of schema 1 gains the column, its items open
+    old = tmp_path / "v1.db"
+    import sqlite3
+
+    Database(str(old)).close()
+    con = sqlite3.connect(old)
+    con.execute("ALTER TABLE items DROP COLUMN closed")
+    con.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    con.commit()
+    con.close()
+    again = Database(str(old))
+    assert again.get_meta("schema_version") == 2
+    with again.tx() as cur:
+        assert "closed" in [r[1] for r in cur.execute("PRAGMA table_info(items)").fetchall()]

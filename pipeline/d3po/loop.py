@@ -35,12 +35,20 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
 import yaml
 
-from pipeline.config import flatten, load_config, to_dict, write_resolved
+from pipeline.config import (
+    flatten,
+    load_config,
+    parse_overrides,
+    read_config_file,
+    to_dict,
+    write_resolved,
+)
 from pipeline.d3po import feedback, sampling
 from pipeline.d3po.rewards import SCORER_REWARDS
 from pipeline.d3po.round_report import (
@@ -53,13 +61,19 @@ from pipeline.d3po.round_report import (
 )
 from pipeline.errors import ConfigError, UserError
 from pipeline.io import write_json_atomic
+from pipeline.label import rounds
+from pipeline.label.export import PREFERENCES
+from pipeline.label.export import export as export_labels
+from pipeline.label.storage import Database
 from pipeline.schema.feedback import FeedbackConfig
+from pipeline.schema.label import LabelConfig
 from pipeline.schema.online import OnlineConfig
 from pipeline.schema.sample import SampleConfig
 from pipeline.schema.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: the children import from it
 PHASES = ("sample", "feedback", "train", "eval")
+HUMAN_PHASES = ("sample", "label", "feedback", "train", "eval")  # feedback from people
 PHASE_MODE = "--phase"  # python -m stages.online --phase CONFIG PHASE ROUND: one phase, in a child
 
 
@@ -99,6 +113,9 @@ class Loop:
         self.configs = {
             s: self._file(f"{s}_config", getattr(cfg, f"{s}_config")) for s in ("sample", "feedback", "train")
         }
+        self.human = self._feedback_source() == "human"
+        self.label_db = cfg.label.db or str(self.out / "labels.db")
+        self._server: subprocess.Popen | None = None
         if not (Path(self.model) / "model_index.json").is_file():
             raise UserError(
                 f"model.path={cfg.model.path}: not a diffusers model folder (no model_index.json)"
@@ -125,6 +142,21 @@ class Loop:
                 f"{stage}_config={getattr(self.cfg, f'{stage}_config')} with {stage}_overrides={user}: {e}"
             ) from None
 
+    def _feedback_source(self) -> str:
+        """The feedback config's ``source`` (its file, then the user's overrides), read before the config
+        is checked: with ``human`` the loop sets the label file of each round itself."""
+        given = dict(parse_overrides(list(self.cfg.feedback_overrides))[0])
+        return str(given.get("source", read_config_file(self.configs["feedback"]).get("source", "rewards")))
+
+    def label_cfg(self) -> LabelConfig:
+        """The labelling service's config: its file, the loop's ``label.overrides``, the campaign's db."""
+        try:
+            return load_config(
+                LabelConfig, self.cfg.label.config, [*self.cfg.label.overrides, f"db={self.label_db}"]
+            )
+        except ConfigError as e:
+            raise UserError(f"label.config={self.cfg.label.config} with label.overrides: {e}") from None
+
     def sample_cfg(self, prompts: str, out: Path, seed: int, unet: str | None) -> SampleConfig:
         o = [
             f"model.path={self.model}",
@@ -140,13 +172,12 @@ class Loop:
         """Round r's feedback. Pair flips (``flip_by=pair``) are drawn afresh every round (a hash of
         ``flip_seed`` and r), as a labeller's slips fall on different pairs each time; ``flip_by=prompt`` keeps the same
         prompts flipped in every round: a minority with its own taste on those prompts."""
-        fb = self._load("feedback", FeedbackConfig, [f"trajectories={traj}", f"out={out}"])
+        base = [f"trajectories={traj}", f"out={out}"]
+        if self.human:  # the round's own labels (do_label's export)
+            base.append(f"human={self.round_dir(r) / 'labels' / PREFERENCES}")
+        fb = self._load("feedback", FeedbackConfig, base)
         if r and fb.flip_rate > 0 and fb.flip_by == "pair":
-            fb = self._load(
-                "feedback",
-                FeedbackConfig,
-                [f"trajectories={traj}", f"out={out}", f"flip_seed={round_seed(fb.flip_seed, r)}"],
-            )
+            fb = self._load("feedback", FeedbackConfig, [*base, f"flip_seed={round_seed(fb.flip_seed, r)}"])
         return fb
 
     def train_overrides(self, r: int) -> list[str]:
@@ -163,11 +194,17 @@ class Loop:
     def _check_stage_configs(self) -> None:
         self.sample_cfg(self.prompts, self.out / "x", 0, None)
         fb = self.feedback_cfg(self.out / "x", self.out / "y")
-        if fb.source != "rewards":
-            raise UserError(
-                f"feedback_config={self.cfg.feedback_config}: source={fb.source}; the online loop needs "
-                "scripted rewards (source=rewards): people's labels would stop it every round"
-            )
+        if self.human:
+            lc = self.label_cfg()
+            if lc.source is not None:
+                raise UserError(
+                    f"label.overrides: source={lc.source}; the loop adds each round's samples itself (drop it)"
+                )
+            if not self.cfg.eval.rewards:
+                raise UserError(
+                    "eval.rewards: required with feedback from people (source=human): the reward the "
+                    "evaluation scores every round, e.g. [aesthetic] (people label the training samples only)"
+                )
         tr = self._load("train", TrainConfig, self.train_overrides(0))
         if tr.objective.name not in ("d3po", "adaptive_d3po"):
             raise UserError(
@@ -242,6 +279,91 @@ class Loop:
         )
         return {"unet": c.model.unet or "base", "sampler_seed": c.sampler.seed}
 
+    def serve_labels(self, lc: LabelConfig) -> None:
+        """The labelling service (``stages.label serve`` on the campaign's db, no source: it serves what
+        the loop adds), started once and kept for the loop's lifetime; a child that dies with the loop."""
+        if not self.cfg.label.serve or (self._server is not None and self._server.poll() is None):
+            return
+        cmd = [
+            sys.executable,
+            "-m",
+            "stages.label",
+            "serve",
+            "--config",
+            str(Path(self.cfg.label.config).resolve()),
+            *self.cfg.label.overrides,
+            f"db={self.label_db}",
+        ]
+        log_file = open(self.out / "label_server.log", "ab")  # noqa: SIM115 - the server's lifetime
+        self._server = spawn_background(
+            cmd, cwd=os.getcwd(), env=self.env(), stdout=log_file, stderr=subprocess.STDOUT
+        )
+        url = f"http://{lc.server.host}:{lc.server.port}"
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if self._server.poll() is not None:
+                tail = (self.out / "label_server.log").read_text(errors="replace").splitlines()[-10:]
+                raise PhaseFailed(2, "the labelling service exited: " + " | ".join(tail))
+            try:
+                with urllib.request.urlopen(url + "/healthz", timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.2)
+        print(
+            f"  labelling service: {url}/ (admin: {url}/admin; log: {self.out / 'label_server.log'})",
+            flush=True,
+        )
+
+    def stop_labels(self) -> None:
+        if self._server is not None and self._server.poll() is None:
+            self._server.terminate()
+            try:
+                self._server.wait(10)
+            except subprocess.TimeoutExpired:
+                self._server.kill()
+        self._server = None
+
+    def do_label(self, r: int) -> dict:
+        """Round r's samples go to the labelling service; the round closes when every item has R labels,
+        at ``label.deadline_min``, or when an admin closes it; then its labels alone are exported to
+        ``round_NNN/labels`` (Pick-a-Pic parquet + image_preferences.jsonl) for the feedback stage."""
+        lc = self.label_cfg()
+        rd = self.round_dir(r)
+        db = Database(self.label_db)
+        try:
+            state = rounds.open_round(db, r, rd / "sample", lc.items.mode, self.cfg.label.deadline_min)
+            self.serve_labels(lc)
+            R = lc.assignment.per_item
+            print(
+                f"  round {r}: {state['items']} item(s) to label, {R} label(s) each"
+                + (
+                    f", deadline {time.strftime('%H:%M:%S', time.localtime(state['deadline']))}"
+                    if state["deadline"]
+                    else ""
+                ),
+                flush=True,
+            )
+            last = None
+            while (why := rounds.should_close(db, r, R)) is None:
+                p = rounds.progress(db, r, R)
+                if (p["complete"], p["started"]) != last:
+                    print(
+                        f"  round {r}: {p['complete']}/{p['items']} complete, {p['started']} started",
+                        flush=True,
+                    )
+                    last = (p["complete"], p["started"])
+                time.sleep(self.cfg.label.poll_s)
+            state = rounds.close_round(db, r, why)
+            summary = export_labels(db, rd / "labels", online_round=r)
+            p = rounds.progress(db, r, R)
+        finally:
+            db.close()
+        print(
+            f"  round {r}: closed ({state['closed_by']}): {summary['labels']} label(s) exported", flush=True
+        )
+        return {"closed_by": state["closed_by"], "labels": summary["labels"], **p}
+
     def do_feedback(self, r: int) -> dict:
         self.in_child("feedback", r)
         return {}
@@ -294,6 +416,12 @@ class Loop:
     # ------------------------------------------------------------------ the loop
 
     def run(self) -> int:
+        try:
+            return self._run()
+        finally:
+            self.stop_labels()
+
+    def _run(self) -> int:
         self.check_same_loop()
         self.out.mkdir(parents=True, exist_ok=True)
         write_resolved(self.cfg, self.out / "config.yaml")
@@ -308,14 +436,18 @@ class Loop:
             rd = self.round_dir(r)
             rd.mkdir(parents=True, exist_ok=True)
             print(f"round {r}", flush=True)
-            done = {
-                "sample": self.phase(rd, "sample", self.do_sample, r),
-                "feedback": self.phase(rd, "feedback", self.do_feedback, r),
-                "train": self.phase(rd, "train", self.do_train, r),
-                "eval": self.phase(rd, "eval", self.do_eval, r),
-            }
+            done = {"sample": self.phase(rd, "sample", self.do_sample, r)}
+            if self.human:
+                done["label"] = self.phase(rd, "label", self.do_label, r)
+            done["feedback"] = self.phase(rd, "feedback", self.do_feedback, r)
+            done["train"] = self.phase(rd, "train", self.do_train, r)
+            done["eval"] = self.phase(rd, "eval", self.do_eval, r)
             fb = json.loads((rd / "feedback" / "summary.json").read_text())
-            report = round_row(r, done, fb, PHASES)
+            report = round_row(r, done, fb, HUMAN_PHASES if self.human else PHASES)
+            if self.human:
+                report["labels"] = {
+                    k: done["label"].get(k) for k in ("closed_by", "labels", "items", "complete")
+                }
             write_json_atomic(rd / "report.json", report, indent=2)
             rows.append(report)
         reward_names = list(base["rewards"])
@@ -383,6 +515,14 @@ def _die_with_parent(parent: int) -> None:
     _PRCTL(PR_SET_PDEATHSIG, _SIGKILL, 0, 0, 0)
     if os.getppid() != parent:
         os.kill(os.getpid(), _SIGKILL)
+
+
+def spawn_background(cmd: list[str], **kwargs) -> subprocess.Popen:
+    """``subprocess.Popen`` of a child that dies with this process (where the platform allows)."""
+    if _PRCTL is not None:
+        parent = os.getpid()
+        kwargs["preexec_fn"] = lambda: _die_with_parent(parent)
+    return subprocess.Popen(cmd, **kwargs)
 
 
 def spawn(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:

@@ -6,6 +6,7 @@ small JSON API under ``/api``.
     POST /api/label    {"item", "choice", "submission_id", "duration_ms"}
     GET  /api/image/{item_key}/{index}                  an image of an item handed to the caller
     GET  /api/me, /api/admin/summary, /healthz
+    POST /api/admin/close-round {"round"}               an online loop's round closes now (admins)
 
 Every API call authenticates with the cookie or an ``Authorization: Bearer TOKEN`` header; the
 annotator is whoever the token belongs to (request bodies have no annotator field: one is refused).
@@ -33,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.config import load_config
 from pipeline.errors import UserError
-from pipeline.label import assignment, audit
+from pipeline.label import assignment, audit, rounds
 from pipeline.label.people import Person, authenticate
 from pipeline.label.sources import ImageReader, media_type
 from pipeline.label.storage import Database, Unavailable
@@ -74,6 +75,10 @@ class LabelRequest(_Strict):
     choice: str = Field(min_length=1, max_length=8)  # image index in the item, "tie" or "skip"
     submission_id: str = Field(pattern=r"^[A-Za-z0-9_-]{8,64}$")  # made by the client; a retry reuses it
     duration_ms: int = Field(ge=0, le=86_400_000)  # how long the item was on screen
+
+
+class CloseRound(_Strict):
+    round: int = Field(ge=0)
 
 
 class _BodyLimit:
@@ -290,7 +295,22 @@ def create_app(
 
     @app.get("/api/admin/summary")
     def admin_summary(p: Admin) -> dict:
-        return audit.summary(db, policy.per_item)
+        s = audit.summary(db, policy.per_item)
+        state = rounds.round_state(db)
+        if state is not None:  # an online loop's campaign: the current round and its progress
+            s["round"] = {**state, **rounds.progress(db, state["round"], policy.per_item)}
+        return s
+
+    @app.post("/api/admin/close-round")
+    def close_round(body: CloseRound, p: Admin) -> dict:
+        state = rounds.round_state(db)
+        if state is None or state["round"] != body.round:
+            raise HTTPException(409, f"round {body.round} is not the current round")
+        if rounds.progress(db, body.round, policy.per_item)["decisive_labels"] == 0:
+            raise HTTPException(
+                409, f"round {body.round} has no label yet: there would be nothing to train on"
+            )
+        return rounds.close_round(db, body.round, f"admin {p.name}")
 
     return app
 

@@ -58,13 +58,14 @@ def _pick(c: Cursor, me: int, policy: Policy) -> tuple[int, int, int] | None:
         given = c.execute("SELECT COUNT(*) FROM assignments WHERE annotator_id = ?", (me,)).fetchone()[0]
         if (int(given) + 1) % policy.check_every == 0:
             row = c.execute(
-                f"SELECT id, is_check, images FROM items WHERE is_check = 1 AND {not_mine} ORDER BY position LIMIT 1",
+                f"SELECT id, is_check, images FROM items WHERE is_check = 1 AND closed = 0 AND {not_mine} "
+                "ORDER BY position LIMIT 1",
                 (me,),
             ).fetchone()
             if row is not None:
                 return int(row[0]), 1, len(json.loads(row[2]))
     row = c.execute(
-        f"SELECT id, is_check, images FROM items WHERE is_check = 0 AND n_active < ? AND {not_mine} "
+        f"SELECT id, is_check, images FROM items WHERE is_check = 0 AND closed = 0 AND n_active < ? AND {not_mine} "
         "ORDER BY n_active, position LIMIT 1",
         (policy.per_item, me),
     ).fetchone()
@@ -79,8 +80,8 @@ def next_items(db: Database, me: int, n: int, policy: Policy) -> list[dict]:
     with db.tx(write=True) as c:
         _expire(c, t - policy.lease_s)
         rows = c.execute(
-            "SELECT item_id, display FROM assignments WHERE annotator_id = ? AND state = 'open' "
-            "ORDER BY assigned_at, item_id",
+            "SELECT a.item_id, a.display FROM assignments a JOIN items i ON i.id = a.item_id "
+            "WHERE a.annotator_id = ? AND a.state = 'open' AND i.closed = 0 ORDER BY a.assigned_at, a.item_id",
             (me,),
         ).fetchall()
         chosen = [(int(r[0]), json.loads(r[1])) for r in rows][:n]
@@ -118,7 +119,9 @@ def record_label(
         raise Refused(422, "submission_id: 8-64 characters of A-Z a-z 0-9 _ -")
     t = now()
     with db.tx(write=True) as c:
-        item = c.execute("SELECT id, images, is_check FROM items WHERE key = ?", (item_key,)).fetchone()
+        item = c.execute(
+            "SELECT id, images, is_check, closed FROM items WHERE key = ?", (item_key,)
+        ).fetchone()
         if item is None:
             raise Refused(404, f"no item {item_key!r}")
         item_id, k, is_check = int(item[0]), len(json.loads(item[1])), bool(item[2])
@@ -130,6 +133,8 @@ def record_label(
             if int(prev[1]) == item_id and prev[2] == choice:
                 return int(prev[0]), True  # a retried request: acknowledged again, stored once
             raise Refused(409, "this submission_id was used for another label")
+        if item[3]:
+            raise Refused(409, "this item's round has closed: the label was not needed, thank you")
         a = c.execute(
             "SELECT state, assigned_at, display FROM assignments WHERE annotator_id = ? AND item_id = ?",
             (me, item_id),
@@ -171,7 +176,7 @@ def progress(db: Database, me: int, per_item: int) -> dict:
     with db.tx() as c:
         mine = c.execute("SELECT COUNT(*) FROM labels WHERE annotator_id = ?", (me,)).fetchone()[0]
         items, left = c.execute(
-            "SELECT COUNT(*), COALESCE(SUM(CASE WHEN n_labels < ? THEN 1 ELSE 0 END), 0) FROM items WHERE is_check = 0",
+            "SELECT COUNT(*), COALESCE(SUM(CASE WHEN n_labels < ? THEN 1 ELSE 0 END), 0) FROM items WHERE is_check = 0 AND closed = 0",
             (per_item,),
         ).fetchone()
     return {"labelled_by_you": int(mine), "items": int(items), "items_left": int(left)}

@@ -97,12 +97,22 @@ def _check_out(out: Path) -> None:
         )
 
 
-def export(db: Database, out: str | Path, include_checks: bool = True, rows_per_file: int = 1000) -> dict:
+def export(
+    db: Database,
+    out: str | Path,
+    include_checks: bool = True,
+    rows_per_file: int = 1000,
+    online_round: int | None = None,
+) -> dict:
     """Write the export to ``out`` (replacing an earlier export there, atomically: the new one is
-    written beside it and swapped in when complete). Returns the counts written to export.json."""
+    written beside it and swapped in when complete). ``online_round``: that round's labels only
+    (``pipeline.label.rounds``). Returns the counts written to export.json."""
     out = Path(out)
     _check_out(out)
-    labels = [r for r in label_records(db) if include_checks or not r["is_check"]]
+    everything = label_records(db)
+    if online_round is not None:
+        everything = [r for r in everything if r["meta"].get("online_round") == online_round]
+    labels = [r for r in everything if include_checks or not r["is_check"]]
     extra = sorted({k for r in labels for k in r["meta"] if k not in _META_OWN})
     reader = ImageReader()
     tmp = out.with_name(out.name + ".tmp-export")
@@ -185,7 +195,7 @@ def export(db: Database, out: str | Path, include_checks: bool = True, rows_per_
         flush()
     # per-annotator flip rates from the redundancy in these labels (R >= 2 per item, check items), for
     # Robust-DPO's objective.flip_rates; every label counts here, check items included (they anchor it)
-    rel = reliability.estimate(label_records(db))
+    rel = reliability.estimate(everything)
     write_json_atomic(tmp / FLIP_RATES, rel.as_dict())
     summary = {
         "labels": len(labels),
@@ -193,6 +203,7 @@ def export(db: Database, out: str | Path, include_checks: bool = True, rows_per_
         "choices": dict(choices),
         "annotators": len({r["annotator"] for r in labels}),
         "include_checks": include_checks,
+        "online_round": online_round,
         "files": files,
         "preferences": PREFERENCES,
         "flip_rates_file": FLIP_RATES,

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from pipeline.errors import UserError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: items.closed (an online round's items, closed with their round)
 _LOCK_KEY = 7243017  # the advisory lock id on PostgreSQL (any constant)
 
 _DDL = """
@@ -54,7 +54,8 @@ CREATE TABLE IF NOT EXISTS items (
     is_check INTEGER NOT NULL DEFAULT 0,
     position BIGINT NOT NULL,
     n_active INTEGER NOT NULL DEFAULT 0,
-    n_labels INTEGER NOT NULL DEFAULT 0
+    n_labels INTEGER NOT NULL DEFAULT 0,
+    closed INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS items_pick ON items (is_check, n_active, position);
 CREATE TABLE IF NOT EXISTS assignments (
@@ -123,6 +124,9 @@ class Database:
                 c.execute(
                     "INSERT INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
                 )
+            elif int(row[0]) == 1:  # version 1 -> 2: a column, every existing item open
+                c.execute("ALTER TABLE items ADD COLUMN closed INTEGER NOT NULL DEFAULT 0")
+                c.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
             elif int(row[0]) != SCHEMA_VERSION:
                 raise UserError(f"db={url}: schema version {row[0]}, this code reads {SCHEMA_VERSION}")
 

@@ -49,7 +49,10 @@ class LabelServer:
 @dataclass
 class LabelConfig:
     db: Text  # SQLite file (created, WAL mode) or a postgresql://user@host:port/dbname URL
-    source: Text  # Pick-a-Pic parquet (file, directory or glob) or a sampling folder with images.jsonl
+    # null: serve the items the database already holds (the online loop adds each round's itself)
+    source: Text | None = (
+        None  # Pick-a-Pic parquet (file, directory or glob) or a sampling folder with images.jsonl
+    )
     items: LabelItems = field(default_factory=LabelItems)
     assignment: LabelAssignment = field(default_factory=LabelAssignment)
     checks: LabelChecks = field(default_factory=LabelChecks)

@@ -47,7 +47,40 @@ function card(title, value, note) {
   return div;
 }
 
+// An online loop's campaign (stages.online with people's feedback): the round being labelled, its
+// progress, and a button that closes it now (the loop then trains on the labels it has).
+function renderRound(r) {
+  $("round").hidden = !r;
+  if (!r) return;
+  $("round-title").textContent = `Online round ${r.round}${r.closed ? " (closed)" : ""}`;
+  const parts = [
+    `${r.complete} / ${r.items} items have ${r.per_item} label(s)`,
+    `${r.started} started`,
+    `${r.decisive_labels} decisive label(s)`,
+    `opened ${when(r.opened_at)}`,
+  ];
+  if (r.deadline) parts.push(`deadline ${when(r.deadline)}`);
+  if (r.closed) parts.push(`closed ${when(r.closed_at)} (${r.closed_by})`);
+  $("round-text").textContent = parts.join(" · ");
+  const btn = $("close-round");
+  btn.hidden = r.closed;
+  btn.disabled = r.decisive_labels === 0;
+  btn.title = r.decisive_labels === 0 ? "no label yet: nothing to train on" : "";
+  btn.dataset.round = String(r.round);
+}
+
+$("close-round").addEventListener("click", async () => {
+  $("round-error").textContent = "";
+  try {
+    await api("api/admin/close-round", { round: Number($("close-round").dataset.round) });
+  } catch (e) {
+    $("round-error").textContent = e.message;
+  }
+  refresh();
+});
+
 function render(s) {
+  renderRound(s.round);
   const c = s.choices || {};
   $("cards").replaceChildren(
     card("items complete", `${s.complete} / ${s.items}`, `${s.per_item} labels each · ${s.started} started`),
