@@ -6,6 +6,7 @@ LABEL_SCREENSHOTS=docs/label)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import threading
@@ -232,3 +233,56 @@ def test_label_by_mouse_and_keyboard_reload_and_export(browser, tmp_path):
             "() => document.getElementById('signin-error').textContent.includes('admin token')"
         )
         assert admin.is_hidden("#labeller")
+
+
+def test_the_admin_page_shows_an_online_round_and_closes_it(browser, tmp_path):
+    """An online loop's campaign: the admin page shows the round, its progress and deadline; "Close
+    this round now" is disabled until the round has a label, then closes it (who closed it shown)."""
+    from PIL import Image
+
+    from pipeline.label import rounds
+
+    folder = tmp_path / "round_000" / "sample"
+    (folder / "images").mkdir(parents=True)
+    recs = []
+    for p in range(3):
+        for j in range(2):
+            Image.new("RGB", (64, 64), (60 * p, 100 * j, 30)).save(folder / "images" / f"g{p}_{j}.jpg")
+            recs.append(
+                {
+                    "image_key": f"g{p}/{j}",
+                    "prompt_key": f"g{p}",
+                    "caption": f"prompt {p}",
+                    "k": j,
+                    "file": f"images/g{p}_{j}.jpg",
+                }
+            )
+    (folder / "images.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    db = Database(str(tmp_path / "labels.db"))
+    people = {n: add_person(db, n)[0].id for n in ("alice", "bob")}
+    _, admin_token = add_person(db, "boss", "admin")
+    pol = Policy(per_item=2)
+    rounds.open_round(db, 0, folder, "auto", deadline_min=90)
+    with _Server(create_app(db, pol, preload=1, max_body_bytes=16384)) as url:
+        admin = _page(browser)
+        admin.goto(f"{url}/admin#token={admin_token}")
+        admin.wait_for_selector("#round:not([hidden])")
+        assert admin.inner_text("#round-title") == "Online round 0"
+        text = admin.inner_text("#round-text")
+        assert "0 / 3 items have 2 label(s)" in text and "deadline" in text
+        assert admin.is_disabled("#close-round")  # nothing to train on yet
+        for who in ("alice", "bob"):
+            for it in next_items(db, people[who], 2, pol):
+                record_label(db, people[who], it["key"], "1", uuid.uuid4().hex, 900)
+        done = rounds.progress(db, 0, 2)["complete"]
+        assert done >= 1
+        admin.reload()
+        admin.wait_for_function(
+            "n => document.getElementById('round-text').textContent.includes(`${n} / 3 items`)", arg=done
+        )
+        _shot(admin, tmp_path, "admin_round.png")
+        assert admin.is_enabled("#close-round")
+        admin.click("#close-round")
+        admin.wait_for_function("() => document.getElementById('round-title').textContent.includes('closed')")
+        assert "(admin boss)" in admin.inner_text("#round-text") and admin.is_hidden("#close-round")
+        assert rounds.round_state(db)["closed_by"] == "admin boss"
