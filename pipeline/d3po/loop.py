@@ -310,6 +310,8 @@ class Loop:
                         break
             except OSError:
                 time.sleep(0.2)
+        else:
+            raise PhaseFailed(2, f"the labelling service did not answer at {url}/healthz within 120 s")
         print(
             f"  labelling service: {url}/ (admin: {url}/admin; log: {self.out / 'label_server.log'})",
             flush=True,
