@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -105,10 +106,24 @@ def test_two_rounds_continue_one_run_and_report(online_run, tiny_sd15, files, ca
         b = rep["eval"]["brightness"]
         assert b["n"] == 2 * len(EVAL) and b["se"] is not None and 0 < b["mean"] < 1
         assert set(rep["seconds"]) == {"sample", "feedback", "train", "eval"}
+        # what moves when it learns: the paired win rate against the base, the log-ratio gap
+        now, base = (
+            np.array(json.loads((out / d / "scores.json").read_text())["rewards"]["brightness"]["values"])
+            for d in (f"round_{r:03d}/eval", "eval_base")
+        )
+        assert rep["win_rate"]["brightness"]["rate"] == pytest.approx(
+            np.mean((now > base) + 0.5 * (now == base))
+        )
+        rows = [
+            m for m in read_metrics(out / "run" / "metrics.jsonl") if r * STEPS < m["step"] <= (r + 1) * STEPS
+        ]
+        gap = np.mean([m["log_ratio_w"] - m["log_ratio_l"] for m in rows])
+        assert rep["train"]["log_ratio_gap"] == pytest.approx(gap) and 0 <= rep["train"]["clip_frac"] <= 1
         assert (out / f"round_{r:03d}" / "eval" / "grid.png").is_file()
     report = json.loads((out / "report.json").read_text())
     assert [r["round"] for r in report["rounds"]] == [-1, 0, 1]
     assert (out / "reward_by_round.png").is_file() and (out / "eval_base" / "grid.png").is_file()
+    assert (out / "learning_by_round.png").is_file()
     # the round-0 train starts at the base: D3PO's loss is log 2 at step 1
     first = read_metrics(out / "run" / "metrics.jsonl")[0]
     assert first["loss"] == pytest.approx(0.6931, abs=1e-3)
@@ -188,6 +203,18 @@ def test_pair_flips_are_redrawn_every_round_prompt_flips_are_not(tiny_sd15, file
     pair = seeds("pair")
     assert pair == [7, round_seed(7, 1), round_seed(7, 2)] and len(set(pair)) == 3
     assert seeds("prompt") == [7, 7, 7]
+
+
+def test_win_rate_against_the_base_is_paired_by_image(tmp_path):
+    """Image i after the round against image i of the base (same prompt, same noise): 0.1 < 0.2 loses,
+    0.5 = 0.5 ties, 0.3 > 0.1 wins: (0 + 0.5 + 1) / 3."""
+    from pipeline.d3po.round_report import win_rate
+
+    for d, v in (("now", [0.1, 0.5, 0.3]), ("base", [0.2, 0.5, 0.1])):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "scores.json").write_text(json.dumps({"rewards": {"brightness": {"values": v}}}))
+    w = win_rate(tmp_path / "now", tmp_path / "base")["brightness"]
+    assert w["rate"] == pytest.approx(0.5) and w["n"] == 3 and w["se"] == pytest.approx((0.25 / 3) ** 0.5)
 
 
 def test_round_seeds_of_neighbouring_loop_seeds_do_not_collide():

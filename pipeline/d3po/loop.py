@@ -54,10 +54,12 @@ from pipeline.d3po.rewards import SCORER_REWARDS
 from pipeline.d3po.round_report import (
     eval_summary,
     evaluate_policy,
+    plot_learning,
     plot_rewards,
     round_metrics,
     round_row,
     round_table,
+    win_rate,
 )
 from pipeline.errors import ConfigError, UserError
 from pipeline.io import write_json_atomic
@@ -446,6 +448,7 @@ class Loop:
             done["eval"] = self.phase(rd, "eval", self.do_eval, r)
             fb = json.loads((rd / "feedback" / "summary.json").read_text())
             report = round_row(r, done, fb, HUMAN_PHASES if self.human else PHASES)
+            report["win_rate"] = win_rate(rd / "eval", self.out / "eval_base")
             if self.human:
                 report["labels"] = {
                     k: done["label"].get(k) for k in ("closed_by", "labels", "items", "complete")
@@ -454,6 +457,7 @@ class Loop:
             rows.append(report)
         reward_names = list(base["rewards"])
         plot_rewards(rows, reward_names, self.out / "reward_by_round.png")
+        plot_learning(rows, reward_names, self.out / "learning_by_round.png")
         summary = {"rounds": rows, "rewards": reward_names, "out": str(self.out)}
         write_json_atomic(self.out / "report.json", summary, indent=2)
         print(round_table(rows, reward_names))

@@ -92,7 +92,37 @@ def round_metrics(metrics_file: Path, first: int, last: int) -> dict:
         "mean_loss": mean("loss"),
         "mean_accuracy": mean("accuracy"),
         "sampled_gap": mean("sampled_gap"),
+        # what moves when the policy learns, while the loss stays near log 2 (beta 0.1, a clamp of
+        # +-log 1.1): the policy's log-ratio to the reference on winners minus losers (its implied
+        # reward margin / beta), and the share of ratios held by the clamp
+        "log_ratio_gap": _gap(rows),
+        "clip_frac": mean("clip_frac"),
     }
+
+
+def _gap(rows: list[dict]) -> float | None:
+    v = [
+        r["log_ratio_w"] - r["log_ratio_l"]
+        for r in rows
+        if isinstance(r.get("log_ratio_w"), (int, float)) and isinstance(r.get("log_ratio_l"), (int, float))
+    ]
+    return float(np.mean(v)) if v else None
+
+
+def win_rate(folder: Path, base: Path) -> dict[str, dict]:
+    """Per reward: the share of eval images that score higher after this round than the base's image of
+    the same prompt and seed (ties count one half), with its binomial standard error. The eval samples
+    share their noise across rounds, so the comparison is paired."""
+    now = json.loads((folder / "scores.json").read_text())["rewards"]
+    then = json.loads((base / "scores.json").read_text())["rewards"]
+    out = {}
+    for name, d in now.items():
+        a, b = np.asarray(d["values"], float), np.asarray(then.get(name, {}).get("values", []), float)
+        if len(a) == 0 or len(a) != len(b):
+            continue
+        w = float(np.mean((a > b) + 0.5 * (a == b)))
+        out[name] = {"rate": w, "se": float(np.sqrt(w * (1 - w) / len(a))), "n": len(a)}
+    return out
 
 
 def round_row(r: int, done: dict, feedback_summary: dict, phases: tuple[str, ...]) -> dict:
@@ -112,7 +142,15 @@ def round_row(r: int, done: dict, feedback_summary: dict, phases: tuple[str, ...
 
 def round_table(rows: list[dict], names: list[str]) -> str:
     """The rounds as a text table: the eval rewards (mean +- s.e.), the last loss and accuracy, seconds."""
-    head = ["round", *(f"{n} (mean +- s.e.)" for n in names), "loss", "accuracy", "seconds"]
+    head = [
+        "round",
+        *(f"{n} (mean +- s.e.)" for n in names),
+        "win rate",
+        "gap",
+        "loss",
+        "accuracy",
+        "seconds",
+    ]
     lines = [" | ".join(head)]
     for row in rows:
         ev = [f"{row['eval'][n]['mean']:.4f} +- {(row['eval'][n]['se'] or 0):.4f}" for n in names]
@@ -120,8 +158,53 @@ def round_table(rows: list[dict], names: list[str]) -> str:
         fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
         secs = sum(row["seconds"].values())
         rnd = "base" if row["round"] < 0 else str(row["round"])
-        lines.append(" | ".join([rnd, *ev, fmt(tr.get("loss")), fmt(tr.get("accuracy")), f"{secs:.1f}"]))
+        wins = row.get("win_rate") or {}
+        win = fmt(wins[names[0]]["rate"]) if names and names[0] in wins else "-"
+        cells = [win, fmt(tr.get("log_ratio_gap")), fmt(tr.get("loss")), fmt(tr.get("accuracy"))]
+        lines.append(" | ".join([rnd, *ev, *cells, f"{secs:.1f}"]))
     return "\n".join(lines)
+
+
+def plot_learning(rows: list[dict], reward_names: list[str], path: Path) -> None:
+    """Per round: the log-ratio gap (winner - loser), the clamp's share, and each reward's win rate of
+    the round's eval images against the base's (0.5: no change)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    trained = [r for r in rows if r["round"] >= 0]
+    xs = [r["round"] for r in trained]
+    fig, axes = plt.subplots(1, 3, figsize=(13.5, 3.5))
+    gap = [(r.get("train") or {}).get("log_ratio_gap") for r in trained]
+    clip = [(r.get("train") or {}).get("clip_frac") for r in trained]
+    axes[0].plot(xs, [np.nan if g is None else g for g in gap], marker="o")
+    axes[0].axhline(0, color="grey", lw=0.8)
+    axes[0].set_ylabel("log-ratio gap, winner - loser")
+    axes[1].plot(xs, [np.nan if c is None else c for c in clip], marker="o")
+    axes[1].set_ylabel("share of ratios clamped")
+    for name in reward_names:
+        wr = [(r.get("win_rate") or {}).get(name) for r in trained]
+        axes[2].errorbar(
+            xs,
+            [np.nan if w is None else w["rate"] for w in wr],
+            yerr=[0 if w is None else w["se"] for w in wr],
+            marker="o",
+            capsize=3,
+            label=name,
+        )
+    axes[2].axhline(0.5, color="grey", lw=0.8)
+    axes[2].set_ylabel("eval win rate vs the base (+- s.e.)")
+    axes[2].legend()
+    for ax in axes:
+        ax.set_xlabel("round")
+        ax.set_xticks(xs)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def plot_rewards(rows: list[dict], reward_names: list[str], path: Path) -> None:
