@@ -3,6 +3,7 @@ D3PO and Adaptive-D3PO fare when part of the feedback is flipped?
 
     python -m tools.studies.d3po_study reward --out d3po_study [--seeds 0 1 2] [--rewards brightness jpeg_compressibility]
     python -m tools.studies.d3po_study flips  --out d3po_flips [--seeds 0 1 2] [--flip-rate 0.25] [--rewards ...]
+    ... [--model-seed 7] [--prompt-seed 7]   (another tiny model, other prompts: loop seeds on one model are one model)
 
 Both run ``stages.online`` on the tiny model (its VAE first trained as an autoencoder,
 ``tools.toy.make_tiny_model --vae-steps``, so that decoded images depend on the latents), two loops at a
@@ -246,6 +247,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vae-steps", type=int, default=300)
     p.add_argument("--flip-rate", type=float, default=0.25)
     p.add_argument("--objectives", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument(
+        "--model-seed", type=int, default=0, help="the tiny model's seed: another seed is another model"
+    )
+    p.add_argument("--prompt-seed", type=int, default=0, help="which random captions are the prompts")
     a = p.parse_args(argv)
     out = Path(a.out).resolve()
     (out / "runs").mkdir(parents=True, exist_ok=True)
@@ -253,8 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     if not (a.model / "model_index.json").is_file():
         from tools.toy.make_tiny_model import make_tiny_model
 
-        make_tiny_model("sd15", a.model, seed=0, vae_steps=a.vae_steps)
-    a.prompt_files = write_prompts(out, a.prompts, a.eval_prompts)
+        make_tiny_model("sd15", a.model, seed=a.model_seed, vae_steps=a.vae_steps)
+    a.prompt_files = write_prompts(out, a.prompts, a.eval_prompts, a.prompt_seed)
     result = reward_study(a, out) if a.study == "reward" else flip_study(a, out)
     args = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items() if k != "prompt_files"}
     (out / "study.json").write_text(json.dumps({"args": args, **result}, indent=1) + "\n")
