@@ -13,6 +13,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+# metrics of the process, not of the training: a resumed run may log other values for these (timing,
+# memory, and the EMA transfers a fresh process makes to fill its buffers); every other metric of a
+# resumed run equals the uninterrupted run's
+PROCESS_METRICS = ("step_time_s", "pairs_per_s", "peak_mem_gb", "ema_gathers_per_step")
+
 
 class MetricsLogger:
     def __init__(self, out_dir: Path, resume_step: int, tensorboard: bool):

@@ -19,7 +19,7 @@ from pipeline.engine.ds_config import build_ds_config
 from pipeline.engine.ema import ShardedEMA
 from pipeline.engine.precision import check_precision
 from pipeline.errors import ConfigError, UserError
-from pipeline.metrics_log import read_metrics
+from pipeline.metrics_log import PROCESS_METRICS, read_metrics
 from pipeline.schema.train import TrainConfig
 from tests.helpers.run import check, train
 
@@ -38,7 +38,7 @@ SCALING = (
     "train.loss_scale.hysteresis=1",
 )
 STEPS, RESUME_AT = 8, 3
-UNTIMED = ("step_time_s", "pairs_per_s", "peak_mem_gb")  # the only metrics a restart may change
+UNTIMED = PROCESS_METRICS  # the only metrics a restart may change
 
 
 # ---------------------------------------------------------------------------- the switch (in-process)
