@@ -191,8 +191,48 @@ def bench_step(a) -> dict:
 
         return one
 
+    def d3po_runner():
+        """D3PO's micro-step as the trajectory workload runs it (pipeline/train/trajectories.py): one stored
+        DDIM transition of each image of B pairs, scored under classifier-free guidance (one UNet call
+        on [uncond; cond], 4 B images) by the policy with a gradient and by the reference without, the
+        clamped-ratio loss, backward, step. Synthetic latents; the sd15 sampler's 20 DDIM steps, eta 1."""
+        from diffusers import DDIMScheduler
+
+        from pipeline.d3po.ddim import cfg_noise_pred, ddim_step_with_logprob
+        from pipeline.losses.d3po import TransitionLogProbs, d3po_terms
+
+        ddim = DDIMScheduler(
+            num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012
+        )
+        ddim.set_timesteps(20)
+        x_t = torch.randn(2 * B, 4, L, L, device=dev, dtype=dtype)
+        x_prev = torch.randn(2 * B, 4, L, L, device=dev, dtype=dtype)
+        text = torch.randn(2 * B, 77, text_dim, device=dev, dtype=dtype)
+        uncond = torch.randn(1, 77, text_dim, device=dev, dtype=dtype)
+        steps = ddim.timesteps  # on the CPU, as the workload keeps them
+
+        def lp(unet, t):
+            eps = cfg_noise_pred(unet, x_t, t.to(dev), text, uncond, 5.0)
+            return ddim_step_with_logprob(ddim, eps, t, x_t, 1.0, prev_sample=x_prev)[1].view(B, 2)
+
+        def one():
+            for i in range(a.grad_accum):
+                t = steps[i % len(steps)].repeat(2 * B)
+
+                pol = lp(engine, t)
+                with torch.no_grad():
+                    ref_lp = lp(ref, t)
+                terms = d3po_terms(
+                    TransitionLogProbs(pol[:, 0], ref_lp[:, 0], pol[:, 1], ref_lp[:, 1]), 0.1, 0.1
+                )
+                engine.backward(terms.loss.mean())
+                engine.step()
+
+        return one
+
     results = {}
-    units = {"dpo": 4, "adaptive_m2": 5, "adaptive_m3": 6, "adaptive_m3_shared": 6}
+    # D3PO: policy forward + backward and the reference forward, each on [uncond; cond] (2x the images)
+    units = {"dpo": 4, "adaptive_m2": 5, "adaptive_m3": 6, "adaptive_m3_shared": 6, "d3po": 8}
     fns = {
         name: runner(obj, m)
         for name, (obj, m) in {
@@ -203,6 +243,10 @@ def bench_step(a) -> dict:
         }.items()
         if name in names
     }
+    if "d3po" in names:
+        if a.shape != "sd15":
+            raise UserError("--objectives d3po: the SD1.5 shape only (the online loop trains SD1.5)")
+        fns["d3po"] = d3po_runner()
     for fn in fns.values():
         fn()  # warm-up
     if dev.type == "cuda":
@@ -721,7 +765,7 @@ def main(argv: list[str] | None = None) -> int:
         "--objectives",
         nargs="+",
         default=["dpo", "adaptive_m2", "adaptive_m3"],
-        choices=["dpo", "adaptive_m2", "adaptive_m3", "adaptive_m3_shared"],
+        choices=["dpo", "adaptive_m2", "adaptive_m3", "adaptive_m3_shared", "d3po"],
         help="step: which steps to time (each built EMA model stays resident)",
     )
     p.add_argument(

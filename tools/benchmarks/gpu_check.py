@@ -24,8 +24,8 @@ randomly initialised SD1.5 / SDXL-shaped UNets in memory.
 - ``multi_gpu`` (2+ GPUs; 2 gloo processes in CPU mode): the tiny run under torchrun with checkpoints
   (NCCL), then resumed on one device through the universal checkpoint.
 - ``full_sd15``, ``full_sdxl`` (GPU only): random-weight steps of full-size UNets at the shipped micro-
-  batches with gradient checkpointing and grad_accum 4: DPO and Adaptive-DPO (two EMA models, resident
-  buffers and one shared buffer) step time, model-FLOP utilisation, EMA gathers per step, and
+  batches with gradient checkpointing and grad_accum 4: DPO, Adaptive-DPO (two EMA models, resident
+  buffers and one shared buffer) and, for SD1.5, D3PO (CFG, one DDIM transition per image) step time, model-FLOP utilisation, EMA gathers per step, and
   ``max_memory_allocated`` / ``max_memory_reserved`` against 16, 32, 40 and 80 GB; SD1.5 also with the
   EMA shards on the GPU and with ZeRO-1.
 
@@ -602,7 +602,7 @@ def _full(ctx: Context, shape: str) -> dict:
         )
         return json.loads(out.read_text())["result"]
 
-    r = bench("", ["dpo", "adaptive_m3", "adaptive_m3_shared"])
+    r = bench("", ["dpo", "adaptive_m3", "adaptive_m3_shared", *(["d3po"] if shape == "sd15" else [])])
     figs = {
         "micro_batch": micro,
         "grad_accum": accum,
@@ -610,7 +610,9 @@ def _full(ctx: Context, shape: str) -> dict:
         "latent": latent,
         "unet_params_m": round(r["unet_params"] / 1e6),
     }
-    for name in ("dpo", "adaptive_m3", "adaptive_m3_shared"):
+    for name in ("dpo", "adaptive_m3", "adaptive_m3_shared", "d3po"):
+        if name not in r:
+            continue
         figs[f"{name}_step_s"] = round(r[name]["step_s"], 4)
         figs[f"{name}_mfu"] = None if r[name]["mfu"] is None else round(r[name]["mfu"], 3)
     for name in ("adaptive_m3", "adaptive_m3_shared"):
