@@ -59,7 +59,9 @@ def test_the_gpu_check_runs_in_cpu_mode(tmp_path):
     assert f["encode_sd15"]["pairs_vae_fp32"] == f["encode_sdxl"]["pairs_vae_fp32"] == 48
     assert f["full_sd15"]["dpo_step_s"] > 0 and f["full_sd15"]["adaptive_m3_over_dpo"] > 1
     assert f["full_sd15"]["zero1_dpo_step_s"] > 0 and f["full_sd15"]["grad_accum"] == 4
-    assert f["full_sd15"]["d3po_step_s"] > 0 and f["full_sd15"]["d3po_mfu"] > 0  # against the measured CPU peak
+    assert (
+        f["full_sd15"]["d3po_step_s"] > 0 and f["full_sd15"]["d3po_mfu"] > 0
+    )  # against the measured CPU peak
     assert f["host_syncs"]["syncs_per_inner_micro_step"] == 1 and f["host_syncs"]["micro_steps"] == 12
     md = (out / "gpu_check.md").read_text()
     assert md.count("\n| ") == 1 + len(rows) and "| adaptive_resume | pass |" in md
