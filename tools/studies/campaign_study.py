@@ -41,6 +41,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from tools import label_servers
+from tools.studies.noise_study import mean_se
 from tools.studies.robustness import ROOT, _env, evaluate, train_all
 
 VARIANTS = {
@@ -58,6 +59,12 @@ def _run(cmd: list[str], log: Path) -> None:
         p = subprocess.run(cmd, cwd=ROOT, env=_env(), stdout=f, stderr=subprocess.STDOUT)
     if p.returncode:
         raise SystemExit(f"`{' '.join(cmd[:4])} ...` failed (exit {p.returncode}): see {log}")
+
+
+def encode(model: Path, source: Path, out: Path, log: Path) -> None:
+    """``stages.encode`` of a Pick-a-Pic folder with the tiny encode config."""
+    cmd = ["--config", "configs/encode/tiny.yaml", f"model.path={model}", f"data.source={source}"]
+    _run([sys.executable, "-m", "stages.encode", *cmd, f"output.dir={out}", "output.shard_size=500"], log)
 
 
 def plan_annotators(a, seed: int) -> list[dict]:
@@ -169,20 +176,7 @@ def campaign(a, seed: int, model: Path) -> dict:
     table = pq.ParquetDataset(sorted((d / "export").glob("labels-*.parquet"))).read().to_pydict()
     decided = [i for i, c in enumerate(table["choice"]) if c in ("0", "1")]
     wrong = [table["label_0"][i] != table["true_label_0"][i] for i in decided]
-    _run(
-        [
-            sys.executable,
-            "-m",
-            "stages.encode",
-            "--config",
-            "configs/encode/tiny.yaml",
-            f"model.path={model}",
-            f"data.source={d / 'export'}",
-            f"output.dir={d / 'shards'}",
-            "output.shard_size=500",
-        ],
-        log,
-    )
+    encode(model, d / "export", d / "shards", log)
     facts = {
         "labels": len(decided),
         "annotators_labelling": len(rows),
@@ -214,20 +208,7 @@ def heldout_shards(a, model: Path) -> Path:
                 a.heldout, seed=200, tie_rate=0, unlabelled_rate=0, identical_rate=0, world=a.world
             )
             write_parquet(rows, src, rows_per_file=1000)
-        _run(
-            [
-                sys.executable,
-                "-m",
-                "stages.encode",
-                "--config",
-                "configs/encode/tiny.yaml",
-                f"model.path={model}",
-                f"data.source={src}",
-                f"output.dir={dst}",
-                "output.shard_size=500",
-            ],
-            a.out / "heldout.log",
-        )
+        encode(model, src, dst, a.out / "heldout.log")
     return dst
 
 
@@ -263,15 +244,6 @@ def train_one(a, facts: dict, job: tuple[str, int, int]) -> tuple[str, int, str]
     ]
     p = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True)
     return name, p.returncode, p.stderr[-3000:]
-
-
-def mean_se(x: list[float]) -> dict:
-    v = np.asarray(x, dtype=float)
-    return {
-        "mean": float(v.mean()),
-        "se": float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else 0.0,
-        "n": len(v),
-    }
 
 
 def main(argv: list[str] | None = None) -> int:
