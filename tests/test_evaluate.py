@@ -481,6 +481,9 @@ def test_noise_study_smoke(tiny_sd15, tmp_path):
             "em_dpo",
             "--seeds",
             "0",
+            "--data-seeds",
+            "0",
+            "1",
             "--pairs",
             "64",
             "--heldout-pairs",
@@ -511,8 +514,26 @@ def test_noise_study_smoke(tiny_sd15, tmp_path):
     # about half the annotators flipped: the share of labels against the truth is near 0.5
     assert 0.2 < run["noisy_share"] < 0.8
     row = res["table"]["brightness|user:0.5|em_dpo"]
-    dpo = res["runs"]["brightness/dpo_user50_s0"]
-    assert row["minus_dpo"]["mean"] == pytest.approx(run["accuracy_true"] - dpo["accuracy_true"])
+    # a second data seed is another training set of the world (other pairs), paired with its own DPO run
+    other = res["runs"]["brightness/em_dpo_user50_d1_s0"]
+    assert other["data_seed"] == 1 and row["accuracy_true"]["n"] == 2
+    first = (
+        pq.read_table(sorted((out / "data/brightness/data/train").glob("*.parquet"))[0])
+        .column("caption")
+        .to_pylist()
+    )
+    second = (
+        pq.read_table(sorted((out / "data/brightness_d1/data/train").glob("*.parquet"))[0])
+        .column("caption")
+        .to_pylist()
+    )
+    assert first != second
+    diffs = [
+        res["runs"][f"brightness/em_dpo_user50_{t}"]["accuracy_true"]
+        - res["runs"][f"brightness/dpo_user50_{t}"]["accuracy_true"]
+        for t in ("s0", "d1_s0")
+    ]
+    assert row["minus_dpo"]["mean"] == pytest.approx(np.mean(diffs))
     assert "em_dpo" in (out / "table_smoke.md").read_text() and (out / "accuracy_smoke.png").is_file()
 
 

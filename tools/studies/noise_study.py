@@ -3,6 +3,7 @@ with one world held out: settings are chosen on the others, the held-out one is 
 
     python -m tools.studies.noise_study [--out noise_study] [--worlds brightness daynight] [--heldout warmth]
         [--structures none pair:0.3 user:0.3 taste:0.3] [--variants dpo robust_dpo em_dpo ...] [--seeds 0 1 2]
+        [--data-seeds 0 1]
 
 Worlds (tools.toy.make_pickapic): ``brightness`` (the brighter image is truly better), ``warmth`` (the
 redder one, brightness random), ``daynight`` (prompt-dependent: brighter for a day caption, darker
@@ -15,6 +16,8 @@ by the majority's rule reversed; with independent rules about half of their labe
 the truth. Every run is the real ``python -m stages.train`` on the tiny model (3000 training pairs, 20
 per annotator, 200 steps x 16 pairs, lr 1e-4), evaluated on 500 held-out pairs against the *true*
 preference (tools.studies.robustness.evaluate: the implicit classifier h > 0, 4 fixed noise draws per pair).
+``--seeds`` are train seeds (data order, flips, noise); ``--data-seeds`` draw other training sets of each
+world (0: the one every earlier study used); the held-out pairs are the same for every data seed.
 
 Per run, from its per-pair records and its last checkpoint: the share of training labels against the
 truth ("noisy"), AUROC over pairs of the run's minority score ``u`` (em_dpo: the posterior that the
@@ -51,6 +54,8 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     # fixed guesses, no oracle: the same eps whatever the data
     "robust_dpo_fixed": ("configs/train/tiny_robust_dpo.yaml", ["objective.eps=0.2"]),
     "robust_dpo_fixed30": ("configs/train/tiny_robust_dpo.yaml", ["objective.eps=0.3"]),
+    "robust_dpo_fixed35": ("configs/train/tiny_robust_dpo.yaml", ["objective.eps=0.35"]),
+    "robust_dpo_fixed40": ("configs/train/tiny_robust_dpo.yaml", ["objective.eps=0.4"]),
     "bounded_dpo": ("configs/train/tiny_bounded_dpo.yaml", []),
     "cdpo": ("configs/train/tiny_cdpo.yaml", []),
     "adaptive_calibrated": (CALIBRATED, []),
@@ -77,14 +82,19 @@ def slug(structure: str) -> str:
     return "none" if kind == "none" else f"{kind}{int(round(rate * 100)):02d}"
 
 
-def data_for(a, world: str, structure: str) -> tuple[Path, Path, Path]:
+def rep_tag(data_seed: int, seed: int) -> str:
+    """A run's seeds in its name: s{seed} for data seed 0 (the names every earlier study used)."""
+    return f"s{seed}" if data_seed == 0 else f"d{data_seed}_s{seed}"
+
+
+def data_for(a, world: str, structure: str, data_seed: int = 0) -> tuple[Path, Path, Path]:
     """(model, train shards, held-out shards); the taste minority is its own data set."""
     kind, rate = parse_structure(structure)
-    kw = {"world": world, "pairs_per_user": a.pairs_per_user}
-    folder = a.out / "data" / world
+    kw = {"world": world, "pairs_per_user": a.pairs_per_user, "data_seed": data_seed}
+    name = world if kind != "taste" else f"{world}_{slug(structure)}"
+    folder = a.out / "data" / (name if data_seed == 0 else f"{name}_d{data_seed}")
     if kind == "taste":
         kw.update(minority_share=rate, minority_rule=WORLD_MINORITY[world])
-        folder = a.out / "data" / f"{world}_{slug(structure)}"
     folder.mkdir(parents=True, exist_ok=True)
     if not (folder / "model").exists():
         (folder / "model").symlink_to(a.model)  # one tiny model for every world
@@ -109,8 +119,10 @@ def noisy_share(shards: Path, structure: str, seed: int) -> float:
     return float(np.mean(bad))
 
 
-def train_run(a, world: str, structure: str, variant: str, seed: int, shards: Path) -> tuple[str, int, str]:
-    run = a.out / world / "runs" / f"{variant}_{slug(structure)}_s{seed}"
+def train_run(
+    a, world: str, structure: str, variant: str, data_seed: int, seed: int, shards: Path
+) -> tuple[str, int, str]:
+    run = a.out / world / "runs" / f"{variant}_{slug(structure)}_{rep_tag(data_seed, seed)}"
     if (run / "export" / "unet").is_dir():
         return run.name, 0, ""
     cfg, overrides = VARIANTS[variant]
@@ -135,7 +147,7 @@ def train_run(a, world: str, structure: str, variant: str, seed: int, shards: Pa
     if kind in ("pair", "user", "prompt"):
         cmd += [f"data.flip_rate={rate}", f"data.flip_by={kind}", f"data.flip_seed={seed}"]
     if variant == "robust_dpo":  # the oracle
-        cmd.append(f"objective.eps={min(a.noisy[(world, structure, seed)], 0.49)}")
+        cmd.append(f"objective.eps={min(a.noisy[(world, structure, data_seed, seed)], 0.49)}")
     p = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True)
     return f"{world}/{run.name}", p.returncode, p.stderr[-3000:]
 
@@ -183,12 +195,17 @@ def mean_se(x) -> dict:
     return {"mean": float(x.mean()), "se": se, "n": int(len(x)), "per_seed": x.tolist()}
 
 
+def reps(a) -> list[tuple[int, int]]:
+    """(data seed, train seed) of every repetition of a cell."""
+    return [(d, s) for d in a.data_seeds for s in a.seeds]
+
+
 def summarise(a, results: dict) -> dict:
     table: dict = {}
     for world in all_worlds(a):
         for st in a.structures:
             for v in a.variants:
-                runs = [results.get(f"{world}/{v}_{slug(st)}_s{s}") for s in a.seeds]
+                runs = [results.get(f"{world}/{v}_{slug(st)}_{rep_tag(d, s)}") for d, s in reps(a)]
                 if any(r is None for r in runs):
                     continue
                 row = {
@@ -203,7 +220,7 @@ def summarise(a, results: dict) -> dict:
                     )
                 }
                 for ref in ("dpo", "robust_dpo"):
-                    other = [results.get(f"{world}/{ref}_{slug(st)}_s{s}") for s in a.seeds]
+                    other = [results.get(f"{world}/{ref}_{slug(st)}_{rep_tag(d, s)}") for d, s in reps(a)]
                     if v != ref and all(o is not None for o in other):
                         row[f"minus_{ref}"] = mean_se(
                             [r["accuracy_true"] - o["accuracy_true"] for r, o in zip(runs, other)]
@@ -277,7 +294,7 @@ def _plot(a, table: dict) -> None:
     axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.suptitle(
         f"tiny model, {a.pairs} pairs ({a.pairs_per_user:g} per annotator), {a.steps} steps x "
-        f"{a.micro_batch} pairs, {len(a.seeds)} seeds",
+        f"{a.micro_batch} pairs, {len(a.data_seeds)} data x {len(a.seeds)} train seeds",
         fontsize=9,
     )
     fig.tight_layout()
@@ -306,7 +323,10 @@ def main(argv: list[str] | None = None) -> int:
         default=["dpo", "robust_dpo", "robust_dpo_fixed", "em_dpo", "adaptive_calibrated"],
         choices=list(VARIANTS),
     )
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="train seeds")
+    p.add_argument(
+        "--data-seeds", dest="data_seeds", type=int, nargs="+", default=[0], help="training sets per world"
+    )
     p.add_argument("--pairs", type=int, default=3000)
     p.add_argument("--heldout-pairs", dest="heldout_pairs", type=int, default=500)
     p.add_argument("--pairs-per-user", type=float, default=20.0)
@@ -331,14 +351,17 @@ def main(argv: list[str] | None = None) -> int:
     data = {}
     for w in all_worlds(a):
         for st in a.structures:
-            data[(w, st)] = data_for(a, w, st)
+            for d in a.data_seeds:
+                data[(w, st, d)] = data_for(a, w, st, d)
     a.noisy = {}
-    for (w, st), (_, shards, _) in data.items():
+    for (w, st, d), (_, shards, _) in data.items():
         for s in a.seeds:
-            a.noisy[(w, st, s)] = noisy_share(shards, st, s)
+            a.noisy[(w, st, d, s)] = noisy_share(shards, st, s)
     # seed-major: an interrupted study has every cell at fewer seeds, not some cells at all of them
-    jobs = [(w, st, v, s) for s in a.seeds for w in all_worlds(a) for st in a.structures for v in a.variants]
-    if not train_all(lambda j: train_run(a, *j, data[(j[0], j[1])][1]), [jobs], a.jobs):
+    jobs = [
+        (w, st, v, d, s) for d, s in reps(a) for w in all_worlds(a) for st in a.structures for v in a.variants
+    ]
+    if not train_all(lambda j: train_run(a, *j, data[(j[0], j[1], j[3])][1]), [jobs], a.jobs):
         return 1
     results = evaluate_all(a, data, jobs)
     table = summarise(a, results)
@@ -359,21 +382,21 @@ def evaluate_all(a, data: dict, jobs: list) -> dict:
 
     results = {}
     for w in all_worlds(a):
-        names = [f"{v}_{slug(st)}_s{s}" for ww, st, v, s in jobs if ww == w]
+        names = [f"{v}_{slug(st)}_{rep_tag(d, s)}" for ww, st, v, d, s in jobs if ww == w]
         # every structure of a world shares its held-out pairs (make_rows' seed 200, judged by the truth)
-        model, _, heldout = next(v for (ww, _), v in data.items() if ww == w)
+        model, _, heldout = next(v for (ww, _, _), v in data.items() if ww == w)
         ns = SimpleNamespace(out=a.out / w, curve=False, draws=a.draws, steps=a.steps)
         acc = evaluate(ns, model, heldout, names)  # reads OUT/WORLD/runs/NAME, caches in OUT/WORLD
-        for ww, st, v, s in jobs:
+        for ww, st, v, d, s in jobs:
             if ww != w:
                 continue
-            name = f"{v}_{slug(st)}_s{s}"
+            name = f"{v}_{slug(st)}_{rep_tag(d, s)}"
             kind, rate = parse_structure(st)
             minority = set()
             if kind == "taste":
                 info = annotators(
                     a.pairs,
-                    100,
+                    100 + d,
                     world=w,
                     pairs_per_user=a.pairs_per_user,
                     minority_share=rate,
@@ -386,6 +409,7 @@ def evaluate_all(a, data: dict, jobs: list) -> dict:
                 "structure": st,
                 "variant": v,
                 "seed": s,
+                "data_seed": d,
             }
             res.update(run_stats(ns.out / "runs" / name, st, minority))
             results[f"{w}/{name}"] = res

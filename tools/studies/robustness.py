@@ -132,9 +132,10 @@ def run_name(variant: str, flip: str, seed: int) -> str:
     return f"{variant}_{by}{int(round(rate * 100)):02d}_s{seed}"
 
 
-def prepare(out: Path, pairs: int, heldout: int, **world) -> tuple[Path, Path, Path]:
+def prepare(out: Path, pairs: int, heldout: int, data_seed: int = 0, **world) -> tuple[Path, Path, Path]:
     """``world``: make_rows' world, pairs_per_user, minority_share, minority_rule (the minority labels
-    the training pairs only; the held-out pairs are judged by the truth)."""
+    the training pairs only; the held-out pairs are judged by the truth). ``data_seed`` draws another
+    training set of the same world (make_rows' seed 100 + data_seed); the held-out pairs stay the same."""
     from stages import encode
     from tools.toy.make_pickapic import annotators, make_rows, write_annotators, write_parquet
     from tools.toy.make_tiny_model import make_tiny_model
@@ -143,7 +144,7 @@ def prepare(out: Path, pairs: int, heldout: int, **world) -> tuple[Path, Path, P
     if not (model / "model_index.json").is_file():
         make_tiny_model("sd15", model, seed=0, vae_steps=300)  # a VAE whose latents carry the images
     shards = {}
-    for name, n, seed in (("train", pairs, 100), ("heldout", heldout, 200)):
+    for name, n, seed in (("train", pairs, 100 + data_seed), ("heldout", heldout, 200)):
         src, dst = out / "data" / name, out / "shards" / name
         kw = world if name == "train" else {"world": world.get("world", "brightness")}
         info, recorded = annotators(n, seed, **kw), src / "annotators.json"
