@@ -250,12 +250,17 @@ def test_minority_report_ranks_flipped_pairs_and_annotators(tmp_path):
 
 def test_report_names_the_annotators_a_run_without_rates_disagrees_with(tmp_path):
     """A Robust-DPO run logs h only: the report's audit line names the annotators whose pairs the
-    policy most contradicts (users 0-2: every label flipped, h mostly negative), with that share."""
+    policy most contradicts (users 0-2: every label flipped, h mostly negative), with that share,
+    ranked by the label-flip model fitted to beta h after training (each annotator's rate shrunk toward
+    the global one): user 99, one label that the policy contradicts more than any other, is not
+    ranked above annotators with 40 such labels (by mean -h it would come first)."""
     rng = np.random.default_rng(1)
     n = 480
-    users = rng.integers(0, 12, n)
+    users = np.append(rng.integers(0, 12, n - 1), 99)
     flipped = users < 3
     h = rng.normal(0.5, 0.5, n) - 1.5 * flipped
+    h[-1] = -4.0
+    assert np.argmax([-h[users == u].mean() for u in np.unique(users)]) == len(np.unique(users)) - 1
     run = tmp_path / "run"
     (run / "pairs" / "rank_00000").mkdir(parents=True)
     pq.write_table(
@@ -271,16 +276,23 @@ def test_report_names_the_annotators_a_run_without_rates_disagrees_with(tmp_path
         ),
         run / "pairs" / "rank_00000" / "upto_00000003.parquet",
     )
-    (run / "config.yaml").write_text("data:\n  flip_rate: 0.25\n  flip_by: user\n")
+    (run / "config.yaml").write_text("data:\n  flip_rate: 0.25\n  flip_by: user\nobjective:\n  beta: 2.0\n")
     out = tmp_path / "report"
     assert (
         cli_main(["--config", "configs/eval/tiny.yaml", f"output={out}", f"minority.runs.guess={run}"]) == 0
     )
+    guess = json.loads((out / "report.json").read_text())["minority"]["guess"]
+    assert guess["flip_rate_source"] == "posthoc"
+    rates = {a["user_id"]: a["estimated_flip_rate"] for a in guess["annotators"]}
+    assert min(rates[u] for u in (0, 1, 2)) > 0.5 > rates[99] > max(rates[u] for u in range(3, 12))
     line = next(x for x in (out / "report.md").read_text().splitlines() if x.startswith("minority (guess)"))
-    listed = line.split("annotators it doubts most (share of their pairs it contradicts): ")[1].split(", ")
+    assert "(fitted to the margins)" in line
+    listed = line.split("share of them the policy contradicts): ")[1].split("), ")
     assert {int(x.split(" ")[0]) for x in listed[:3]} == {0, 1, 2}
-    share = float(listed[0].split("(")[1].rstrip(")").split(")")[0])
-    assert share == pytest.approx(float(np.mean(h[users == int(listed[0].split(" ")[0])] < 0)))
+    first = int(listed[0].split(" ")[0])
+    share = float(listed[0].split("contradicts ")[1].rstrip(")").split(")")[0])
+    assert share == pytest.approx(float(np.mean(h[users == first] < 0)), abs=0.005)
+    assert f"{(users == first).sum()} pairs" in listed[0]
     assert "AUROC over annotators 1.000" in line
 
 

@@ -14,6 +14,7 @@ from pipeline.losses.diffusion import PairErrors
 from pipeline.losses.noise_model import (
     TAU_RANGE,
     FlipRateEstimator,
+    fit_flip_rates,
     fit_temperature,
     posterior_flip,
     sigmoid,
@@ -92,6 +93,35 @@ def test_em_estimates_the_global_rate_and_finds_flipped_annotators():
     g = FlipRateEstimator(NoiseConfig(warmup_pairs=0, per_annotator=False))
     _feed(g, z, user)
     assert np.all(g.rates_for(user[:5]) == g.rate)
+
+
+def test_fitted_after_training_the_rates_rank_flipped_annotators_and_shrink_the_few_label_ones():
+    """fit_flip_rates (the report's audit for any objective): heavy-tailed label counts, 30 % of the
+    annotators wholly flipped. The global rate is the flipped share; annotators with many labels get
+    rates beyond 1/2 (flipped) or near 0; one with a single label stays near the global rate, whichever
+    way it labelled, instead of 0 or 1."""
+    rng = np.random.default_rng(3)
+    n_users, n = 200, 4000
+    share = np.exp(1.5 * rng.standard_normal(n_users))
+    user = rng.choice(n_users, size=n, p=share / share.sum()) + 1000
+    d = rng.normal(size=n)
+    z_true = 20 * (d + rng.normal(0, 0.7, n)) * np.sign(d)
+    bad = rng.random(n_users) < 0.3
+    z = np.where(bad[user - 1000], -z_true, z_true)
+    fit = fit_flip_rates(z, user)
+    assert abs(fit["rate"] - bad[user - 1000].mean()) < 0.05
+    truth, labels, rate = bad[fit["users"] - 1000], fit["pairs"], fit["user_rate"]
+    busy = labels >= 20
+    assert rate[busy & ~truth].max() < 0.3 and rate[busy & truth].min() > 0.5
+    one = labels == 1
+    assert one.any() and np.all(np.abs(rate[one] - fit["rate"]) < 0.25)
+    assert auroc(rate, truth) > 0.9
+    # the mean margin per annotator ranks a one-label annotator as surely as a busy one: worse
+    mean_z = np.array([-z[user == u].mean() for u in fit["users"]])
+    assert auroc(rate, truth) >= auroc(mean_z, truth)
+    # non-finite margins are left out; prior_pairs = 0 gives the raw posterior means
+    raw = fit_flip_rates(np.append(z, np.nan), np.append(user, 1000), prior_pairs=0)
+    assert np.all(raw["pairs"] == labels) and np.abs(raw["user_rate"][one] - 0.5).min() > 0.3
 
 
 def test_uninformative_margins_move_no_rate():

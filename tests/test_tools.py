@@ -331,6 +331,26 @@ def test_taste_minority_changes_labels_only_and_is_listed_beside_the_data(tmp_pa
         make_pickapic.main(["--out", str(tmp_path / "x"), "--pairs", "10", "--minority-share", "0.2"])
 
 
+def test_a_heavy_tail_of_annotators_changes_who_labels_not_the_images():
+    """make_rows(user_tail=sigma): log-normal label counts (many annotators with a handful, a few with
+    hundreds) over the same images and truth; annotators.json records the tail; a bad sigma is refused."""
+    from tools.toy.make_pickapic import annotators
+
+    plain = make_rows(3000, seed=100, pairs_per_user=30, **_CLEAN)
+    tail = make_rows(3000, seed=100, pairs_per_user=30, user_tail=1.5, **_CLEAN)
+    assert [(r["jpg_0"], r["true_label_0"], r["label_0"]) for r in plain] == [
+        (r["jpg_0"], r["true_label_0"], r["label_0"]) for r in tail
+    ]
+    count = lambda rows: np.bincount([r["user_id"] - 1000 for r in rows], minlength=100)  # noqa: E731
+    flat, heavy = count(plain), count(tail)
+    assert flat.max() < 60 and flat.min() > 10  # binomial around 30
+    assert heavy.max() > 300 and np.median(heavy) < 20 and (heavy <= 10).mean() > 0.3
+    assert annotators(3000, 100, pairs_per_user=30, user_tail=1.5)["user_tail"] == 1.5
+    assert "user_tail" not in annotators(3000, 100, pairs_per_user=30)  # earlier studies' files unchanged
+    with pytest.raises(ValueError, match="user_tail"):
+        make_rows(10, user_tail=-1)
+
+
 def test_default_rows_are_unchanged():
     """Digests of make_rows' output computed with the code before the new worlds and flags."""
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.losses.noise_model import fit_flip_rates
 from pipeline.metrics_log import read_pair_records
 from pipeline.minority import auroc, flipped_share_by_bin
 
@@ -91,6 +92,23 @@ def estimated_flip_rates(run_dir: str | Path) -> tuple[float, dict[int, float]] 
     return float(state["scalars"][0]), dict(zip(state["users"].tolist(), state["user_rate"].tolist()))
 
 
+def posthoc_flip_rates(
+    run_dir: str | Path, rec: dict[str, np.ndarray], prior_pairs: float = 4.0
+) -> tuple[float, dict[int, float]] | None:
+    """For an objective that estimates no rates: the label-flip model (noise_model.fit_flip_rates)
+    fitted to the run's per-pair margins, logits beta h with the run's objective.beta; each annotator's
+    rate shrunk toward the global one with the weight of ``prior_pairs`` pairs. None without a beta
+    (no config.yaml) or a margin."""
+    import yaml
+
+    p = Path(run_dir) / "config.yaml"
+    beta = ((yaml.safe_load(p.read_text()) or {}).get("objective") or {}).get("beta") if p.is_file() else None
+    if not beta or "h" not in rec:
+        return None
+    fit = fit_flip_rates(float(beta) * rec["h"], rec["user_id"].astype(int), prior_pairs=prior_pairs)
+    return fit["rate"], dict(zip(fit["users"].tolist(), fit["user_rate"].tolist()))
+
+
 def _flip_unit(run_dir: str | Path) -> str | None:
     """The run's ``data.flip_by`` (its resolved config.yaml), None when it flipped nothing or is unknown."""
     import yaml
@@ -131,9 +149,13 @@ def run_report(
             res["mean_W_clean"] = float(np.nanmean(rec["W"][~flipped]))
     res["auroc_neg_h"] = auroc(-rec["h"], flipped)
     users = per_annotator(rec, high_q, min_pairs)
-    rates = estimated_flip_rates(run_dir)
+    rates, res["flip_rate_source"] = estimated_flip_rates(run_dir), "em_dpo"
+    if rates is None:  # any other objective: the same model fitted to its margins after training
+        rates, res["flip_rate_source"] = posthoc_flip_rates(run_dir, rec), "posthoc"
     key = "mean_score"
-    if rates is not None:  # em_dpo: its own final estimate per annotator ranks them
+    if rates is None:
+        del res["flip_rate_source"]
+    else:  # each annotator's rate, shrunk toward the global one, ranks them
         res["estimated_flip_rate"], per_user = rates
         for u in users:
             u["estimated_flip_rate"] = per_user.get(u["user_id"], res["estimated_flip_rate"])

@@ -234,10 +234,14 @@ def run_evaluation(cfg: EvalConfig) -> int:
                 line += f", mean W flipped {r['mean_W_flipped']:.3f} vs clean {r['mean_W_clean']:.3f}"
             if "estimated_flip_rate" in r:
                 top = ", ".join(
-                    f"{u['user_id']} ({u['estimated_flip_rate']:.2f})" for u in r["annotators"][:5]
+                    f"{u['user_id']} ({u['estimated_flip_rate']:.2f}: {u['pairs']} pairs, "
+                    f"contradicts {u['policy_disagrees']:.2f})"
+                    for u in r["annotators"][:5]
                 )
+                how = {"posthoc": "fitted to the margins", "em_dpo": "em_dpo's own"}[r["flip_rate_source"]]
                 line += (
-                    f"; estimated flip rate {r['estimated_flip_rate']:.3f}, most distrusted annotators: {top}"
+                    f"; estimated flip rate {r['estimated_flip_rate']:.3f} ({how}), most distrusted annotators "
+                    f"(rate shrunk toward it: pairs, share of them the policy contradicts): {top}"
                 )
             elif r.get("annotators"):  # ranked by the run's own score (u or -h): whom the policy doubts
                 top = ", ".join(f"{u['user_id']} ({u['policy_disagrees']:.2f})" for u in r["annotators"][:5])

@@ -76,6 +76,31 @@ def fit_temperature(z: np.ndarray, eps: np.ndarray, iters: int = 40) -> float:
     return float(np.exp((lo + hi) / 2))
 
 
+def fit_flip_rates(
+    z: np.ndarray, user_ids: np.ndarray, prior_pairs: float = 4.0, max_rate: float = 0.49, rounds: int = 10
+) -> dict:
+    """The same label-flip model fitted once, after training, to a run's per-pair logits z = beta h (the
+    evaluation report's audit for any objective; em_dpo fits it as it trains): temperature and rates
+    alternate ``rounds`` times, 20 EM iterations each. Each annotator's rate is shrunk toward the
+    global one with the weight of ``prior_pairs`` pairs, so one with a handful of labels stays near it
+    instead of a confident 0 or 1. Returns {"rate", "tau", "users", "user_rate", "pairs"} (numpy)."""
+    z = np.asarray(z, dtype=np.float64)
+    ok = np.isfinite(z)
+    z, user_ids = z[ok], np.asarray(user_ids)[ok].astype(np.int64)
+    users, idx = np.unique(user_ids, return_inverse=True)
+    counts = np.bincount(idx, minlength=len(users)).astype(np.float64)
+    rate, user_rate, tau = 0.1, np.full(len(users), 0.1), 1.0
+    for _ in range(rounds):
+        tau = fit_temperature(z, user_rate[idx])
+        p = sigmoid(tau * z)
+        for _ in range(20):
+            q = posterior_flip(p, user_rate[idx])
+            rate = float(min(q.mean(), max_rate)) if len(q) else rate
+            sums = np.bincount(idx, weights=q, minlength=len(users))
+            user_rate = np.clip((sums + prior_pairs * rate) / (counts + prior_pairs), 1e-6, 1 - 1e-6)
+    return {"rate": rate, "tau": tau, "users": users, "user_rate": user_rate, "pairs": counts}
+
+
 class FlipRateEstimator:
     """The EM state: every observed pair's evidence p (float64) and annotator index, the global rate,
     one rate per annotator, the temperature and the recent margins it is fitted on."""

@@ -90,7 +90,12 @@ def rep_tag(data_seed: int, seed: int) -> str:
 def data_for(a, world: str, structure: str, data_seed: int = 0) -> tuple[Path, Path, Path]:
     """(model, train shards, held-out shards); the taste minority is its own data set."""
     kind, rate = parse_structure(structure)
-    kw = {"world": world, "pairs_per_user": a.pairs_per_user, "data_seed": data_seed}
+    kw = {
+        "world": world,
+        "pairs_per_user": a.pairs_per_user,
+        "data_seed": data_seed,
+        "user_tail": a.user_tail,
+    }
     name = world if kind != "taste" else f"{world}_{slug(structure)}"
     folder = a.out / "data" / (name if data_seed == 0 else f"{name}_d{data_seed}")
     if kind == "taste":
@@ -154,7 +159,7 @@ def train_run(
 
 def run_stats(run: Path, structure: str, minority_users: set[int]) -> dict:
     """Detection figures from the run's per-pair records and its last checkpoint's objective state."""
-    from pipeline.evaluate.minority_report import latest_per_pair, objective_state
+    from pipeline.evaluate.minority_report import latest_per_pair, objective_state, posthoc_flip_rates
     from pipeline.metrics_log import read_pair_records
     from pipeline.minority import auroc
 
@@ -183,7 +188,19 @@ def run_stats(run: Path, structure: str, minority_users: set[int]) -> dict:
             per = rec["u"] if has_u else -rec["h"]
             score = np.array([np.nanmean(per[users == u]) for u in ids])
             res["annotator_score"] = "mean u" if has_u else "mean -h"
-        res["auroc_annotators"] = auroc(score, np.array([int(u) in minority_users for u in ids]))
+        truth = np.array([int(u) in minority_users for u in ids])
+        res["auroc_annotators"] = auroc(score, truth)
+        # the evaluation report's audit: the label-flip model fitted to the final margins, each
+        # annotator's rate shrunk toward the global one (4 pairs' weight); alone on the few-label ones
+        fit = posthoc_flip_rates(run, rec)
+        if fit is not None:
+            shrunk = np.array([fit[1][int(u)] for u in ids])
+            labels = np.array([(users == u).sum() for u in ids])
+            res["auroc_annotators_shrunk"] = auroc(shrunk, truth)
+            res["auroc_annotators_mean_h"] = auroc([-rec["h"][users == u].mean() for u in ids], truth)
+            few = labels <= 10
+            if truth[few].any() and (~truth[few]).any():
+                res["auroc_annotators_shrunk_few"] = auroc(shrunk[few], truth[few])
     return res
 
 
@@ -215,6 +232,9 @@ def summarise(a, results: dict) -> dict:
                         "auroc_pairs_u",
                         "auroc_pairs_neg_h",
                         "auroc_annotators",
+                        "auroc_annotators_shrunk",
+                        "auroc_annotators_mean_h",
+                        "auroc_annotators_shrunk_few",
                         "estimated_rate",
                         "noisy_share",
                     )
@@ -242,8 +262,9 @@ def write_outputs(a, table: dict) -> str:
         lines += [
             f"\n### {world} ({tag})\n",
             "| structure | variant | acc. vs truth | - dpo | - robust_dpo (oracle) | "
-            "AUROC pairs u | AUROC pairs -h | AUROC annotators | est. rate / true |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "AUROC pairs u | AUROC pairs -h | AUROC annotators | AUROC annotators, shrunk rate "
+            "(<= 10 labels) | est. rate / true |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for st in a.structures:
             for v in a.variants:
@@ -258,7 +279,8 @@ def write_outputs(a, table: dict) -> str:
                 lines.append(
                     f"| {st} | {v} | {_cell(r['accuracy_true'])} | {_cell(r.get('minus_dpo'))} | "
                     f"{_cell(r.get('minus_robust_dpo'))} | {_cell(r['auroc_pairs_u'])} | "
-                    f"{_cell(r['auroc_pairs_neg_h'])} | {_cell(r['auroc_annotators'])} | {est} |"
+                    f"{_cell(r['auroc_pairs_neg_h'])} | {_cell(r['auroc_annotators'])} | "
+                    f"{_cell(r['auroc_annotators_shrunk'])} ({_cell(r['auroc_annotators_shrunk_few'])}) | {est} |"
                 )
     md = "\n".join(lines) + "\n"
     (a.out / f"table{a.name}.md").write_text(md)
@@ -330,6 +352,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pairs", type=int, default=3000)
     p.add_argument("--heldout-pairs", dest="heldout_pairs", type=int, default=500)
     p.add_argument("--pairs-per-user", type=float, default=20.0)
+    p.add_argument(
+        "--user-tail",
+        type=float,
+        default=0.0,
+        help="log-normal sigma of the annotators' label counts (make_pickapic --user-tail; 0: uniform)",
+    )
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--micro-batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-4)
@@ -401,6 +429,7 @@ def evaluate_all(a, data: dict, jobs: list) -> dict:
                     pairs_per_user=a.pairs_per_user,
                     minority_share=rate,
                     minority_rule=WORLD_MINORITY[w],
+                    user_tail=a.user_tail,
                 )
                 minority = {x["user_id"] for x in info["annotators"] if x["group"] == "minority"}
             res = {

@@ -32,7 +32,8 @@ the tiny model, 3000 training pairs, 200 steps x 16 pairs, one seed (tools.studi
   images; the brighter image is truly better for the first, the darker for the second, so brightness
   alone is at chance. Measured 0.61 (0.65 on pairs whose luminance differs by over 40), 0.83
   at 600 steps: learnt, but slowly, as the tiny model uses its text weakly.
-Annotators (``--pairs-per-user``: pairs // N user_ids) follow the truth, except that
+Annotators (``--pairs-per-user``: pairs // N user_ids, each labelling an equal share of the rows on
+average, or with ``--user-tail`` a log-normal share: a heavy tail) follow the truth, except that
 ``--annotator-noise`` of the labelled rows are labelled against it (a natural minority) and that a
 taste minority, ``--minority-share`` of the annotators (a seeded choice), labels by
 ``--minority-rule`` (brightness, saturation or warmth: another world's visual rule, not the truth
@@ -167,13 +168,31 @@ def _n_users(pairs: int, pairs_per_user: float) -> int:
     return max(2, int(pairs // pairs_per_user))
 
 
-def _check(world: str, pairs_per_user: float, minority_share: float, minority_rule: str | None) -> None:
+def user_weights(n_users: int, seed: int, user_tail: float) -> np.ndarray | None:
+    """Each annotator's share of the labels: None (uniform, the default) or, with ``user_tail`` = sigma
+    > 0, log-normal weights exp(sigma z), z ~ N(0, 1) (a generator of its own): a heavy tail of busy
+    annotators and many with a handful of labels, as in crowd-sourced data such as Pick-a-Pic."""
+    if user_tail <= 0:
+        return None
+    w = np.exp(user_tail * np.random.default_rng([seed, 4]).standard_normal(n_users))
+    return w / w.sum()
+
+
+def _check(
+    world: str,
+    pairs_per_user: float,
+    minority_share: float,
+    minority_rule: str | None,
+    user_tail: float = 0.0,
+) -> None:
     if world not in WORLDS:
         raise ValueError(f"world {world!r}: expected one of {', '.join(WORLDS)}")
     if pairs_per_user <= 0:
         raise ValueError(f"pairs_per_user {pairs_per_user}: expected > 0")
     if not 0.0 <= minority_share <= 1.0:
         raise ValueError(f"minority_share {minority_share}: expected in [0, 1]")
+    if not 0.0 <= user_tail <= 4.0:
+        raise ValueError(f"user_tail {user_tail}: expected a log-normal sigma in [0, 4] (0: uniform)")
     if minority_share > 0 and (minority_rule not in MINORITY_RULES or minority_rule == world):
         raise ValueError(
             f"minority_rule {minority_rule!r} in the {world} world: expected one of "
@@ -199,10 +218,13 @@ def make_rows(
     pairs_per_user: float = 6.0,
     minority_share: float = 0.0,
     minority_rule: str | None = None,
+    user_tail: float = 0.0,
 ) -> list[dict]:
-    _check(world, pairs_per_user, minority_share, minority_rule)
+    _check(world, pairs_per_user, minority_share, minority_rule, user_tail)
     rng = np.random.default_rng(seed)
     n_users = _n_users(pairs, pairs_per_user)
+    user_p = user_weights(n_users, seed, user_tail)
+    user_rng = np.random.default_rng([seed, 5])
     minority = minority_users(n_users, seed, minority_share) if minority_share > 0 else set()
     # per-image saturations and tints (a warmth minority's, outside the warmth world) and the
     # minority's tie-breaks come from generators of their own; with saturation in play (the world's
@@ -274,7 +296,9 @@ def make_rows(
         else:
             agrees = rng.random() >= annotator_noise
             has_label, l0 = True, float(true_first == agrees)
-        user_id = int(rng.integers(n_users)) + 1000
+        user_id = int(rng.integers(n_users)) + 1000  # drawn even with a tail: the images stay the same
+        if user_p is not None:
+            user_id = int(user_rng.choice(n_users, p=user_p)) + 1000
         model_0, model_1 = str(rng.choice(GENERATORS)), str(rng.choice(GENERATORS))
         if user_id in minority and has_label and l0 != 0.5:  # labels by its own rule (annotator noise too)
             m0, m1 = (rule_value(minority_rule, x, sat) for x, sat in zip(rgbs, sats))
@@ -351,10 +375,11 @@ def annotators(
     pairs_per_user: float = 6.0,
     minority_share: float = 0.0,
     minority_rule: str | None = None,
+    user_tail: float = 0.0,
 ) -> dict:
     """Who labels make_rows' pairs (called with the same arguments): every user_id with its group,
     "majority" (labels by the world's rule) or "minority" (by ``minority_rule``), and that rule."""
-    _check(world, pairs_per_user, minority_share, minority_rule)
+    _check(world, pairs_per_user, minority_share, minority_rule, user_tail)
     n_users = _n_users(pairs, pairs_per_user)
     minority = minority_users(n_users, seed, minority_share) if minority_share > 0 else set()
     return {
@@ -362,6 +387,7 @@ def annotators(
         "minority_rule": minority_rule if minority else None,
         "minority_share": minority_share,
         "pairs_per_user": pairs_per_user,
+        **({"user_tail": user_tail} if user_tail > 0 else {}),
         "annotators": [
             {"user_id": u, "group": "minority", "rule": minority_rule}
             if u in minority
@@ -426,6 +452,13 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="the taste minority's rule (another world's visual rule); true_label_0 stays the world's",
     )
+    p.add_argument(
+        "--user-tail",
+        type=float,
+        default=0.0,
+        help="log-normal sigma of the annotators' label counts (0: uniform; 1.5: a heavy tail, many with a "
+        "handful of labels, a few with hundreds)",
+    )
     a = p.parse_args(argv)
     if a.minority_share > 0 and (a.minority_rule is None or a.minority_rule == a.world):
         p.error(f"--minority-share needs a --minority-rule other than the world's ({a.world})")
@@ -447,9 +480,12 @@ def main(argv: list[str] | None = None) -> int:
         a.pairs_per_user,
         a.minority_share,
         a.minority_rule,
+        a.user_tail,
     )
     paths = write_parquet(rows, Path(a.out), a.rows_per_file)
-    info = annotators(a.pairs, a.seed, a.world, a.pairs_per_user, a.minority_share, a.minority_rule)
+    info = annotators(
+        a.pairs, a.seed, a.world, a.pairs_per_user, a.minority_share, a.minority_rule, a.user_tail
+    )
     write_annotators(info, Path(a.out))
     n_min = sum(x["group"] == "minority" for x in info["annotators"])
     print(
