@@ -4,6 +4,7 @@ D3PO and Adaptive-D3PO fare when part of the feedback is flipped?
     python -m tools.studies.d3po_study reward --out d3po_study [--seeds 0 1 2] [--rewards brightness jpeg_compressibility]
     python -m tools.studies.d3po_study flips  --out d3po_flips [--seeds 0 1 2] [--flip-rate 0.25] [--rewards ...]
     ... [--model-seed 7] [--prompt-seed 7]   (another tiny model, other prompts: loop seeds on one model are one model)
+    ... [--lr 1e-3] [--train-overrides objective.d3po.eps=0.3 ...]   (a setting to sweep)
 
 Both run ``stages.online`` on the tiny model (its VAE first trained as an autoencoder,
 ``tools.toy.make_tiny_model --vae-steps``, so that decoded images depend on the latents), two loops at a
@@ -76,6 +77,7 @@ def run_loop(out: Path, reward: str, seed: int, a, variant: str = "d3po", flip_r
             f"checkpoint.every={a.steps_per_round}",
             f"optim.lr={a.lr}",
             *extra,
+            *a.train_overrides,
         ]
         cmd = [
             sys.executable,
@@ -251,6 +253,12 @@ def main(argv: list[str] | None = None) -> int:
         "--model-seed", type=int, default=0, help="the tiny model's seed: another seed is another model"
     )
     p.add_argument("--prompt-seed", type=int, default=0, help="which random captions are the prompts")
+    p.add_argument(
+        "--train-overrides",
+        nargs="*",
+        default=[],
+        help="more stages.train overrides for every loop, e.g. objective.d3po.eps=0.3 model.lora_rank=4",
+    )
     a = p.parse_args(argv)
     out = Path(a.out).resolve()
     (out / "runs").mkdir(parents=True, exist_ok=True)
