@@ -5,6 +5,7 @@ D3PO and Adaptive-D3PO fare when part of the feedback is flipped?
     python -m tools.studies.d3po_study flips  --out d3po_flips [--seeds 0 1 2] [--flip-rate 0.25] [--rewards ...]
     ... [--model-seed 7] [--prompt-seed 7]   (another tiny model, other prompts: loop seeds on one model are one model)
     ... [--lr 1e-3] [--train-overrides objective.d3po.eps=0.3 ...]   (a setting to sweep)
+    python -m tools.studies.d3po_study expressivity --out d3po_study   (after ``reward``: can the model show it?)
 
 Both run ``stages.online`` on the tiny model (its VAE first trained as an autoencoder,
 ``tools.toy.make_tiny_model --vae-steps``, so that decoded images depend on the latents), two loops at a
@@ -199,6 +200,63 @@ def flip_study(a, out: Path) -> dict:
     return {"runs": runs, "summary": summary}
 
 
+def _cv_r2(x: np.ndarray, y: np.ndarray, intercept: bool, folds: int = 5) -> float:
+    """Out-of-fold R^2 of a least-squares linear fit of y on x (seeded folds)."""
+    a = np.c_[x, np.ones(len(x))] if intercept else x
+    pred = np.zeros(len(y))
+    for f in np.array_split(np.random.default_rng(0).permutation(len(y)), folds):
+        train = np.setdiff1d(np.arange(len(y)), f)
+        coef, *_ = np.linalg.lstsq(a[train], y[train], rcond=None)
+        pred[f] = a[f] @ coef
+    base = y - y.mean() if intercept else y
+    return float(1 - ((pred - y) ** 2).sum() / (base**2).sum())
+
+
+def expressivity(out: Path) -> dict:
+    """Can a policy push this model's samples along the reward? From a finished reward study's round-0
+    samples (the base model's, the same for every arm of a loop seed), per loop seed of the fed arm:
+    brightness (the reward module's) of every image, its spread within each group (the best-of-K
+    signal D3PO learns from), and how much of it a linear function of the final latent's 4 channel
+    means explains (5-fold cross-validated R^2, over images and over the differences within pairs)."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    from pipeline.d3po.rewards import brightness
+
+    means, values, gaps, d_means, d_values = [], [], [], [], []
+    for loop in sorted((out / "runs").glob("brightness_s*")):
+        for shard in sorted((loop / "round_000" / "sample").glob("shard-*.tar")):
+            with tarfile.open(shard) as t:
+                files = {m.name: t.extractfile(m).read() for m in t.getmembers() if m.isfile()}
+            for key in sorted({n.split(".")[0] for n in files if n.endswith(".latents.npy")}):
+                lat = np.load(io.BytesIO(files[f"{key}.latents.npy"])).astype(np.float64)  # K, N+1, C, h, w
+                imgs = [Image.open(io.BytesIO(files[f"{key}.img{i}.jpg"])) for i in range(len(lat))]
+                b, m = brightness(imgs), lat[:, -1].mean(axis=(2, 3))
+                means += list(m)
+                values += list(b)
+                gaps.append(float(b.max() - b.min()))
+                d_means += [m[i] - m[0] for i in range(1, len(b))]
+                d_values += [b[i] - b[0] for i in range(1, len(b))]
+    if not values:
+        raise SystemExit(
+            f"{out}/runs/brightness_s*/round_000/sample: no samples (run the reward study first)"
+        )
+    y, dy = np.array(values), np.array(d_values)
+    res = {
+        "images": len(y),
+        "groups": len(gaps),
+        "brightness_sd": float(y.std()),
+        "best_of_k_gap_mean": float(np.mean(gaps)),
+        "r2_channel_means": _cv_r2(np.array(means), y, intercept=True),
+        "r2_within_pairs": _cv_r2(np.array(d_means), dy, intercept=False),
+    }
+    (out / "expressivity.json").write_text(json.dumps(res, indent=1) + "\n")
+    print(json.dumps(res, indent=1))
+    return res
+
+
 def _plot(runs: dict, a, path: Path, arms: list, flips: bool = False) -> None:
     import matplotlib
 
@@ -236,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m tools.studies.d3po_study", description=__doc__.split("\n\n")[0]
     )
-    p.add_argument("study", choices=("reward", "flips"))
+    p.add_argument("study", choices=("reward", "flips", "expressivity"))
     p.add_argument("--out", default="d3po_study")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--rewards", nargs="+", default=["brightness", "jpeg_compressibility"])
@@ -261,6 +319,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     a = p.parse_args(argv)
     out = Path(a.out).resolve()
+    if a.study == "expressivity":
+        expressivity(out)
+        return 0
     (out / "runs").mkdir(parents=True, exist_ok=True)
     a.model = out / "model"
     if not (a.model / "model_index.json").is_file():
