@@ -65,7 +65,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
 
 
 def all_worlds(a) -> list[str]:
-    return a.worlds + ([] if a.heldout == "none" else [a.heldout])
+    return a.worlds + [w for w in a.heldout if w != "none"]
 
 
 def parse_structure(s: str) -> tuple[str, float]:
@@ -258,7 +258,7 @@ def _cell(m: dict | None, nd: int = 3) -> str:
 def write_outputs(a, table: dict) -> str:
     lines = []
     for world in all_worlds(a):
-        tag = "HELD OUT" if world == a.heldout else "settings chosen here"
+        tag = "HELD OUT" if world in a.heldout else "settings chosen here"
         lines += [
             f"\n### {world} ({tag})\n",
             "| structure | variant | acc. vs truth | - dpo | - robust_dpo (oracle) | "
@@ -311,7 +311,7 @@ def _plot(a, table: dict) -> None:
         ax.axhline(0.5, color="gray", ls=":", lw=0.8)
         ax.set_xticks(range(len(a.structures)), a.structures, fontsize=8)
         ax.set_ylim(0.4, None)
-        ax.set_title(f"{world}" + (" (held out)" if world == a.heldout else ""), fontsize=10)
+        ax.set_title(f"{world}" + (" (held out)" if world in a.heldout else ""), fontsize=10)
     axes[0][0].set_ylabel("held-out accuracy vs the truth (mean ± s.e.)")
     axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.suptitle(
@@ -329,12 +329,13 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m tools.studies.noise_study", description=__doc__.split("\n\n")[0]
     )
     p.add_argument("--out", type=Path, default=Path("noise_study"))
-    p.add_argument("--worlds", nargs="+", default=["brightness", "daynight"], choices=list(WORLD_MINORITY))
+    p.add_argument("--worlds", nargs="*", default=["brightness", "daynight"], choices=list(WORLD_MINORITY))
     p.add_argument(
         "--heldout",
-        default="warmth",
+        nargs="+",
+        default=["warmth"],
         choices=[*WORLD_MINORITY, "none"],
-        help="the world reported apart (none: only --worlds, e.g. for a sweep on them)",
+        help="the worlds reported apart, on which nothing was chosen (none: only --worlds, e.g. a sweep)",
     )
     p.add_argument(
         "--structures", nargs="+", default=["none", "pair:0.3", "user:0.3", "prompt:0.3", "taste:0.3"]
@@ -365,8 +366,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--name", default="", help="suffix of the output files, e.g. _sweep (runs are shared)")
     a = p.parse_args(argv)
-    if a.heldout in a.worlds:
-        raise SystemExit(f"--heldout {a.heldout} is also in --worlds: a held-out world must be held out")
+    if not all_worlds(a):
+        raise SystemExit("no world: give --worlds and/or --heldout")
+    both = sorted(set(a.heldout) & set(a.worlds))
+    if both:
+        raise SystemExit(f"--heldout {both[0]} is also in --worlds: a held-out world must be held out")
     for s in a.structures:
         parse_structure(s)
     a.out = a.out.resolve()
