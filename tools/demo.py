@@ -57,8 +57,8 @@ def main(argv: list[str] | None = None) -> int:
             ]
         )
     runs = {}
-    # robust_dpo_guess: Robust-DPO at eps 0.3 whatever the true rate, the best objective found that is
-    # not told it (FINDINGS.md, "Without an oracle"); the report's audit lists the annotators it doubts
+    # robust_dpo_guess: Robust-DPO at eps 0.4 whatever the true rate, the best objective found that is
+    # not told it (FINDINGS.md, "Without redundancy"); the report's audit lists the annotators it doubts
     for name in ("dpo", "adaptive_dpo", "robust_dpo_guess"):
         run = out / "runs" / name
         _run(
