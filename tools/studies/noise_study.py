@@ -54,7 +54,6 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     # fixed guesses, no oracle: the same eps whatever the data
     "robust_dpo_fixed": ("configs/train/tiny_robust_dpo.yaml", ["objective.eps=0.2"]),
     "robust_dpo_fixed30": ("configs/train/tiny_robust_dpo.yaml", ["objective.eps=0.3"]),
-    "robust_dpo_fixed35": ("configs/train/tiny_robust_dpo.yaml", ["objective.eps=0.35"]),
     "robust_dpo_fixed40": ("configs/train/tiny_robust_dpo.yaml", ["objective.eps=0.4"]),
     "bounded_dpo": ("configs/train/tiny_bounded_dpo.yaml", []),
     "cdpo": ("configs/train/tiny_cdpo.yaml", []),
