@@ -104,6 +104,62 @@ def test_preference_accuracy_equals_a_direct_computation(tiny_sd15, shards16, pe
     assert "| p |" in (out / "report.md").read_text() and (out / "metrics.png").is_file()
 
 
+def test_the_audit_scores_every_training_pair_with_the_final_policy(
+    tiny_sd15, shards64, perturbed_unet, tmp_path
+):
+    """minority.audit_draws > 0: the report scores the run's 64 training pairs (4 shards, streamed) with
+    its exported UNet against the reference, in manifest order, with the run's flips applied as the
+    trainer applied them; each pair's h equals the direct computation, negated where the pair was
+    flipped, and is written beside the report (audit_NAME.parquet) and read by the audit."""
+    from pipeline.data.flips import flipped_mask
+    from pipeline.evaluate.preference import iter_pairs
+
+    run = tmp_path / "run"
+    (run / "export").mkdir(parents=True)
+    (run / "export" / "unet").symlink_to(perturbed_unet)
+    (run / "config.yaml").write_text(
+        f"data:\n  shards: {shards64}\n  flip_rate: 0.5\n  flip_seed: 3\n  flip_by: pair\n"
+        f"model:\n  path: {tiny_sd15}\nobjective:\n  beta: 1000.0\n"
+    )
+    keys = [s["__key__"] for s in iter_pairs(shards64)]
+    users = [s["meta"]["user_id"] for s in iter_pairs(shards64)]
+    (run / "pairs" / "rank_00000").mkdir(parents=True)
+    pq.write_table(  # the records from training (their h is not what the audit reads)
+        pa.table(
+            {
+                "step": [1] * 64,
+                "key": keys,
+                "user_id": users,
+                "flipped": [False] * 64,
+                "true_agrees": [1.0] * 64,
+                "h": [0.0] * 64,
+            }
+        ),
+        run / "pairs" / "rank_00000" / "upto_00000001.parquet",
+    )
+    out = tmp_path / "report"
+    args = ["--config", "configs/eval/tiny.yaml", f"output={out}", f"minority.runs.r={run}"]
+    assert cli_main([*args, "minority.audit_draws=3", "minority.audit_batch_size=12"]) == 0
+    rep = json.loads((out / "report.json").read_text())["minority"]["r"]
+    assert rep["audit_margins"] == "final" and rep["flip_rate_source"] == "posthoc_final"
+    final = pq.read_table(rep["audit_pairs_file"]).to_pydict()
+    flipped = flipped_mask(keys, 3, 0.5)
+    assert final["key"] == keys and final["user_id"] == users and 10 < flipped.sum() < 54
+    assert final["flipped"] == flipped.tolist()
+    direct = _direct_margins(perturbed_unet, tiny_sd15, shards64, draws=3, seed=1234, batch_size=12)
+    want = np.where(flipped, -direct, direct)
+    np.testing.assert_allclose(final["h"], want, rtol=1e-4, atol=1e-7)
+    assert rep["auroc_neg_h_final"] == pytest.approx(auroc(-want, flipped), abs=1e-9)
+    for a in rep["annotators"]:
+        mine = np.array(final["user_id"]) == a["user_id"]
+        assert a["policy_disagrees"] == pytest.approx(float(np.mean(want[mine] < 0)), abs=1e-12)
+    assert "final policy's margins on every training pair" in (out / "report.md").read_text()
+    # audit_draws=0: the records' h, as before
+    assert cli_main([*args, "minority.audit_draws=0", f"output={tmp_path / 'r0'}"]) == 0
+    rep0 = json.loads((tmp_path / "r0" / "report.json").read_text())["minority"]["r"]
+    assert rep0["audit_margins"] == "records" and "auroc_neg_h_final" not in rep0
+
+
 def test_generation_is_seeded_and_reproducible(tiny_sd15, perturbed_unet, tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red cat\na blue house\n\na green tree\n")
@@ -286,7 +342,7 @@ def test_report_names_the_annotators_a_run_without_rates_disagrees_with(tmp_path
     rates = {a["user_id"]: a["estimated_flip_rate"] for a in guess["annotators"]}
     assert min(rates[u] for u in (0, 1, 2)) > 0.5 > rates[99] > max(rates[u] for u in range(3, 12))
     line = next(x for x in (out / "report.md").read_text().splitlines() if x.startswith("minority (guess)"))
-    assert "(fitted to the margins)" in line
+    assert "(fitted to the margins from training)" in line
     listed = line.split("share of them the policy contradicts): ")[1].split("), ")
     assert {int(x.split(" ")[0]) for x in listed[:3]} == {0, 1, 2}
     first = int(listed[0].split(" ")[0])
@@ -523,6 +579,16 @@ def test_noise_study_smoke(tiny_sd15, tmp_path):
     # read from the checkpoint: still EM's starting rate, as 32 pairs are inside its 512-pair warm-up
     assert 0 <= run["accuracy_true"] <= 1 and run["estimated_rate"] == pytest.approx(0.1)
     assert run["annotator_score"] == "eps_user" and 0 <= run["auroc_annotators"] <= 1
+    # the report's audit by the final policy: every training pair scored again, flipped as trained
+    assert 0 <= run["auroc_annotators_final_shrunk"] <= 1
+    final = pq.read_table(out / "brightness/runs/em_dpo_user50_s0/audit_final_d2.parquet").to_pydict()
+    from pipeline.evaluate.minority_report import latest_per_pair
+    from pipeline.metrics_log import read_pair_records
+
+    rec = latest_per_pair(read_pair_records(out / "brightness/runs/em_dpo_user50_s0"))
+    trained = dict(zip(rec["key"], rec["flipped"]))
+    seen = [(trained[k], f) for k, f in zip(final["key"], final["flipped"]) if k in trained]
+    assert len(final["key"]) == 64 and len(seen) == len(trained) >= 16 and all(a == b for a, b in seen)
     # about half the annotators flipped: the share of labels against the truth is near 0.5
     assert 0.2 < run["noisy_share"] < 0.8
     row = res["table"]["brightness|user:0.5|em_dpo"]

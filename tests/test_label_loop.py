@@ -1,10 +1,11 @@
 """The whole loop of the labelling service: two annotators label toy pairs through the HTTP API (one
 against the true preference on purpose), export, encode, train Adaptive-DPO, evaluate; the
-evaluation's per-annotator audit is made from the trained run's per-pair records (tools/label_demo.py,
-the README's "Collect your own preferences").
+evaluation's per-annotator audit is made from the trained policy's margins on every training pair
+(tools/label_demo.py, the README's "Collect your own preferences").
 
 What this test asserts is the loop's mechanism, exactly: every label reaches the export as given,
-every pair reaches the training and the audit, and the audit's numbers are those of the run's records.
+every pair reaches the training and the audit, and the audit's numbers are those of the final policy's
+margins it writes beside the report (audit_NAME.parquet).
 Whether the audit then puts the disagreeing annotator first is a statistical outcome of a small
 training (it depends on the model, the data and the host's float kernels); it is measured over seeds
 in FINDINGS.md ("The labelling loop's audit"), not asserted here."""
@@ -48,11 +49,18 @@ def test_labels_reach_the_export_the_training_and_the_audit_as_given(tmp_path, t
         n: len(v) for n, v in by_user.items()
     }
 
-    # the audit: both annotators, with their pairs and the share of them the trained policy contradicts
-    audit = json.loads((out / "report" / "report.json").read_text())["minority"]["adaptive"]["annotators"]
+    # the audit: both annotators, with their pairs and the share of them the trained policy contradicts,
+    # read from the final policy's margin on each of the 96 training pairs (4 draws each)
+    report = json.loads((out / "report" / "report.json").read_text())["minority"]["adaptive"]
+    assert report["audit_margins"] == "final" and report["flip_rate_source"] == "posthoc_final"
+    final = pq.read_table(report["audit_pairs_file"]).to_pydict()
+    assert sorted(final["key"]) == sorted(rec["key"].tolist())
+    fu, fh = np.array(final["user_id"]), np.array(final["h"])
+    assert not any(final["flipped"]) and np.isfinite(fh).all() and (fh != 0).all()
+    audit = report["annotators"]
     assert sorted(a["user_id"] for a in audit) == sorted(ids.values())
     for a in audit:
         mine = users == a["user_id"]
-        assert a["pairs"] == int(mine.sum())
-        assert a["policy_disagrees"] == pytest.approx(float(np.mean(rec["h"][mine] < 0)), abs=1e-12)
+        assert a["pairs"] == int(mine.sum()) == int((fu == a["user_id"]).sum())
+        assert a["policy_disagrees"] == pytest.approx(float(np.mean(fh[fu == a["user_id"]] < 0)), abs=1e-12)
         assert a["flipped_share"] == 0.0  # nothing flipped by the trainer: mallory's labels are her own

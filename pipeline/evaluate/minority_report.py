@@ -109,6 +109,25 @@ def posthoc_flip_rates(
     return fit["rate"], dict(zip(fit["users"].tolist(), fit["user_rate"].tolist()))
 
 
+def write_margins(final: dict[str, np.ndarray], path: Path) -> Path:
+    """The final policy's margin per training pair (key, user_id, flipped, true_agrees, h), for a
+    reader's own analysis; written under a temporary name, then renamed."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    cols = {
+        "key": [str(k) for k in final["key"]],
+        "user_id": final["user_id"].astype(np.int64),
+        "flipped": final["flipped"].astype(bool),
+        "true_agrees": final["true_agrees"].astype(np.float64),
+        "h": final["h"].astype(np.float64),
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(pa.table(cols), tmp)
+    tmp.replace(path)
+    return path
+
+
 def _flip_unit(run_dir: str | Path) -> str | None:
     """The run's ``data.flip_by`` (its resolved config.yaml), None when it flipped nothing or is unknown."""
     import yaml
@@ -121,8 +140,18 @@ def _flip_unit(run_dir: str | Path) -> str | None:
 
 
 def run_report(
-    run_dir: str | Path, out: Path, name: str, bins: int, high_q: float, min_pairs: int, last_epochs: int
+    run_dir: str | Path,
+    out: Path,
+    name: str,
+    bins: int,
+    high_q: float,
+    min_pairs: int,
+    last_epochs: int,
+    final: dict[str, np.ndarray] | None = None,
 ) -> dict:
+    """The run's minority report from its per-pair records. ``final`` (train_margins.FinalMargins):
+    every training pair's h under the final policy; the annotator audit (ranking, flip rates, AUROC
+    over annotators) then reads it instead of the records' h from the step that trained each pair."""
     table = read_pair_records(run_dir)
     if table is None:
         return {"run": str(run_dir), "note": "no per-pair records (output.pair_records=false?)"}
@@ -148,10 +177,18 @@ def run_report(
             res["mean_W_flipped"] = float(np.nanmean(rec["W"][flipped])) if flipped.any() else math.nan
             res["mean_W_clean"] = float(np.nanmean(rec["W"][~flipped]))
     res["auroc_neg_h"] = auroc(-rec["h"], flipped)
-    users = per_annotator(rec, high_q, min_pairs)
-    rates, res["flip_rate_source"] = estimated_flip_rates(run_dir), "em_dpo"
-    if rates is None:  # any other objective: the same model fitted to its margins after training
-        rates, res["flip_rate_source"] = posthoc_flip_rates(run_dir, rec), "posthoc"
+    if final is not None:  # the audit reads the final policy's verdict on every training pair
+        res["audit_margins"] = "final"
+        res["auroc_neg_h_final"] = auroc(-final["h"], final["flipped"])
+        res["audit_pairs_file"] = str(write_margins(final, Path(out) / f"audit_{name}.parquet"))
+        users = per_annotator(final, high_q, min_pairs)
+        rates, res["flip_rate_source"] = posthoc_flip_rates(run_dir, final), "posthoc_final"
+    else:
+        res["audit_margins"] = "records"
+        users = per_annotator(rec, high_q, min_pairs)
+        rates, res["flip_rate_source"] = estimated_flip_rates(run_dir), "em_dpo"
+        if rates is None:  # any other objective: the same model fitted to its margins after training
+            rates, res["flip_rate_source"] = posthoc_flip_rates(run_dir, rec), "posthoc"
     key = "mean_score"
     if rates is None:
         del res["flip_rate_source"]

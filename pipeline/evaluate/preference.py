@@ -36,13 +36,17 @@ def iter_pairs(shard_dir: str | Path, max_pairs: int | None = None) -> Iterable[
 
 
 class HeldOutDraws:
-    """The held-out pairs as (batch, draw) inputs, identical for every model evaluated: ``d(model)``
-    gives each batch and draw's d_m = e_m(z_w) - e_m(z_l), [B] float32 on the CPU. Batch i's draw d
-    is seeded by ``step_seed(seed, 0, i * batch_size * draws + d)``, whatever the rank."""
+    """Pairs as (batch, draw) inputs, identical for every model evaluated: ``d(model)`` gives each
+    batch and draw's d_m = e_m(z_w) - e_m(z_l), [B] float32 on the CPU. Batch i's draw d is seeded by
+    ``step_seed(seed, 0, i * batch_size * draws + d)``, whatever the rank.
+
+    ``samples`` is a list of decoded samples (held-out pairs: collated once, kept in memory) or a
+    callable returning a fresh iterable of them on every pass (a training set: streamed from its
+    shards each pass, one batch in memory at a time). Pairs are read as labelled (no flips)."""
 
     def __init__(
         self,
-        samples: list[dict],
+        samples: list[dict] | Callable[[], Iterable[dict]],
         manifest: dict,
         scheduler,
         prediction_type: str,
@@ -52,30 +56,72 @@ class HeldOutDraws:
         seed: int = 1234,
     ):
         self.scheduler, self.prediction_type, self.ctx = scheduler, prediction_type, ctx
-        sdxl = manifest.get("pooled_dim") is not None
-        self.batches = []
-        for bi in range(0, len(samples), batch_size):
-            chunk = samples[bi : bi + batch_size]
-            self.batches.append(collate_pairs(chunk, [False] * len(chunk), manifest["resolution"], sdxl))
+        self.resolution, self.sdxl = manifest["resolution"], manifest.get("pooled_dim") is not None
         self.draws, self.batch_size, self.seed = draws, batch_size, seed
+        self._source = samples
+        self._cached = None if callable(samples) else list(self._collated(samples))
+        self._columns: dict[str, np.ndarray] | None = None
+        if self._cached is not None:
+            self._columns = self._gather(self._cached)
+
+    def _collated(self, samples: Iterable[dict]) -> Iterable[dict]:
+        chunk: list[dict] = []
+        for s in samples:
+            chunk.append(s)
+            if len(chunk) == self.batch_size:
+                yield self._collate(chunk)
+                chunk = []
+        if chunk:
+            yield self._collate(chunk)
+
+    def _collate(self, chunk: list[dict]) -> dict:
+        batch = collate_pairs(chunk, [False] * len(chunk), self.resolution, self.sdxl)
+        batch["caption"] = [s["meta"].get("caption") for s in chunk]
+        return batch
+
+    def batches(self) -> Iterable[dict]:
+        """The collated batches, in order (streamed afresh for a callable source)."""
+        return self._cached if self._cached is not None else self._collated(self._source())
 
     @torch.no_grad()
     def d(self, model: Callable) -> list[list[torch.Tensor]]:
-        out = []
-        for i, batch in enumerate(self.batches):
+        out, seen = [], []
+        for i, batch in enumerate(self.batches()):
             row = []
             for d in range(self.draws):
                 seed = step_seed(self.seed, 0, i * self.batch_size * self.draws + d)
                 x = pair_inputs(
                     batch, self.scheduler, self.prediction_type, self.ctx.device, self.ctx.dtype, seed
                 )
-                row.append(diffusion_errors(run_unet(model, x), x).d.cpu())
+                row.append(diffusion_errors(run_unet(model, x), x).d.float().cpu())
             out.append(row)
+            if self._cached is None:
+                seen.append({k: batch[k] for k in ("keys", "user_id", "caption", "true_agrees")})
+        if self._cached is None:
+            self._columns = self._gather(seen)
         return out
+
+    @staticmethod
+    def _gather(batches: Iterable[dict]) -> dict[str, np.ndarray]:
+        cols: dict[str, list] = {"keys": [], "user_id": [], "caption": [], "true_agrees": []}
+        for b in batches:
+            cols["keys"] += list(b["keys"])
+            cols["caption"] += list(b["caption"])
+            for k in ("user_id", "true_agrees"):
+                cols[k] += b[k].tolist()
+        return {k: np.array(v, dtype=object if k == "caption" else None) for k, v in cols.items()}
+
+    def column(self, name: str) -> np.ndarray:
+        """Per pair, in order: ``keys``, ``user_id``, ``caption``, ``true_agrees`` (the label agrees
+        with the recorded truth: 1/0, NaN unknown). A streamed source knows them after its first
+        pass (``d``)."""
+        if self._columns is None:
+            raise RuntimeError("a streamed source knows its pairs after the first pass (d(model))")
+        return self._columns[name]
 
     @property
     def keys(self) -> np.ndarray:
-        return np.array([k for b in self.batches for k in b["keys"]])
+        return self.column("keys")
 
 
 def implicit_margins(

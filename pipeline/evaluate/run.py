@@ -25,6 +25,7 @@ from pipeline.evaluate.minority_report import run_report
 from pipeline.evaluate.preference import HeldOutDraws, implicit_margins, iter_pairs
 from pipeline.evaluate.report import bar_plot, markdown_table, mean_sem
 from pipeline.evaluate.scorers import build_scorers
+from pipeline.evaluate.train_margins import FinalMargins
 from pipeline.models import DTYPES, inspect_model, load_scheduler, load_unet, pick_device
 from pipeline.schema.evaluate import EvalConfig
 
@@ -159,6 +160,44 @@ def generation_section(
     report["generation"] = sec
 
 
+def minority_section(cfg: EvalConfig, out: Path, device: torch.device, dtype: torch.dtype) -> dict:
+    """Per run in ``minority.runs``: the minority report, its annotator audit on every training pair's
+    margin under the final policy (``minority.audit_draws`` > 0 and the run has an export)."""
+    m = cfg.minority
+    reports, finals = {}, {}
+    for name, path in m.runs.items():
+        final, why = None, None
+        if m.audit_draws > 0:
+            spec = (
+                unet_specs.resolve(name, path, include_ema=False)[0]
+                if Path(path, "export").is_dir()
+                else None
+            )
+            rc = spec.run_config if spec is not None else None
+            if rc is None or not (rc.get("data") or {}).get("shards"):
+                why = "no export/ or config.yaml in the run folder: the audit reads the records' h"
+            else:
+                base = (rc.get("model") or {}).get("path") or load_manifest(rc["data"]["shards"])["model"][
+                    "path"
+                ]
+                info = inspect_model(base)
+                fm = finals.get(str(info.path))
+                if fm is None:
+                    fm = finals[str(info.path)] = FinalMargins(
+                        info, device, dtype, m.audit_draws, m.audit_batch_size, cfg.preference.seed
+                    )
+                unet = unet_specs.load(spec, info, dtype).to(device).eval()
+                final = fm.margins(rc, unet)
+                del unet
+                free_device(device)
+        reports[name] = run_report(
+            path, out, name, m.bins, m.high_u_quantile, m.min_user_pairs, m.last_epochs, final=final
+        )
+        if why and "note" not in reports[name]:
+            reports[name]["audit_note"] = why
+    return reports
+
+
 def run_evaluation(cfg: EvalConfig) -> int:
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -201,11 +240,7 @@ def run_evaluation(cfg: EvalConfig) -> int:
             free_device(device)
         if cfg.generation.prompts:
             generation_section(cfg, specs, info, device, dtype, rows, report, out)
-    m = cfg.minority
-    report["minority"] = {
-        name: run_report(path, out, name, m.bins, m.high_u_quantile, m.min_user_pairs, m.last_epochs)
-        for name, path in m.runs.items()
-    }
+    report["minority"] = minority_section(cfg, out, device, dtype)
     metrics = [
         "accuracy_true",
         "accuracy_labels",
@@ -228,6 +263,8 @@ def run_evaluation(cfg: EvalConfig) -> int:
             md.append(f"\nminority ({name}): {r['note']}\n")
         elif "auroc_neg_h" in r:
             line = f"\nminority ({name}): {r['pairs']} pairs, {r['flipped']} flipped; AUROC of -h {r['auroc_neg_h']:.3f}"
+            if "auroc_neg_h_final" in r:
+                line += f" (under the final policy {r['auroc_neg_h_final']:.3f})"
             if "auroc_u" in r:
                 line += f", AUROC of u {r['auroc_u']:.3f}"
             if "mean_W_flipped" in r:
@@ -238,7 +275,11 @@ def run_evaluation(cfg: EvalConfig) -> int:
                     f"contradicts {u['policy_disagrees']:.2f})"
                     for u in r["annotators"][:5]
                 )
-                how = {"posthoc": "fitted to the margins", "em_dpo": "em_dpo's own"}[r["flip_rate_source"]]
+                how = {
+                    "posthoc": "fitted to the margins from training",
+                    "posthoc_final": "fitted to the final policy's margins on every training pair",
+                    "em_dpo": "em_dpo's own",
+                }[r["flip_rate_source"]]
                 line += (
                     f"; estimated flip rate {r['estimated_flip_rate']:.3f} ({how}), most distrusted annotators "
                     f"(rate shrunk toward it: pairs, share of them the policy contradicts): {top}"
@@ -248,6 +289,8 @@ def run_evaluation(cfg: EvalConfig) -> int:
                 line += f"; annotators it doubts most (share of their pairs it contradicts): {top}"
             if "auroc_annotators" in r:
                 line += f", AUROC over annotators {r['auroc_annotators']:.3f}"
+            if "audit_note" in r:
+                line += f"; {r['audit_note']}"
             md.append(line + f" ({r['plot']})\n")
     for note in report.get("generation", {}).get("scorer_notes", []):
         md.append(f"\n- {note}")

@@ -54,6 +54,11 @@ class EvalMinority:
     high_u_quantile: Quantile = 0.9  # "high u": above this quantile of u over the run
     min_user_pairs: Count = 5  # annotators with fewer pairs are listed apart
     last_epochs: Count = 1  # use each pair's records from the last N epochs of the run
+    # the annotator audit scores every training pair again with the run's final UNet, this many
+    # (timestep, noise) draws per pair (2 x draws forward passes per pair and model; see
+    # pipeline/evaluate/train_margins.py); 0: it reads each pair's h from the step that trained it
+    audit_draws: NonNegInt = 2
+    audit_batch_size: Count = 16
 
 
 @dataclass

@@ -41,6 +41,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from pipeline.schema.evaluate import EvalMinority
 from tools.studies.robustness import ROOT, _env, prepare, train_all
 
 WORLD_MINORITY = {"brightness": "warmth", "warmth": "brightness", "daynight": "warmth", "green": "warmth"}
@@ -156,8 +157,36 @@ def train_run(
     return f"{world}/{run.name}", p.returncode, p.stderr[-3000:]
 
 
-def run_stats(run: Path, structure: str, minority_users: set[int]) -> dict:
-    """Detection figures from the run's per-pair records and its last checkpoint's objective state."""
+def final_margins_fn(a, model: Path):
+    """run -> the final policy's margins on the run's training pairs (the evaluation report's audit,
+    ``minority.audit_draws`` = ``--audit-draws``), cached in the run folder; None with --audit-draws 0."""
+    if a.audit_draws <= 0:
+        return None
+    import pyarrow.parquet as pq
+    import torch
+    import yaml
+
+    from pipeline.evaluate.minority_report import write_margins
+    from pipeline.evaluate.train_margins import FinalMargins
+    from pipeline.models import inspect_model, load_unet
+
+    info = inspect_model(model)
+    fm = FinalMargins(info, torch.device("cpu"), torch.float32, a.audit_draws, 16, 1234)
+
+    def final(run: Path) -> dict:
+        f = run / f"audit_final_d{a.audit_draws}.parquet"
+        if not f.is_file():
+            unet = load_unet(str(run / "export" / "unet"), subfolder=None).eval()
+            write_margins(fm.margins(yaml.safe_load((run / "config.yaml").read_text()), unet), f)
+        t = pq.read_table(f).to_pydict()
+        return {k: np.asarray(v, dtype=object if k == "key" else float) for k, v in t.items()}
+
+    return final
+
+
+def run_stats(run: Path, structure: str, minority_users: set[int], final_fn=None) -> dict:
+    """Detection figures from the run's per-pair records and its last checkpoint's objective state;
+    with ``final_fn`` (final_margins_fn) also from the final policy's margins on every training pair."""
     from pipeline.evaluate.minority_report import latest_per_pair, objective_state, posthoc_flip_rates
     from pipeline.metrics_log import read_pair_records
     from pipeline.minority import auroc
@@ -189,17 +218,26 @@ def run_stats(run: Path, structure: str, minority_users: set[int]) -> dict:
             res["annotator_score"] = "mean u" if has_u else "mean -h"
         truth = np.array([int(u) in minority_users for u in ids])
         res["auroc_annotators"] = auroc(score, truth)
-        # the evaluation report's audit: the label-flip model fitted to the final margins, each
-        # annotator's rate shrunk toward the global one (4 pairs' weight); alone on the few-label ones
+        few = np.array([(users == u).sum() for u in ids]) <= 10
+        # the audit from training records: the label-flip model fitted to each pair's margin when it was
+        # trained on, each annotator's rate shrunk toward the global one (4 pairs' weight)
         fit = posthoc_flip_rates(run, rec)
         if fit is not None:
             shrunk = np.array([fit[1][int(u)] for u in ids])
-            labels = np.array([(users == u).sum() for u in ids])
             res["auroc_annotators_shrunk"] = auroc(shrunk, truth)
             res["auroc_annotators_mean_h"] = auroc([-rec["h"][users == u].mean() for u in ids], truth)
-            few = labels <= 10
             if truth[few].any() and (~truth[few]).any():
                 res["auroc_annotators_shrunk_few"] = auroc(shrunk[few], truth[few])
+        if final_fn is not None and fit is not None:  # the report's audit: the final policy's margins
+            fin = final_fn(run)
+            fu = fin["user_id"].astype(int)
+            res["auroc_pairs_neg_h_final"] = auroc(-fin["h"], fin["true_agrees"] < 0.5)
+            ffit = posthoc_flip_rates(run, fin)
+            fshrunk = np.array([ffit[1][int(u)] for u in ids])
+            res["auroc_annotators_final_shrunk"] = auroc(fshrunk, truth)
+            res["auroc_annotators_final_mean_h"] = auroc([-fin["h"][fu == u].mean() for u in ids], truth)
+            if truth[few].any() and (~truth[few]).any():
+                res["auroc_annotators_final_shrunk_few"] = auroc(fshrunk[few], truth[few])
     return res
 
 
@@ -234,6 +272,10 @@ def summarise(a, results: dict) -> dict:
                         "auroc_annotators_shrunk",
                         "auroc_annotators_mean_h",
                         "auroc_annotators_shrunk_few",
+                        "auroc_pairs_neg_h_final",
+                        "auroc_annotators_final_shrunk",
+                        "auroc_annotators_final_mean_h",
+                        "auroc_annotators_final_shrunk_few",
                         "estimated_rate",
                         "noisy_share",
                     )
@@ -262,8 +304,9 @@ def write_outputs(a, table: dict) -> str:
             f"\n### {world} ({tag})\n",
             "| structure | variant | acc. vs truth | - dpo | - robust_dpo (oracle) | "
             "AUROC pairs u | AUROC pairs -h | AUROC annotators | AUROC annotators, shrunk rate "
-            "(<= 10 labels) | est. rate / true |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "(<= 10 labels) | audit by the final policy: AUROC annotators, shrunk rate (<= 10 labels) | "
+            "est. rate / true |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for st in a.structures:
             for v in a.variants:
@@ -279,7 +322,9 @@ def write_outputs(a, table: dict) -> str:
                     f"| {st} | {v} | {_cell(r['accuracy_true'])} | {_cell(r.get('minus_dpo'))} | "
                     f"{_cell(r.get('minus_robust_dpo'))} | {_cell(r['auroc_pairs_u'])} | "
                     f"{_cell(r['auroc_pairs_neg_h'])} | {_cell(r['auroc_annotators'])} | "
-                    f"{_cell(r['auroc_annotators_shrunk'])} ({_cell(r['auroc_annotators_shrunk_few'])}) | {est} |"
+                    f"{_cell(r['auroc_annotators_shrunk'])} ({_cell(r['auroc_annotators_shrunk_few'])}) | "
+                    f"{_cell(r['auroc_annotators_final_shrunk'])} ({_cell(r['auroc_annotators_final_shrunk_few'])}) | "
+                    f"{est} |"
                 )
     md = "\n".join(lines) + "\n"
     (a.out / f"table{a.name}.md").write_text(md)
@@ -362,6 +407,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--micro-batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--draws", type=int, default=4)
+    p.add_argument(
+        "--audit-draws",
+        type=int,
+        default=EvalMinority().audit_draws,
+        help="draws per training pair of the final-policy audit (user and taste structures; 0: none)",
+    )
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--name", default="", help="suffix of the output files, e.g. _sweep (runs are shared)")
     a = p.parse_args(argv)
@@ -418,6 +469,7 @@ def evaluate_all(a, data: dict, jobs: list) -> dict:
         model, _, heldout = next(v for (ww, _, _), v in data.items() if ww == w)
         ns = SimpleNamespace(out=a.out / w, curve=False, draws=a.draws, steps=a.steps)
         acc = evaluate(ns, model, heldout, names)  # reads OUT/WORLD/runs/NAME, caches in OUT/WORLD
+        final_fn = final_margins_fn(a, model)
         for ww, st, v, d, s in jobs:
             if ww != w:
                 continue
@@ -443,7 +495,7 @@ def evaluate_all(a, data: dict, jobs: list) -> dict:
                 "seed": s,
                 "data_seed": d,
             }
-            res.update(run_stats(ns.out / "runs" / name, st, minority))
+            res.update(run_stats(ns.out / "runs" / name, st, minority, final_fn))
             results[f"{w}/{name}"] = res
     return results
 

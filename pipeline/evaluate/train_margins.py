@@ -1,0 +1,110 @@
+"""The annotator audit's evidence: every training pair's margin h under the run's *final* policy.
+
+A run's per-pair records hold each pair's h from the step that trained on it: a pair seen in the
+first steps was judged by a policy that had learnt nothing yet (h = 0 at step 1), so with a handful
+of labels per annotator most of an annotator's evidence is noise. Scoring every training pair again
+after training, with the exported UNet against the reference and several (timestep, noise) draws per
+pair, gives each pair the best policy's verdict: on the heavy-tailed toy campaign it lifts the AUROC
+of wholly flipped annotators from 0.79-0.87 to 0.95 and above (FINDINGS.md, "A handful of labels each").
+
+The pairs are streamed from the run's ``data.shards`` twice (reference, then policy: one UNet on the
+device at a time), in manifest order, as labelled; the run's ``data.flip_*`` then negate h of the
+pairs the trainer flipped (a swapped pair under the same noise has d = -d exactly), so h is read
+against the label the run trained on, and runs on the same shards share the reference's pass whatever
+their flips. Cost: ``draws`` x 2 UNet forward passes per pair and model, without gradients (about
+``2 * draws / 3`` of a training epoch's UNet work for the policy, as much again for the reference,
+which is computed once per shard set and kept as one float per pair and draw on the CPU).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.data.flips import is_flipped, unit_key
+from pipeline.data.shards import load_manifest
+from pipeline.engine.context import RunContext
+from pipeline.errors import UserError
+from pipeline.evaluate.preference import HeldOutDraws, implicit_margins, iter_pairs
+from pipeline.models import ModelInfo, load_scheduler, load_unet
+
+
+def training_pairs(
+    run_config: dict, info: ModelInfo, ctx: RunContext, draws: int, batch_size: int, seed: int
+):
+    """The run's training pairs (``data.shards``) as streamed ``HeldOutDraws``, as labelled."""
+    shards = (run_config.get("data") or {}).get("shards")
+    if not shards or not Path(shards, "manifest.json").is_file():
+        raise UserError(f"data.shards={shards}: the run's training shards are not there (no manifest.json)")
+    manifest = load_manifest(shards)
+    if manifest["model"]["config_hash"] != info.config_hash:
+        raise UserError(f"data.shards={shards} were encoded with another model than {info.path}")
+    return HeldOutDraws(
+        lambda: iter_pairs(shards),
+        manifest,
+        load_scheduler(info),
+        info.prediction_type,
+        ctx,
+        draws=draws,
+        batch_size=batch_size,
+        seed=seed,
+    )
+
+
+def trained_flips(run_config: dict, keys, user_ids, captions) -> np.ndarray:
+    """Which pairs the run trained on with winner and loser swapped (its ``data.flip_*``)."""
+    d = run_config.get("data") or {}
+    rate, seed, by = (
+        float(d.get("flip_rate") or 0.0),
+        int(d.get("flip_seed") or 0),
+        d.get("flip_by") or "pair",
+    )
+    return np.array(
+        [
+            is_flipped(unit_key(str(k), {"user_id": int(u), "caption": c}, by), seed, rate)
+            for k, u, c in zip(keys, user_ids, captions)
+        ],
+        dtype=bool,
+    )
+
+
+class FinalMargins:
+    """``margins(run_config, unet)``: {key, user_id, flipped, true_agrees, h} over the run's training
+    pairs, h the mean over ``draws`` of d_ref - d_policy against the label trained on. The reference's
+    pass is kept for every other run on the same shards."""
+
+    def __init__(
+        self,
+        info: ModelInfo,
+        device: torch.device,
+        dtype: torch.dtype,
+        draws: int,
+        batch_size: int,
+        seed: int,
+    ):
+        self.info, self.ctx = info, RunContext.local(device, dtype)
+        self.draws, self.batch_size, self.seed = draws, batch_size, seed
+        self._ref: dict[str, tuple[HeldOutDraws, list]] = {}
+
+    def margins(self, run_config: dict, unet) -> dict[str, np.ndarray]:
+        key = str((run_config.get("data") or {}).get("shards"))
+        if key not in self._ref:
+            pairs = training_pairs(run_config, self.info, self.ctx, self.draws, self.batch_size, self.seed)
+            ref = load_unet(self.info.path, self.ctx.dtype).to(self.ctx.device).eval()
+            ref_d = pairs.d(ref)
+            del ref
+            self._ref[key] = (pairs, ref_d)
+        pairs, ref_d = self._ref[key]
+        h = implicit_margins({"policy": unet}, ref_d, pairs)["policy"].astype(np.float64)
+        keys, users = pairs.keys, pairs.column("user_id")
+        flipped = trained_flips(run_config, keys, users, pairs.column("caption"))
+        truth = pairs.column("true_agrees").astype(np.float64)
+        return {
+            "key": keys,
+            "user_id": users.astype(float),
+            "flipped": flipped,
+            "true_agrees": np.where(np.isnan(truth), truth, np.where(flipped, 1.0 - truth, truth)),
+            "h": np.where(flipped, -h, h),
+        }
