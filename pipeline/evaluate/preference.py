@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from pipeline.data.loader import collate_pairs
 from pipeline.data.shards import decode_sample, iter_tar_samples, load_manifest
@@ -54,7 +55,10 @@ class HeldOutDraws:
         draws: int = 4,
         batch_size: int = 16,
         seed: int = 1234,
+        progress: str | None = None,
     ):
+        self.progress = progress  # a streamed source's passes show a progress bar with this label
+        self.n_pairs = sum(int(x["count"]) for x in manifest.get("shards", []))
         self.scheduler, self.prediction_type, self.ctx = scheduler, prediction_type, ctx
         self.resolution, self.sdxl = manifest["resolution"], manifest.get("pooled_dim") is not None
         self.draws, self.batch_size, self.seed = draws, batch_size, seed
@@ -86,7 +90,11 @@ class HeldOutDraws:
     @torch.no_grad()
     def d(self, model: Callable) -> list[list[torch.Tensor]]:
         out, seen = [], []
-        for i, batch in enumerate(self.batches()):
+        batches = self.batches()
+        if self.progress and self._cached is None:
+            total = -(-self.n_pairs // self.batch_size)
+            batches = tqdm(batches, total=total, desc=self.progress, unit="batch", mininterval=10)
+        for i, batch in enumerate(batches):
             row = []
             for d in range(self.draws):
                 seed = step_seed(self.seed, 0, i * self.batch_size * self.draws + d)

@@ -50,6 +50,7 @@ def training_pairs(
         draws=draws,
         batch_size=batch_size,
         seed=seed,
+        progress=f"audit {Path(shards).name}",
     )
 
 
