@@ -158,6 +158,12 @@ def test_the_audit_scores_every_training_pair_with_the_final_policy(
     assert cli_main([*args, "minority.audit_draws=0", f"output={tmp_path / 'r0'}"]) == 0
     rep0 = json.loads((tmp_path / "r0" / "report.json").read_text())["minority"]["r"]
     assert rep0["audit_margins"] == "records" and "auroc_neg_h_final" not in rep0
+    # the training shards are not on this machine: the report says so and reads the records
+    cfg = (run / "config.yaml").read_text().replace(str(shards64), str(tmp_path / "gone"))
+    (run / "config.yaml").write_text(cfg)
+    assert cli_main([*args, "minority.audit_draws=1", f"output={tmp_path / 'r1'}"]) == 0
+    rep1 = json.loads((tmp_path / "r1" / "report.json").read_text())["minority"]["r"]
+    assert rep1["audit_margins"] == "records" and "training shards are not there" in rep1["audit_note"]
 
 
 def test_generation_is_seeded_and_reproducible(tiny_sd15, perturbed_unet, tmp_path):

@@ -160,6 +160,21 @@ def generation_section(
     report["generation"] = sec
 
 
+def _final_margins(cfg: EvalConfig, rc: dict, spec, finals: dict, device, dtype) -> dict:
+    """The run's final margins on its training pairs (train_margins.FinalMargins, one per base model)."""
+    shards = rc["data"]["shards"]
+    if not Path(shards, "manifest.json").is_file():
+        raise UserError(f"data.shards={shards}: the run's training shards are not there (no manifest.json)")
+    info = inspect_model((rc.get("model") or {}).get("path") or load_manifest(shards)["model"]["path"])
+    m = cfg.minority
+    fm = finals.get(str(info.path))
+    if fm is None:
+        fm = finals[str(info.path)] = FinalMargins(
+            info, device, dtype, m.audit_draws, m.audit_batch_size, cfg.preference.seed
+        )
+    return fm.margins(rc, lambda: unet_specs.load(spec, info, dtype).to(device).eval())
+
+
 def minority_section(cfg: EvalConfig, out: Path, device: torch.device, dtype: torch.dtype) -> dict:
     """Per run in ``minority.runs``: the minority report, its annotator audit on every training pair's
     margin under the final policy (``minority.audit_draws`` > 0 and the run has an export)."""
@@ -177,19 +192,10 @@ def minority_section(cfg: EvalConfig, out: Path, device: torch.device, dtype: to
             if rc is None or not (rc.get("data") or {}).get("shards"):
                 why = "no export/ or config.yaml in the run folder: the audit reads the records' h"
             else:
-                base = (rc.get("model") or {}).get("path") or load_manifest(rc["data"]["shards"])["model"][
-                    "path"
-                ]
-                info = inspect_model(base)
-                fm = finals.get(str(info.path))
-                if fm is None:
-                    fm = finals[str(info.path)] = FinalMargins(
-                        info, device, dtype, m.audit_draws, m.audit_batch_size, cfg.preference.seed
-                    )
-                unet = unet_specs.load(spec, info, dtype).to(device).eval()
-                final = fm.margins(rc, unet)
-                del unet
-                free_device(device)
+                try:  # a run whose training shards are not on this machine: the records' h
+                    final = _final_margins(cfg, rc, spec, finals, device, dtype)
+                except UserError as e:
+                    why = f"{e}: the audit reads the records' h"
         reports[name] = run_report(
             path, out, name, m.bins, m.high_u_quantile, m.min_user_pairs, m.last_epochs, final=final
         )

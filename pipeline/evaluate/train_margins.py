@@ -21,6 +21,8 @@ both images, the reference's forward), so at 2 draws the audit is about half an 
 
 from __future__ import annotations
 
+import gc
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +34,13 @@ from pipeline.engine.context import RunContext
 from pipeline.errors import UserError
 from pipeline.evaluate.preference import HeldOutDraws, implicit_margins, iter_pairs
 from pipeline.models import ModelInfo, load_scheduler, load_unet
+
+
+def free_device(device: torch.device) -> None:
+    """Give the device's cached blocks back once a UNet is dropped."""
+    gc.collect()
+    if device.type == "cuda" and torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def training_pairs(
@@ -75,7 +84,7 @@ def trained_flips(run_config: dict, keys, user_ids, captions) -> np.ndarray:
 
 
 class FinalMargins:
-    """``margins(run_config, unet)``: {key, user_id, flipped, true_agrees, h} over the run's training
+    """``margins(run_config, load_policy)``: {key, user_id, flipped, true_agrees, h} over the run's training
     pairs, h the mean over ``draws`` of d_ref - d_policy against the label trained on. The reference's
     pass is kept for every other run on the same shards."""
 
@@ -92,16 +101,22 @@ class FinalMargins:
         self.draws, self.batch_size, self.seed = draws, batch_size, seed
         self._ref: dict[str, tuple[HeldOutDraws, list]] = {}
 
-    def margins(self, run_config: dict, unet) -> dict[str, np.ndarray]:
+    def margins(self, run_config: dict, load_policy: Callable[[], torch.nn.Module]) -> dict[str, np.ndarray]:
+        """``load_policy()`` gives the run's UNet on the device, called after the reference's pass
+        (one UNet on the device at a time); dropped before returning."""
         key = str((run_config.get("data") or {}).get("shards"))
         if key not in self._ref:
             pairs = training_pairs(run_config, self.info, self.ctx, self.draws, self.batch_size, self.seed)
             ref = load_unet(self.info.path, self.ctx.dtype).to(self.ctx.device).eval()
             ref_d = pairs.d(ref)
             del ref
+            free_device(self.ctx.device)
             self._ref[key] = (pairs, ref_d)
         pairs, ref_d = self._ref[key]
+        unet = load_policy()
         h = implicit_margins({"policy": unet}, ref_d, pairs)["policy"].astype(np.float64)
+        del unet
+        free_device(self.ctx.device)
         keys, users = pairs.keys, pairs.column("user_id")
         flipped = trained_flips(run_config, keys, users, pairs.column("caption"))
         truth = pairs.column("true_agrees").astype(np.float64)

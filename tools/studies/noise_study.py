@@ -176,8 +176,10 @@ def final_margins_fn(a, model: Path):
     def final(run: Path) -> dict:
         f = run / f"audit_final_d{a.audit_draws}.parquet"
         if not f.is_file():
-            unet = load_unet(str(run / "export" / "unet"), subfolder=None).eval()
-            write_margins(fm.margins(yaml.safe_load((run / "config.yaml").read_text()), unet), f)
+            rc = yaml.safe_load((run / "config.yaml").read_text())
+            write_margins(
+                fm.margins(rc, lambda: load_unet(str(run / "export" / "unet"), subfolder=None).eval()), f
+            )
         t = pq.read_table(f).to_pydict()
         return {k: np.asarray(v, dtype=object if k == "key" else float) for k, v in t.items()}
 
