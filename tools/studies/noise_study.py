@@ -23,8 +23,10 @@ Per run, from its per-pair records and its last checkpoint: the share of trainin
 truth ("noisy"), AUROC over pairs of the run's minority score ``u`` (em_dpo: the posterior that the
 label is flipped; Adaptive-DPO: its u) and of ``-h`` against "noisy"; where whole annotators are the
 minority (``user``, ``taste``), AUROC over annotators of em_dpo's final per-annotator flip rate (other
-objectives: the annotator's mean ``u``, else mean ``-h``: the evaluation report's audit); em_dpo's
-final estimated global rate against the true share. ``robust_dpo`` is the oracle: told the true share.
+objectives: the annotator's mean ``u``, else mean ``-h``), and the evaluation report's audit: the
+shrunk per-annotator flip rates fitted to the records' margins and to the final policy's margins on
+every training pair (``--audit-draws``, cached in each run folder as ``audit_final_dN.parquet``);
+em_dpo's final estimated global rate against the true share. ``robust_dpo`` is the oracle: told the true share.
 
 Outputs in OUT: ``results.json`` (every run, every summary), ``table.md`` (mean ± s.e. over seeds,
 differences paired by seed), ``accuracy.png``. Finished runs and evaluations are skipped on a rerun.
