@@ -6,6 +6,7 @@ family name except through these fields.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 from dataclasses import dataclass
@@ -139,6 +140,13 @@ def load_scheduler(info: ModelInfo):
     from diffusers import DDPMScheduler
 
     return DDPMScheduler.from_pretrained(info.path, subfolder="scheduler")
+
+
+def free_device(device: torch.device) -> None:
+    """Give the device's cached blocks back once a model is dropped (the caching allocator keeps them)."""
+    gc.collect()
+    if device.type == "cuda" and torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def pick_device(device: str, local_rank: int = 0) -> torch.device:

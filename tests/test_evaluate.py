@@ -163,7 +163,8 @@ def test_the_audit_scores_every_training_pair_with_the_final_policy(
     (run / "config.yaml").write_text(cfg)
     assert cli_main([*args, "minority.audit_draws=1", f"output={tmp_path / 'r1'}"]) == 0
     rep1 = json.loads((tmp_path / "r1" / "report.json").read_text())["minority"]["r"]
-    assert rep1["audit_margins"] == "records" and "training shards are not there" in rep1["audit_note"]
+    assert rep1["audit_margins"] == "records" and "no manifest" in rep1["audit_note"]
+    assert str(tmp_path / "gone") in rep1["audit_note"]
 
 
 def test_generation_is_seeded_and_reproducible(tiny_sd15, perturbed_unet, tmp_path):

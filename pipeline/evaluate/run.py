@@ -5,7 +5,6 @@ standard error per metric per model), PNG plots and image grids.
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 from pathlib import Path
@@ -26,7 +25,7 @@ from pipeline.evaluate.preference import HeldOutDraws, implicit_margins, iter_pa
 from pipeline.evaluate.report import bar_plot, markdown_table, mean_sem
 from pipeline.evaluate.scorers import build_scorers
 from pipeline.evaluate.train_margins import FinalMargins
-from pipeline.models import DTYPES, inspect_model, load_scheduler, load_unet, pick_device
+from pipeline.models import DTYPES, free_device, inspect_model, load_scheduler, load_unet, pick_device
 from pipeline.schema.evaluate import EvalConfig
 
 log = logging.getLogger("pipeline.evaluate.run")
@@ -100,13 +99,6 @@ def preference_section(cfg: EvalConfig, specs, info, device, dtype, rows: dict, 
 CPU = torch.device("cpu")
 
 
-def free_device(device: torch.device) -> None:
-    """Give the device's cached blocks back once a model is dropped (the caching allocator keeps them)."""
-    gc.collect()
-    if device.type == "cuda" and torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 def place_scorer(scorer, device: torch.device) -> None:
     """Move a scorer's modules to ``device``, and its inputs with them (``Scorer.device``)."""
     for value in vars(scorer).values():
@@ -163,8 +155,6 @@ def generation_section(
 def _final_margins(cfg: EvalConfig, rc: dict, spec, finals: dict, device, dtype) -> dict:
     """The run's final margins on its training pairs (train_margins.FinalMargins, one per base model)."""
     shards = rc["data"]["shards"]
-    if not Path(shards, "manifest.json").is_file():
-        raise UserError(f"data.shards={shards}: the run's training shards are not there (no manifest.json)")
     info = inspect_model((rc.get("model") or {}).get("path") or load_manifest(shards)["model"]["path"])
     m = cfg.minority
     fm = finals.get(str(info.path))
@@ -195,7 +185,7 @@ def minority_section(cfg: EvalConfig, out: Path, device: torch.device, dtype: to
                 try:  # a run whose training shards are not on this machine: the records' h
                     final = _final_margins(cfg, rc, spec, finals, device, dtype)
                 except UserError as e:
-                    why = f"{e}: the audit reads the records' h"
+                    why = f"the run's training shards: {e}; the audit reads the records' h"
         reports[name] = run_report(
             path, out, name, m.bins, m.high_u_quantile, m.min_user_pairs, m.last_epochs, final=final
         )

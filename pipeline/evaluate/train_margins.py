@@ -21,7 +21,6 @@ both images, the reference's forward), so at 2 draws the audit is about half an 
 
 from __future__ import annotations
 
-import gc
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,14 +32,7 @@ from pipeline.data.shards import load_manifest
 from pipeline.engine.context import RunContext
 from pipeline.errors import UserError
 from pipeline.evaluate.preference import HeldOutDraws, implicit_margins, iter_pairs
-from pipeline.models import ModelInfo, load_scheduler, load_unet
-
-
-def free_device(device: torch.device) -> None:
-    """Give the device's cached blocks back once a UNet is dropped."""
-    gc.collect()
-    if device.type == "cuda" and torch.cuda.is_available():
-        torch.cuda.empty_cache()
+from pipeline.models import ModelInfo, free_device, load_scheduler, load_unet
 
 
 def training_pairs(
@@ -48,9 +40,9 @@ def training_pairs(
 ):
     """The run's training pairs (``data.shards``) as streamed ``HeldOutDraws``, as labelled."""
     shards = (run_config.get("data") or {}).get("shards")
-    if not shards or not Path(shards, "manifest.json").is_file():
-        raise UserError(f"data.shards={shards}: the run's training shards are not there (no manifest.json)")
-    manifest = load_manifest(shards)
+    if not shards:
+        raise UserError("data.shards: the run's config names no training shards")
+    manifest = load_manifest(shards)  # refuses a folder without one
     if manifest["model"]["config_hash"] != info.config_hash:
         raise UserError(f"data.shards={shards} were encoded with another model than {info.path}")
     return HeldOutDraws(

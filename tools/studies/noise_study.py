@@ -223,25 +223,28 @@ def run_stats(run: Path, structure: str, minority_users: set[int], final_fn=None
         truth = np.array([int(u) in minority_users for u in ids])
         res["auroc_annotators"] = auroc(score, truth)
         few = np.array([(users == u).sum() for u in ids]) <= 10
-        # the audit from training records: the label-flip model fitted to each pair's margin when it was
-        # trained on, each annotator's rate shrunk toward the global one (4 pairs' weight)
-        fit = posthoc_flip_rates(run, rec)
-        if fit is not None:
+
+        def audit(margins: dict, suffix: str) -> bool:
+            """The report's audit on ``margins``: shrunk post-hoc rates (all, <= 10 labels), mean -h."""
+            fit = posthoc_flip_rates(run, margins)
+            if fit is None:
+                return False
+            mu = margins["user_id"].astype(int)
             shrunk = np.array([fit[1][int(u)] for u in ids])
-            res["auroc_annotators_shrunk"] = auroc(shrunk, truth)
-            res["auroc_annotators_mean_h"] = auroc([-rec["h"][users == u].mean() for u in ids], truth)
+            res[f"auroc_annotators{suffix}_shrunk"] = auroc(shrunk, truth)
+            res[f"auroc_annotators{suffix}_mean_h"] = auroc(
+                [-margins["h"][mu == u].mean() for u in ids], truth
+            )
             if truth[few].any() and (~truth[few]).any():
-                res["auroc_annotators_shrunk_few"] = auroc(shrunk[few], truth[few])
-        if final_fn is not None and fit is not None:  # the report's audit: the final policy's margins
+                res[f"auroc_annotators{suffix}_shrunk_few"] = auroc(shrunk[few], truth[few])
+            return True
+
+        # from the records (each pair's margin when it was trained on), then as the report does it now:
+        # the final policy's margins on every training pair
+        if audit(rec, "") and final_fn is not None:
             fin = final_fn(run)
-            fu = fin["user_id"].astype(int)
             res["auroc_pairs_neg_h_final"] = auroc(-fin["h"], fin["true_agrees"] < 0.5)
-            ffit = posthoc_flip_rates(run, fin)
-            fshrunk = np.array([ffit[1][int(u)] for u in ids])
-            res["auroc_annotators_final_shrunk"] = auroc(fshrunk, truth)
-            res["auroc_annotators_final_mean_h"] = auroc([-fin["h"][fu == u].mean() for u in ids], truth)
-            if truth[few].any() and (~truth[few]).any():
-                res["auroc_annotators_final_shrunk_few"] = auroc(fshrunk[few], truth[few])
+            audit(fin, "_final")
     return res
 
 
