@@ -5,6 +5,7 @@ with real DeepSpeed ZeRO-2 on gloo: learning, exact resume after SIGKILL, world-
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -22,6 +23,7 @@ from safetensors.torch import load_file
 
 from pipeline.engine.dist import free_port
 from pipeline.engine.ds_config import build_ds_config
+from pipeline.evaluate.preference import iter_pairs
 from pipeline.metrics_log import read_metrics, read_pair_records
 from pipeline.schema.train import TrainConfig, TrainData, TrainOutput
 from tests.helpers.run import ROOT, TRAIN_CFG, check, env, train
@@ -606,6 +608,35 @@ def test_per_pair_flip_rates_reach_the_trainer(shards16, tmp_path):
     )
     assert [r["loss"] for r in a] == [r["loss"] for r in b]
     assert [r["eps_pair"] for r in b] == [0.25, 0.25] and "eps_pair" not in a[0]
+
+
+def test_annotator_weights_multiply_each_pairs_loss(shards16, tmp_path):
+    """data.annotator_weights: each pair's loss is its annotator's weight times DPO's. At step 1 the
+    policy is the reference (h = 0), so a pair's loss is exactly w ln 2; later, w softplus(-beta h).
+    The shards' second annotator is absent from the file: weight 1."""
+    users = sorted({int(s["meta"]["user_id"]) for s in iter_pairs(shards16)})
+    assert len(users) == 2
+    table = {users[0]: 0.25, -5: 3.0}  # -5: labels none of these pairs
+    f = tmp_path / "w.json"
+    f.write_text(
+        json.dumps(
+            {
+                "format": "annotator_weights/1",
+                "annotators": [{"user_id": u, "labels": 1, "weight": w} for u, w in table.items()],
+            }
+        )
+    )
+    out = tmp_path / "run"
+    check(train(shards16, out, "train.max_steps=2", "checkpoint.export=false", f"data.annotator_weights={f}"))
+    rec = read_pair_records(out).to_pydict()
+    w = np.array([table.get(u, 1.0) for u in rec["user_id"]])
+    assert np.array_equal(np.array(rec["annotator_weight"], dtype=np.float32), w.astype(np.float32))
+    loss, logit, step = (np.array(rec[k]) for k in ("loss", "logit", "step"))
+    first = step == 1
+    assert np.allclose(logit[first], 0.0, atol=1e-6) and first.sum() == 4
+    assert np.allclose(loss[first], w[first] * math.log(2), rtol=1e-6, atol=1e-7)
+    assert np.allclose(loss[~first], w[~first] * np.logaddexp(0.0, -logit[~first]), rtol=1e-5, atol=1e-7)
+    assert set(w[first]) == {0.25, 1.0}  # step 1 holds pairs of both annotators
 
 
 def test_bf16_mixed_precision_trains_and_exports_fp32_masters(shards16, tmp_path):

@@ -21,16 +21,16 @@ from pathlib import Path
 
 import torch
 
+from pipeline.data.annotator_weights import AnnotatorTable
 from pipeline.errors import UserError
 
 
-class FlipRateTable:
-    def __init__(self, user_ids: list[int], rates: list[float], global_rate: float):
-        order = sorted(range(len(user_ids)), key=lambda i: user_ids[i])
-        self.ids = torch.tensor([user_ids[i] for i in order], dtype=torch.int64)
-        self.rates = torch.tensor([rates[i] for i in order], dtype=torch.float32)
-        self.global_rate = float(global_rate)
-        self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+class FlipRateTable(AnnotatorTable):
+    """user_id -> flip rate (``lookup``: [B] rates on the device); absent annotators: the global rate."""
+
+    @property
+    def global_rate(self) -> float:
+        return self.default
 
     @classmethod
     def from_file(cls, path: str | Path, key: str = "objective.flip_rates") -> FlipRateTable:
@@ -58,20 +58,6 @@ class FlipRateTable:
         if len(set(ids)) != len(ids):
             raise UserError(f"{key}={p}: a user_id appears twice")
         return cls(ids, rates, glob)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def lookup(self, user_ids: torch.Tensor) -> torch.Tensor:
-        """[B] int64 user ids (on the compute device) -> [B] float32 rates, on that device, no host sync."""
-        dev = user_ids.device
-        if dev not in self._on:
-            self._on[dev] = (self.ids.to(dev), self.rates.to(dev))
-        ids, rates = self._on[dev]
-        if len(ids) == 0:
-            return torch.full(user_ids.shape, self.global_rate, dtype=torch.float32, device=dev)
-        idx = torch.searchsorted(ids, user_ids).clamp_(max=len(ids) - 1)
-        return torch.where(ids[idx] == user_ids, rates[idx], self.global_rate)
 
 
 def fold(eps: torch.Tensor, cap: float) -> tuple[torch.Tensor, torch.Tensor]:

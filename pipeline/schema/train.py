@@ -47,6 +47,8 @@ class TrainData:
     flip_by: Literal["pair", "user", "prompt"] = "pair"  # unit of flipping
     sample_latents: bool = False  # z = mean + std * eps (needs shards encoded with output.store_std)
     verify_sha256: bool = False  # hash each shard before training (ranks share the work); refuse a mismatch
+    # each pair's loss times its annotator's weight, min(1, cap / labels) at mean 1; pair objectives only
+    annotator_weights: Text | None = None  # annotator_weights.json of tools.annotator_weights
 
 
 @dataclass
@@ -173,6 +175,13 @@ class TrainConfig:
                 "adaptive_d3po only; "
                 f"objective.name={self.objective.name} trains on the encoded pairs in data.shards (drop "
                 "data.preferences)"
+            )
+        if getattr(self.data, "annotator_weights", None) is not None and self.objective.name in get_args(
+            TrajectoryObjectiveName
+        ):
+            errs.append(
+                f"data.annotator_weights: weighs labelled pairs of data.shards; objective.name={self.objective.name} "
+                "trains on sampled trajectories (drop data.annotator_weights)"
             )
         return errs
 

@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import torch
 
+from pipeline.data.annotator_weights import AnnotatorWeights
 from pipeline.engine.context import RunContext
 from pipeline.engine.ema import ShardedEMA
 from pipeline.losses.diffusion import UNetInputs, diffusion_errors, pair_inputs, run_unet, step_seed
@@ -28,8 +29,10 @@ class PreferenceStep:
         ctx: RunContext,
         seed: int,
         sample_latents: bool = False,
+        annotator_weights: AnnotatorWeights | None = None,
     ):
         self.objective = objective
+        self.annotator_weights = annotator_weights
         self.scheduler = scheduler
         self.prediction_type = prediction_type
         self.ctx = ctx
@@ -76,4 +79,8 @@ class PreferenceStep:
                     ema_errs.append(diffusion_errors(run_unet(module, x), x, losers))
         pol_err = diffusion_errors(run_unet(policy, x), x, losers)
         fields = {k: batch[k].to(self.ctx.device) for k in self.objective.batch_fields}
-        return self.objective(ModelErrors(pol_err, ref_err, ema_errs, fields))
+        out = self.objective(ModelErrors(pol_err, ref_err, ema_errs, fields))
+        if self.annotator_weights is None:
+            return out
+        w = self.annotator_weights.lookup(batch["user_id"].to(self.ctx.device))
+        return LossOutput(out.loss * w, out.stats | {"annotator_weight": w})

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.data.annotator_weights import AnnotatorWeights
 from pipeline.data.loader import Layout, PairStream, make_loader
 from pipeline.data.shards import load_manifest, sha256_file
 from pipeline.engine.context import RunContext
@@ -61,6 +62,10 @@ class PairWorkload(Workload):
         missing = [str(p) for p in listed if not p.is_file()]
         if missing:
             raise UserError(f"files listed in the manifest are missing: {', '.join(missing[:5])}")
+        d = cfg.data
+        self.annotator_weights = (
+            AnnotatorWeights.from_file(d.annotator_weights) if d.annotator_weights else None
+        )
         # (u, h, flipped) of the most recent pairs, for the AUROCs of u and -h against the flips
         self.window: deque = deque(maxlen=max(cfg.train.auroc_window, 0))
 
@@ -76,6 +81,7 @@ class PairWorkload(Workload):
             ctx,
             cfg.train.seed,
             cfg.data.sample_latents,
+            self.annotator_weights,
         )
 
     def _verify_shards(self, ctx: RunContext) -> None:

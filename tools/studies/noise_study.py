@@ -38,11 +38,13 @@ import argparse
 import json
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 
+from pipeline.data.annotator_weights import label_counts, write_weights
 from pipeline.schema.evaluate import EvalMinority
 from tools.studies.robustness import ROOT, _env, prepare, train_all
 
@@ -58,6 +60,8 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "robust_dpo_fixed": ("configs/train/tiny_robust_dpo.yaml", ["objective.eps=0.2"]),
     "robust_dpo_fixed30": ("configs/train/tiny_robust_dpo.yaml", ["objective.eps=0.3"]),
     "robust_dpo_fixed40": ("configs/train/tiny_robust_dpo.yaml", ["objective.eps=0.4"]),
+    # + each annotator's labels weigh at most the median annotator's count (data.annotator_weights)
+    "robust_dpo_fixed40_balanced": ("configs/train/tiny_robust_dpo.yaml", ["objective.eps=0.4"]),
     "bounded_dpo": ("configs/train/tiny_bounded_dpo.yaml", []),
     "cdpo": ("configs/train/tiny_cdpo.yaml", []),
     "adaptive_calibrated": (CALIBRATED, []),
@@ -126,6 +130,18 @@ def noisy_share(shards: Path, structure: str, seed: int) -> float:
     return float(np.mean(bad))
 
 
+_WEIGHTS_LOCK = threading.Lock()
+
+
+def annotator_weights_for(shards: Path) -> Path:
+    """The data set's annotator_weights.json (tools.annotator_weights at the median cap), made once."""
+    out = shards.parent.parent / "annotator_weights.json"
+    with _WEIGHTS_LOCK:
+        if not out.is_file():
+            write_weights(label_counts(str(shards.parent.parent / "data" / "train")), None, out)
+    return out
+
+
 def train_run(
     a, world: str, structure: str, variant: str, data_seed: int, seed: int, shards: Path
 ) -> tuple[str, int, str]:
@@ -153,6 +169,8 @@ def train_run(
     ]
     if kind in ("pair", "user", "prompt"):
         cmd += [f"data.flip_rate={rate}", f"data.flip_by={kind}", f"data.flip_seed={seed}"]
+    if variant.endswith("_balanced"):
+        cmd.append(f"data.annotator_weights={annotator_weights_for(shards)}")
     if variant == "robust_dpo":  # the oracle
         cmd.append(f"objective.eps={min(a.noisy[(world, structure, data_seed, seed)], 0.49)}")
     p = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True)
