@@ -40,7 +40,9 @@ def label_counts(source: str) -> Counter:
     files = list_sources(source)
     check_columns(files)
     res = scan(files)
-    ids = [pq.read_table(f, columns=["user_id"])["user_id"].to_numpy() for f in files]
+    ids = [
+        pq.read_table(f, columns=["user_id"])["user_id"].to_pylist() for f in files
+    ]  # exact int64, nulls kept as None
     return Counter(int(ids[fi][r]) for fi, r in res.kept)
 
 
