@@ -82,5 +82,6 @@ class PreferenceStep:
         out = self.objective(ModelErrors(pol_err, ref_err, ema_errs, fields))
         if self.annotator_weights is None:
             return out
-        w = self.annotator_weights.lookup(batch["user_id"].to(self.ctx.device))
+        uid = fields["user_id"] if "user_id" in fields else batch["user_id"].to(self.ctx.device)
+        w = self.annotator_weights.lookup(uid)
         return LossOutput(out.loss * w, out.stats | {"annotator_weight": w})
