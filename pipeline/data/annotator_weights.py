@@ -108,27 +108,34 @@ class AnnotatorTable:
         idx = torch.searchsorted(ids, user_ids).clamp_(max=len(ids) - 1)
         return torch.where(ids[idx] == user_ids, values[idx], self.default)
 
+    @staticmethod
+    def read(path: str | Path, key: str, what: str, writer: str, parse):
+        """``parse(json document)`` -> (user ids, ...) of a per-annotator file, with one clear line for a
+        missing file, an unreadable or malformed one (naming ``key`` and the file) and a repeated user_id."""
+        p = Path(path)
+        try:
+            out = parse(json.loads(p.read_text()))
+        except FileNotFoundError as e:
+            raise UserError(f"{key}={p}: no such file ({writer} writes it)") from e
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{key}={p}: not {what} of {writer} ({type(e).__name__}: {e})") from e
+        if len(set(out[0])) != len(out[0]):
+            raise UserError(f"{key}={p}: a user_id appears twice")
+        return out
+
 
 class AnnotatorWeights(AnnotatorTable):
     @classmethod
     def from_file(cls, path: str | Path, key: str = "data.annotator_weights") -> AnnotatorWeights:
-        p = Path(path)
-        try:
-            d = json.loads(p.read_text())
+        def parse(d: dict) -> tuple[list[int], list[float]]:
             if d.get("format") != FORMAT:
                 raise ValueError(f"format {d.get('format')!r}, expected {FORMAT!r}")
-            ann = d["annotators"]
-            ids = [int(a["user_id"]) for a in ann]
-            weights = [float(a["weight"]) for a in ann]
-        except FileNotFoundError as e:
-            raise UserError(f"{key}={p}: no such file (python -m tools.annotator_weights writes it)") from e
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise UserError(
-                f"{key}={p}: not an annotator_weights.json of tools.annotator_weights ({type(e).__name__}: {e})"
-            ) from e
+            return [int(a["user_id"]) for a in d["annotators"]], [float(a["weight"]) for a in d["annotators"]]
+
+        ids, weights = cls.read(
+            path, key, "an annotator_weights.json", "python -m tools.annotator_weights", parse
+        )
         bad = [w for w in weights if not (math.isfinite(w) and w >= 0)]
         if bad:
-            raise UserError(f"{key}={p}: weights must be finite and >= 0, found {bad[0]}")
-        if len(set(ids)) != len(ids):
-            raise UserError(f"{key}={p}: a user_id appears twice")
+            raise UserError(f"{key}={path}: weights must be finite and >= 0, found {bad[0]}")
         return cls(ids, weights, 1.0)

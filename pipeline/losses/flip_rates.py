@@ -15,7 +15,6 @@ absent from the file (e.g. public Pick-a-Pic rows mixed in) get the file's globa
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -34,29 +33,20 @@ class FlipRateTable(AnnotatorTable):
 
     @classmethod
     def from_file(cls, path: str | Path, key: str = "objective.flip_rates") -> FlipRateTable:
-        p = Path(path)
-        try:
-            d = json.loads(p.read_text())
+        def parse(d: dict) -> tuple[list[int], list[float], float, bool]:
             ann = d["annotators"]
-            ids = [int(a["user_id"]) for a in ann]
-            rates = [float(a["flip_rate"]) for a in ann]
-            glob = float(d["global_flip_rate"])
-        except FileNotFoundError as e:
-            raise UserError(f"{key}={p}: no such file (stages.label export writes flip_rates.json)") from e
-        except (OSError, ValueError, KeyError, TypeError) as e:
+            ids, rates = [int(a["user_id"]) for a in ann], [float(a["flip_rate"]) for a in ann]
+            return ids, rates, float(d["global_flip_rate"]), any(int(a.get("informative", 0)) for a in ann)
+
+        ids, rates, glob, informative = cls.read(path, key, "a flip_rates.json", "stages.label export", parse)
+        if not informative:
             raise UserError(
-                f"{key}={p}: not a flip_rates.json of stages.label export ({type(e).__name__}: {e})"
-            ) from e
-        if not any(int(a.get("informative", 0)) for a in ann):
-            raise UserError(
-                f"{key}={p}: measures nothing (no item was judged by two annotators and no check item "
+                f"{key}={path}: measures nothing (no item was judged by two annotators and no check item "
                 "was answered): every rate is the prior. Label with assignment.per_item >= 2 or checks.count > 0"
             )
         bad = [r for r in rates + [glob] if not (math.isfinite(r) and 0.0 <= r <= 1.0)]
         if bad:
-            raise UserError(f"{key}={p}: flip rates must lie in [0, 1], found {bad[0]}")
-        if len(set(ids)) != len(ids):
-            raise UserError(f"{key}={p}: a user_id appears twice")
+            raise UserError(f"{key}={path}: flip rates must lie in [0, 1], found {bad[0]}")
         return cls(ids, rates, glob)
 
 
