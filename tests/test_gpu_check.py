@@ -57,7 +57,10 @@ def test_the_gpu_check_runs_in_cpu_mode(tmp_path):
     assert f["d3po"]["loss_step1"] == pytest.approx(math.log(2), abs=1e-6)
     assert f["multi_gpu"]["backend"] == "gloo" and f["multi_gpu"]["resumed_on"] == 1
     assert f["encode_sd15"]["pairs_vae_fp32"] == f["encode_sdxl"]["pairs_vae_fp32"] == 48
-    assert f["full_sd15"]["dpo_step_s"] > 0 and f["full_sd15"]["adaptive_m3_over_dpo"] > 1
+    # one timed step each on the CPU: the times are only checked to be there (speed lives in BENCHMARKS.md);
+    # the EMA gathers are counted, not timed: none per step with resident buffers on one process
+    assert f["full_sd15"]["dpo_step_s"] > 0 and f["full_sd15"]["adaptive_m3_over_dpo"] > 0
+    assert f["full_sd15"]["adaptive_m3_ema_gathers_per_step"] == 0
     assert f["full_sd15"]["zero1_dpo_step_s"] > 0 and f["full_sd15"]["grad_accum"] == 4
     assert (
         f["full_sd15"]["d3po_step_s"] > 0 and f["full_sd15"]["d3po_mfu"] > 0

@@ -70,10 +70,37 @@ def finish(p: subprocess.Popen) -> str:
     return out
 
 
+def ban_model_phases(mp: pytest.MonkeyPatch) -> None:
+    """Sample, feedback and eval run in children (a process gives its CUDA memory back only when it
+    exits, and the trainer shares the GPU): loading a sampler, a feedback run or a reward in the loop's
+    own process raises."""
+    from pipeline.d3po import feedback, rewards, sampling
+
+    def banned(*a, **k):
+        raise AssertionError("a model phase ran in the loop's process")
+
+    for mod, name in (
+        (sampling, "sample_trajectories"),  # the sample phase and the eval's samples
+        (feedback, "decide_preferences"),  # the feedback phase
+        (feedback, "make_rewards"),  # the eval's rewards
+        (rewards, "make_reward"),
+    ):
+        mp.setattr(mod, name, banned)
+
+
 @pytest.fixture(scope="module")
 def online_run(tiny_sd15, files, tmp_path_factory):
+    """The uninterrupted two-round loop, run in this process with every model phase banned from it."""
+    from stages.online import cli_main
+
     out = tmp_path_factory.mktemp("online") / "loop"
-    finish(start(tiny_sd15, files, out))
+    with pytest.MonkeyPatch.context() as mp:
+        for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+            mp.delenv(k, raising=False)
+        for k, v in env().items():  # the children's environment as start()'s (one thread: the same bytes)
+            mp.setenv(k, v)
+        ban_model_phases(mp)
+        assert cli_main(args(tiny_sd15, files, out)) == 0
     return out
 
 
@@ -224,28 +251,14 @@ def test_round_seeds_of_neighbouring_loop_seeds_do_not_collide():
 
 
 @pytest.mark.slow
-def test_the_loop_process_loads_no_model(tiny_sd15, files, tmp_path, monkeypatch):
-    """Sample, feedback and eval run in children (a process gives its CUDA memory back only when it
-    exits, and the trainer shares the GPU): in the loop's own process, loading a sampler, a feedback
-    run or a reward fails this test, and the loop still finishes."""
-    from pipeline.d3po import feedback, rewards, sampling
-    from stages.online import cli_main
-
-    def banned(*a, **k):
-        raise AssertionError("a model phase ran in the loop's process")
-
-    for mod, name in (
-        (sampling, "sample_trajectories"),  # the sample phase and the eval's samples
-        (feedback, "decide_preferences"),  # the feedback phase
-        (feedback, "make_rewards"),  # the eval's rewards
-        (rewards, "make_reward"),
-    ):
-        monkeypatch.setattr(mod, name, banned)
-    out = tmp_path / "loop"
-    assert cli_main(args(tiny_sd15, files, out, "rounds=1", "steps_per_round=1")) == 0
-    rep = json.loads((out / "report.json").read_text())
-    assert [r["round"] for r in rep["rounds"]] == [-1, 0]
-    assert (out / "round_000" / "eval" / "scores.json").is_file()
+def test_the_loop_process_loads_no_model(online_run):
+    """The fixture's loop ran in this process with sampling, feedback and rewards banned from it
+    (ban_model_phases) and finished both rounds: every model phase ran in a child."""
+    rep = json.loads((online_run / "report.json").read_text())
+    assert [r["round"] for r in rep["rounds"]] == [-1, 0, 1]
+    for d in ("eval_base", "round_000/eval", "round_001/eval"):
+        assert (online_run / d / "scores.json").is_file()
+    assert (online_run / "round_001" / "sample" / "manifest.json").is_file()
 
 
 @pytest.mark.slow

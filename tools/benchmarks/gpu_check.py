@@ -558,10 +558,10 @@ def _full(ctx: Context, shape: str) -> dict:
 
     cfg_file = ROOT / "configs" / "train" / f"{shape}_dpo.yaml"
     micro = load_config(TrainConfig, cfg_file, ["data.shards=x", "output.dir=x"]).data.micro_batch
-    if ctx.cpu:
-        width, latent, micro = 0.125, 16, 1  # the code path only
+    if ctx.cpu:  # the code path only: one timed step after the warm-up
+        width, latent, micro, steps = 0.125, 16, 1, 1
     else:
-        width, latent = 1.0, 64 if shape == "sd15" else 128
+        width, latent, steps = 1.0, 64 if shape == "sd15" else 128, 3
     accum = 4
 
     def bench(tag: str, objectives: list[str], *extra: str) -> dict:
@@ -586,7 +586,7 @@ def _full(ctx: Context, shape: str) -> dict:
                 ctx.attention,
                 "--grad-ckpt",
                 "--steps",
-                "3",
+                str(steps),
                 "--skip-usual",
                 "--skip-breakdown",
                 "--objectives",
