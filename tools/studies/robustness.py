@@ -403,8 +403,9 @@ def write_outputs(a, table: dict) -> str:
         fig.tight_layout()
         fig.savefig(a.out / "accuracy_vs_flip.png", dpi=120)
     else:
-        # up to 20 variants: 20 distinct colours, dashed for the adaptive family, legend beside the axes
-        colours = plt.get_cmap("tab20").colors
+        # up to 40 variants in distinct colours (tab20, then tab20b), dashed for the adaptive family, legend
+        # beside the axes
+        colours = plt.get_cmap("tab20").colors + plt.get_cmap("tab20b").colors
         fig, axes = plt.subplots(1, len(a.flips), figsize=(5.5 * len(a.flips) + 3, 5), squeeze=False)
         for ax, f in zip(axes[0], a.flips):
             for i, v in enumerate(a.variants):
