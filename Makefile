@@ -36,16 +36,18 @@ demo: setup
 	$(BIN)/python -m tools.demo
 
 # Both tiers (fast + slow: multi-process DeepSpeed, browser, subprocess stages); prints the slowest
-# tests so the suite's growth is seen before it reaches CI's limit. Test files run in parallel, one
-# pytest worker per core up to 4 (a file's tests stay on one worker: its module fixtures are built once;
-# every worker and every process a test starts runs torch on one thread).
+# tests so the suite's growth is seen before it reaches CI's limit. Tests run in parallel, one pytest
+# worker per core up to 4 (a file's tests stay on one worker, so its module fixtures are built once, except
+# the files tests/conftest.py spreads; the longest start first; every worker and every process a test
+# starts runs torch on one thread).
+XDIST := -n auto --maxprocesses 4 --dist loadfile --no-loadscope-reorder
 test: setup system-deps
-	$(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist loadfile --durations=25
+	$(BIN)/python -m pytest -q $(XDIST) --durations=25
 
 # The developer's tier: no subprocesses and no servers (tests/conftest.py fails a test not marked slow
 # that starts one), a minute or two; files in parallel as in `make test`.
 test-fast: setup system-deps
-	$(BIN)/python -m pytest -q -m "not slow" -n auto --maxprocesses 4 --dist loadfile --durations=10
+	$(BIN)/python -m pytest -q -m "not slow" $(XDIST) --durations=10
 
 # The one command for a machine with a GPU: does the project work here, and what does a step cost
 # (tools/benchmarks/gpu_check.py; under 10 minutes on one GPU; gpu_check/gpu_check.md is the table for

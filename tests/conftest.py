@@ -77,6 +77,45 @@ def pytest_runtest_makereport(item, call):
     return report
 
 
+# Parallel runs (`make test`: pytest-xdist, --dist loadfile --no-loadscope-reorder). A file's tests form one
+# unit on one worker, so its module fixtures are built once; the files in SPREAD use session fixtures
+# only and their tests go one by one to whichever worker is free. Units start longest first (LONG_FIRST,
+# measured with --durations), so that no worker begins a four-minute file while the other is finishing.
+# (xdist's own --dist loadgroup cannot do this under pytest 9: it renames items through a removed attribute.)
+SPREAD = {"test_train.py", "test_noise_model.py", "test_tools.py"}
+LONG_FIRST = (
+    "test_gpu_check.py",
+    "test_online.py",
+    "test_online_human.py",
+    "test_fp16.py",
+    "test_evaluate.py",
+    "test_label_loop.py",
+    "test_d3po_train.py",
+    "test_train.py",
+    "test_noise_model.py",
+)
+
+
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: pytest without xdist runs the suite serially
+def pytest_xdist_make_scheduler(config, log):
+    if config.getoption("dist") != "loadfile":
+        return None  # xdist's own
+    from xdist.scheduler import LoadFileScheduling
+
+    class FilesOrSpread(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return nodeid if path.rsplit("/", 1)[-1] in SPREAD else path
+
+    return FilesOrSpread(config, log)
+
+
+def pytest_collection_modifyitems(config, items):
+    if hasattr(config, "workerinput"):  # an xdist worker: the controller schedules in this order
+        rank = {name: i for i, name in enumerate(LONG_FIRST)}
+        items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FIRST)))  # stable: file order kept
+
+
 @pytest.fixture(scope="session")
 def tiny_sd15(tmp_path_factory):
     from tools.toy.make_tiny_model import make_tiny_model
