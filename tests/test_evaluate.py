@@ -815,3 +815,21 @@ def test_campaign_study_smoke(tiny_sd15, tmp_path):
     m = read_metrics(out / "runs" / "robust_flip_rates_d0_s0" / "metrics.jsonl")
     assert len(m) == 2 and 0 <= m[-1]["eps_pair"] <= 1  # the measured rates reached the loss
     assert "robust_flip_rates" in (out / "table.md").read_text()
+
+
+def test_two_studies_evaluating_in_one_folder_keep_each_others_cache_entries(tmp_path):
+    """tools.studies' evaluation cache (OUT/WORLD/eval_cache.json) is shared by every study run with the same
+    --out: a write adds its entries to what is on disk now (not to what the process read at its start) and
+    replaces the file by a rename, so a second study neither loses the first's entries nor reads half a file."""
+    from tools.studies.robustness import _merge_cache
+
+    path = tmp_path / "eval_cache.json"
+    _merge_cache(path, {"dpo_none_s0": {"accuracy_true": 0.8}})
+    # another study, started before the first wrote
+    _merge_cache(path, {"em_dpo_none_s0": {"accuracy_true": 0.83}})
+    _merge_cache(path, {"dpo_none_s0": {"accuracy_true": 0.8, "mean_h": 0.1}})
+    assert json.loads(path.read_text()) == {
+        "dpo_none_s0": {"accuracy_true": 0.8, "mean_h": 0.1},
+        "em_dpo_none_s0": {"accuracy_true": 0.83},
+    }
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval_cache.json", "eval_cache.lock"]

@@ -311,8 +311,23 @@ def evaluate(a, model: Path, heldout: Path, names: list[str]) -> dict[str, dict]
             }
             if "@" not in key:
                 cache[key].update(_run_stats(a.out / "runs" / key))
-        cache_path.write_text(json.dumps(cache, indent=1))
+        _merge_cache(cache_path, {key: cache[key] for key in models})
     return cache
+
+
+def _merge_cache(path: Path, new: dict) -> None:
+    """Adds ``new`` to the JSON cache at ``path``: under a lock, re-read, merged, written to a temporary name
+    and renamed, so that two studies evaluating in the same folder neither lose each other's entries nor
+    read a half-written file."""
+    import fcntl
+
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        merged = json.loads(path.read_text()) if path.is_file() else {}
+        merged.update(new)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(merged, indent=1))
+        os.replace(tmp, path)
 
 
 def summarise(a, results: dict[str, dict]) -> dict:
